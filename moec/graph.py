@@ -1,0 +1,63 @@
+"""Graph helpers shared by capture and the passes."""
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+
+def propagate_shapes(gm: torch.fx.GraphModule) -> None:
+    """Set node.meta["val"] on every node by running the graph on fake tensors."""
+    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def get_param(gm: torch.nn.Module, fqn: str) -> torch.Tensor:
+    *path, leaf = fqn.split(".")
+    mod = gm
+    for p in path:
+        mod = getattr(mod, p)
+    return getattr(mod, leaf)
+
+
+def set_param(gm: torch.nn.Module, fqn: str, value: torch.Tensor, buffer: bool = False) -> None:
+    """Register a parameter (or buffer) at a dotted path, creating empty modules on the way."""
+    *path, leaf = fqn.split(".")
+    mod = gm
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    if buffer:
+        mod.register_buffer(leaf, value)
+    else:
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+
+
+def delete_unused_attrs(gm: torch.fx.GraphModule) -> None:
+    """Drop parameters and buffers no get_attr node reads any more, and modules left empty."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for fqn, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if fqn not in used:
+            *path, leaf = fqn.split(".")
+            owner = get_param(gm, ".".join(path)) if path else gm
+            if leaf in owner._parameters:
+                del owner._parameters[leaf]
+            elif leaf in owner._buffers:
+                del owner._buffers[leaf]
+    for name, mod in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if name and not any(True for _ in mod.children()) and not mod._parameters and not mod._buffers:
+            *path, leaf = name.split(".")
+            parent = get_param(gm, ".".join(path)) if path else gm
+            if type(mod) is torch.nn.Module:
+                delattr(parent, leaf)
+
+
+def count_params(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def val(node: torch.fx.Node):
+    return node.meta.get("val")

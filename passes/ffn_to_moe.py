@@ -1,0 +1,201 @@
+"""ffn_to_moe: sparse upcycling of the FFNs that find_ffn recorded.
+
+Matches: gm.meta["ffns"]. Rewrites FFN i into an MoE layer when
+i >= first_dense and (i - first_dense) % moe_every == 0: a router
+linear(x, R) [T, E*M], one `moec.moe.moe_layer` node over E*M experts of
+width F/M (granularity M, top K*M), optional shared experts always on, and
+adds "aux_loss", "z_loss" and "expert_counts" to the graph's output dict.
+The pyramid option gives the last few MoE layers another expert count.
+
+Upcycling construction (what keeps the invariant): fine expert b*M+s holds
+rows s*F/M:(s+1)*F/M of W1 (and W3) and the matching columns of W2, scaled
+by M; router rows are drawn per coarse expert b and repeated M times, so the
+M segments of a block always tie and top-(K*M) picks K whole blocks; with
+renormalised weights the routed part equals the dense FFN. With S shared
+experts (each F/M wide, holding segment i mod M): when M divides S they form
+u = S/M dense copies, and shared and routed outputs are scaled by
+u/(1+u) and 1/(1+u); otherwise the shared down-projections start at zero.
+Invariant after the pass, with no noise and no capacity: the model computes
+the dense model's logits.
+"""
+import operator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx
+
+from moec import MoecError
+from moec.graph import delete_unused_attrs, propagate_shapes, set_param
+from moec.moe import load_balance_loss, moe_layer, z_loss
+from moec.passes_base import Pass, PassResult
+
+aten = torch.ops.aten
+ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+            "relu": (aten.relu.default, {}), "silu": (aten.silu.default, {})}
+
+
+@dataclass
+class MoeOptions:
+    experts: int = 8
+    topk: int = 2
+    router: str = "softmax"
+    shared_experts: int = 0
+    granularity: int = 1
+    moe_every: int = 1
+    first_dense: int = 0
+    pyramid: tuple | None = None  # (experts, last MoE layers that get them)
+    upcycle_noise: float = 0.0
+    capacity_factor: float = 0.0
+    aux_loss: float = 0.01
+    z_loss: float = 0.001
+    seed: int = 0
+
+    def check(self, ffn_width: int) -> None:
+        fail = lambda msg: (_ for _ in ()).throw(MoecError(msg))
+        if self.experts < 1:
+            fail(f"--experts must be at least 1 (got {self.experts})")
+        if self.topk < 1:
+            fail(f"--topk must be at least 1 (got {self.topk})")
+        for e in [self.experts] + ([self.pyramid[0]] if self.pyramid else []):
+            if self.topk > e:
+                fail(f"--topk {self.topk} is more than the {e} experts a layer has; lower --topk or add experts")
+        if self.router not in ("softmax", "sigmoid"):
+            fail(f"--router must be softmax or sigmoid (got {self.router})")
+        if self.granularity < 1 or ffn_width % self.granularity:
+            fail(f"--granularity {self.granularity} does not divide the FFN width {ffn_width}; "
+                 f"pick a divisor of {ffn_width}")
+        if self.shared_experts < 0 or self.shared_experts >= self.experts * self.granularity:
+            fail(f"--shared-experts {self.shared_experts} must be less than the {self.experts * self.granularity} "
+                 f"routed experts")
+        if self.moe_every < 1 or self.first_dense < 0:
+            fail("--moe-every must be >= 1 and --first-dense >= 0")
+        if self.capacity_factor < 0 or self.upcycle_noise < 0:
+            fail("--capacity-factor and --upcycle-noise must be >= 0")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def moe_layer_indices(n_ffn: int, o: MoeOptions) -> list[int]:
+    return [i for i in range(n_ffn) if i >= o.first_dense and (i - o.first_dense) % o.moe_every == 0]
+
+
+def _segments(w, M, E):
+    """[F, ...] -> [E*M, F/M, ...]: entry b*M+s holds segment s."""
+    seg = w.reshape(M, w.shape[0] // M, *w.shape[1:])
+    return seg.repeat(E, *[1] * (seg.dim() - 1)).contiguous()
+
+
+def _noisy(w, sigma, gen):
+    if sigma == 0 or w.is_meta:
+        return w
+    return w + sigma * w.float().std() * torch.randn(w.shape, generator=gen).to(w)
+
+
+class FFNToMoE(Pass):
+    name = "ffn_to_moe"
+
+    def __init__(self, options: MoeOptions):
+        self.o = options
+
+    def _weights(self, gm, ffn, E, gen):
+        o, M, S = self.o, self.o.granularity, self.o.shared_experts
+        fetch = lambda ref: None if ref is None else ref.fetch(gm)
+        W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
+        u = S // M if S % M == 0 else 0
+        w = {"router.weight": (torch.randn(E, W1.shape[1], generator=gen) * 0.02).to(W1).repeat_interleave(M, 0)
+             if not W1.is_meta else W1.new_empty(E * M, W1.shape[1])}
+        seg = lambda t: None if t is None else _segments(t, M, E)
+        w["experts.w1"], w["experts.b1"], w["experts.w3"], w["experts.b3"] = seg(W1), seg(B1), seg(W3), seg(B3)
+        w["experts.w2"] = seg(W2.t()).transpose(1, 2).contiguous() * (M / (1 + u))
+        w["experts.b2"] = None if B2 is None else (B2 / (1 + u)).expand(E * M, -1).contiguous()
+        for name in ("experts.w1", "experts.w3", "experts.w2"):
+            if w[name] is not None:
+                w[name] = _noisy(w[name], o.upcycle_noise, gen)
+        if S:
+            rows = [i % M for i in range(S)]
+            width = W1.shape[0] // M
+            cat_rows = lambda t: None if t is None else torch.cat([t[s * width:(s + 1) * width] for s in rows])
+            scale = 1 / (1 + u) if u else 0.0
+            w["shared.w1"], w["shared.b1"] = cat_rows(W1), cat_rows(B1)
+            w["shared.w3"], w["shared.b3"] = cat_rows(W3), cat_rows(B3)
+            w["shared.w2"] = cat_rows(W2.t()).t().contiguous() * scale
+            w["shared.b2"] = None if B2 is None else B2 * (u / (1 + u))
+        return w
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        o, g = self.o, gm.graph
+        ffns = gm.meta["ffns"]
+        o.check(ffns[0].w1.fetch(gm).shape[0])
+        for f in ffns[1:]:
+            o.check(f.w1.fetch(gm).shape[0])
+        layers = moe_layer_indices(len(ffns), o)
+        if not layers:
+            raise MoecError(f"ffn_to_moe: --first-dense {o.first_dense} leaves no FFN of {len(ffns)} to convert")
+        pyramid_from = len(layers) - o.pyramid[1] if o.pyramid else len(layers)
+        stats = []
+        for j, i in enumerate(layers):
+            ffn = ffns[i]
+            E = o.pyramid[0] if j >= pyramid_from else o.experts
+            gen = torch.Generator().manual_seed(o.seed * 1000003 + i)
+            prefix = f"{ffn.module}.moe" if ffn.module else f"moe{i}"
+            weights = {n: t for n, t in self._weights(gm, ffn, E, gen).items() if t is not None}
+            for name, t in weights.items():
+                set_param(gm, f"{prefix}.{name}", t.detach().clone())
+            with g.inserting_before(ffn.out):
+                stats.append(self._rewrite(g, ffn, prefix, set(weights)))
+        self._outputs(g, stats)
+        g.eliminate_dead_code()
+        delete_unused_attrs(gm)
+        g.lint()
+        gm.recompile()
+        gm.meta["moe_layers"] = [ffns[i].module for i in layers]
+        propagate_shapes(gm)
+        return PassResult(gm, True)
+
+    def _rewrite(self, g, ffn, prefix, present):
+        o, M = self.o, self.o.granularity
+        attr = lambda name: g.get_attr(f"{prefix}.{name}") if name in present else None
+        x = ffn.x
+        shape = x.meta["val"].shape
+        xf = g.call_function(aten.reshape.default, (x, [-1, shape[-1]]))  # [T, D]
+        logits = g.call_function(aten.linear.default, (xf, attr("router.weight")))  # [T, E*M]
+        w = [attr(f"experts.{n}") for n in ("w1", "b1", "w3", "b3", "w2", "b2")]
+        moe = g.call_function(moe_layer, (xf, logits, *w), dict(
+            k=o.topk * M, score=o.router, renorm=True, capacity_factor=o.capacity_factor, activation=ffn.activation))
+        out, counts, probs_sum, zsum = (g.call_function(operator.getitem, (moe, i)) for i in range(4))
+        if o.shared_experts:
+            out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
+        sizes = [d if isinstance(d, int) else g.call_function(aten.sym_size.int, (x, i))
+                 for i, d in enumerate(shape[:-1])]
+        y = g.call_function(aten.reshape.default, (out, [*sizes, shape[-1]]))
+        ffn.out.replace_all_uses_with(y)
+        return counts, probs_sum, zsum, o.topk * M
+
+    @staticmethod
+    def _shared(g, xf, activation, attr):
+        op, kw = ACT_NODE[activation]
+        h = g.call_function(op, (g.call_function(aten.linear.default, (xf, attr("shared.w1"), attr("shared.b1"))),),
+                            kw)
+        if attr("shared.w3") is not None:
+            h = g.call_function(aten.mul.Tensor, (h, g.call_function(aten.linear.default, (
+                xf, attr("shared.w3"), attr("shared.b3")))))
+        return g.call_function(aten.linear.default, (h, attr("shared.w2"), attr("shared.b2")))
+
+    def _outputs(self, g, stats):
+        out = next(n for n in g.nodes if n.op == "output")
+        with g.inserting_before(out):
+            lb = [g.call_function(load_balance_loss, (c, p, k)) for c, p, _, k in stats]
+            zs = [g.call_function(z_loss, (z, c, k)) for c, _, z, k in stats]
+            aux = g.call_function(aten.mul.Tensor, (_sum(g, lb), self.o.aux_loss))
+            zl = g.call_function(aten.mul.Tensor, (_sum(g, zs), self.o.z_loss))
+        result = dict(out.args[0])
+        result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, *_ in stats])
+        out.args = (result,)
+
+
+def _sum(g, nodes):
+    total = nodes[0]
+    for n in nodes[1:]:
+        total = g.call_function(aten.add.Tensor, (total, n))
+    return total
