@@ -1,0 +1,25 @@
+"""The named symbols every cost formula is written in.
+
+Model: L layers, D hidden, F dense FFN width, F_e expert width (F/G unless a
+model sets it), H heads, H_kv key/value heads, V vocab, t tied embeddings
+(0/1), n_W FFN weight matrices (3 gated, 2 plain).
+MoE: E experts and K top-k before the fine-grained split, G granularity (E*G
+routed experts of width F/G, top K*G), N_s shared experts, f the fraction of
+layers that are MoE.
+Run: S sequence, B micro-batch, M micro-batches per step, b bytes per element
+of parameters and activations.
+Parallelism: N = EP*DP*TP*PP GPUs. Experts are split over EP and replicated
+over DP (DP is the expert-data-parallel degree); the dense part is
+data-parallel over EP*DP. Z is the ZeRO stage, R is 1 with full activation
+recompute.
+"""
+import sympy as sp
+
+L, D, F, F_e, H, H_kv, V, t, n_W = sp.symbols("L D F F_e H H_kv V t n_W", positive=True)
+E, K, G, N_s, f = sp.symbols("E K G N_s f", nonnegative=True)
+S, B, M, b = sp.symbols("S B M b", positive=True)
+EP, DP, TP, PP = sp.symbols("EP DP TP PP", positive=True, integer=True)
+Z, R = sp.symbols("Z R", nonnegative=True, integer=True)
+
+# the data-parallel degree of the dense (non-expert) part
+DP_dense = EP * DP
