@@ -137,6 +137,7 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
             g.erase_node(n)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    gm._forward_pre_hooks.clear()  # export's input checks; the emitted program is shape-generic
     first = next(n for n in g.nodes if n.op == "placeholder")
     device = None
     for n in list(g.nodes):

@@ -1,0 +1,54 @@
+"""lower_moe: each MoE layer node becomes the moec:: primitive ops.
+
+Matches: call_function nodes whose target is moec.moe.moe_layer.
+Rewrites: gate -> route -> permute -> experts -> unpermute, the capacity
+(when a capacity factor is set) computed from the symbolic token count, and
+the layer's outputs taken from the primitives; the graph calls ops only.
+Invariant: the graph computes exactly what it computed before (the layer
+node is defined as that sequence).
+"""
+import operator
+
+import torch
+import torch.fx
+
+from moec.graph import propagate_shapes
+from moec.moe import capacity, moe_layer
+from moec.passes_base import Pass, PassResult
+
+ops = torch.ops.moec
+
+
+class LowerMoE(Pass):
+    name = "lower_moe"
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        g = gm.graph
+        layers = [n for n in g.nodes if n.op == "call_function" and n.target is moe_layer]
+        for node in layers:
+            x, logits, w1, b1, w3, b3, w2, b2 = node.args
+            kw = node.kwargs
+            k = kw["k"]
+            with g.inserting_before(node):
+                gate = g.call_function(ops.gate.default, (logits, k, kw["score"], kw["renorm"], None, 1, 1))
+                weights, indices, counts, probs_sum, zsum = (
+                    g.call_function(operator.getitem, (gate, i)) for i in range(5))
+                num_experts = w1.meta["val"].shape[0]
+                cap = 0
+                if kw["capacity_factor"] > 0:
+                    tokens = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
+                    cap = g.call_function(capacity, (tokens, k, num_experts, kw["capacity_factor"]))
+                route = g.call_function(ops.route.default, (indices, num_experts, cap))
+                row_map, offsets = (g.call_function(operator.getitem, (route, i)) for i in range(2))
+                y = g.call_function(ops.permute.default, (x, row_map, k))
+                h = g.call_function(ops.experts.default, (y, offsets, w1, b1, w3, b3, w2, b2, kw["activation"]))
+                out = g.call_function(ops.unpermute.default, (h, row_map, weights))
+            results = (out, counts, probs_sum, zsum)
+            for user in list(node.users):
+                user.replace_all_uses_with(results[user.args[1]])
+                g.erase_node(user)
+            g.erase_node(node)
+        g.lint()
+        gm.recompile()
+        propagate_shapes(gm)
+        return PassResult(gm, bool(layers))
