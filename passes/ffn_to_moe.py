@@ -166,8 +166,7 @@ class FFNToMoE(Pass):
         out, counts, probs_sum, zsum = (g.call_function(operator.getitem, (moe, i)) for i in range(4))
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
-        sizes = [d if isinstance(d, int) else g.call_function(aten.sym_size.int, (x, i))
-                 for i, d in enumerate(shape[:-1])]
+        sizes = [g.call_function(aten.sym_size.int, (x, i)) for i in range(len(shape) - 1)]  # any batch, seq
         y = g.call_function(aten.reshape.default, (out, [*sizes, shape[-1]]))
         ffn.out.replace_all_uses_with(y)
         return counts, probs_sum, zsum, o.topk * M
