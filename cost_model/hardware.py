@@ -25,6 +25,7 @@ class Hardware:
     gpu_name: str
     peak_flops: float  # bf16 dense, per GPU
     gemm_efficiency: float
+    gemm_half_rows: float
     memory_bytes: float  # usable per GPU
     gpus_per_node: int
     links: tuple  # (gpu, gpu, GB/s)
@@ -41,7 +42,7 @@ class Hardware:
             gpu, node, lat = d["gpu"], d["node"], d["latency_us"]
             return cls(
                 name=d["name"], gpu_name=gpu["name"], peak_flops=gpu["peak_tflops_bf16"] * 1e12,
-                gemm_efficiency=gpu["gemm_efficiency"],
+                gemm_efficiency=gpu["gemm_efficiency"], gemm_half_rows=gpu["gemm_half_rows"],
                 memory_bytes=gpu["memory_gib"] * 2**30 * gpu["usable_memory_fraction"],
                 gpus_per_node=node["gpus"], links=tuple(tuple(x) for x in node.get("links", [])),
                 switch_gbps=node.get("switch_GBps", 0),

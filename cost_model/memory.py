@@ -1,0 +1,60 @@
+"""Memory per GPU in bytes, as sympy expressions (symbols.py).
+
+Mixed-precision Adam: parameters and gradients in b bytes, optimizer state
+12 bytes per parameter (fp32 master copy, m, v). ZeRO stage Z shards the
+optimizer state (Z >= 1), gradients (Z >= 2) and parameters (Z = 3) over the
+data-parallel group: EP*DP for the dense part, DP for the routed experts.
+
+Activations assume sequence parallelism with TP (every saved tensor is split
+by TP) and a fused attention kernel (no S x S scores kept). Per token and
+layer they are: attention, its norm input and output, Q, K, V and the
+attention output; a dense FFN, its norm input and output and n_W F-wide
+intermediates; an MoE layer, fp32 router logits, the K*G routed copies in and
+out, and n_W F_e-wide intermediates per routed and shared expert. 1F1B
+pipelining keeps min(PP, M) micro-batches in flight on the first stage.
+Full recompute (R = 1) keeps only each layer's input, plus one layer rebuilt.
+"""
+import sympy as sp
+
+from moec.cost_model import params
+from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, R, S, TP,
+                                     V, Z, b, f, n_W)
+
+OPTIMIZER_BYTES = 12
+
+
+def _shard(group, stage):
+    return sp.Piecewise((group, Z >= stage), (1, True))
+
+
+dense_local = (params.total - params.experts) / (TP * PP)
+experts_local = params.experts / (EP * TP * PP)
+
+parameters = b * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
+gradients = b * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
+optimizer = OPTIMIZER_BYTES * (dense_local / _shard(DP_dense, 1) + experts_local / _shard(DP, 1))
+
+act_attention = b * D * (4 + 2 * H_kv / H)
+act_ffn = b * (2 * D + n_W * F)
+act_moe = b * (2 * D + 2 * K * G * D + (K * G + N_s) * n_W * F_e) + 4 * E * G
+act_layer = act_attention + (1 - f) * act_ffn + f * act_moe
+act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))
+
+tokens_local = S * B / TP
+in_flight = sp.Min(PP, M)
+activations = (in_flight * tokens_local * (L / PP) * (R * b * D + (1 - R) * act_layer)
+               + R * tokens_local * act_rebuilt)
+# fp32 logits and their gradient on the last stage
+logits = 8 * tokens_local * V
+# dispatch send and receive buffers of the layer in flight
+all_to_all_buffers = sp.Piecewise((2 * tokens_local * K * G * D * b, EP > 1), (0, True))
+
+TERMS = {
+    "parameters": parameters,
+    "gradients": gradients,
+    "optimizer state": optimizer,
+    "activations": activations,
+    "logits": logits,
+    "all-to-all buffers": all_to_all_buffers,
+}
+total = sum(TERMS.values())

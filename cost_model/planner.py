@@ -1,0 +1,169 @@
+"""The planner: enumerate EP x DP x TP x PP (x ZeRO stage, recompute)
+factorizations of the GPU count, drop those that do not fit in memory, rank
+the rest by predicted step time.
+
+Constraints on a candidate: TP divides the heads and stays inside a node; PP
+divides the layers and has at least PP micro-batches; EP divides the routed
+experts; EP*DP*micro_batch divides the global batch; ZeRO-3 is not combined
+with pipelining (its per-micro-batch parameter gathers defeat it).
+"""
+import json
+from dataclasses import asdict, dataclass, field
+
+import sympy as sp
+
+from moec import MoecError
+from moec.cost_model import comm, memory, params, time_model
+from moec.cost_model import symbols as s
+from moec.cost_model.hardware import Hardware, load_hardware
+from moec.cost_model.layout import Layout, substitutions
+from moec.cost_model.shape import ModelShape, MoeOptions, model_values
+
+DTYPE_BYTES = 2  # bf16
+
+
+def _compile(exprs: dict) -> dict:
+    return {k: (sorted(e.free_symbols, key=str), sp.lambdify(sorted(e.free_symbols, key=str), e, modules="math"))
+            for k, e in exprs.items()}
+
+
+_EXPRS = _compile({**{f"mem:{k}": v for k, v in memory.TERMS.items()},
+                   **{f"time:{k}": v for k, v in time_model.TERMS.items()},
+                   **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
+                   "step": time_model.step, "mfu": time_model.mfu, "flops": time_model.flops_per_gpu})
+
+
+def _eval(key: str, values: dict) -> float:
+    syms, fn = _EXPRS[key]
+    return float(fn(*(values[x] for x in syms)))
+
+
+@dataclass
+class Plan:
+    ep: int
+    dp: int
+    tp: int
+    pp: int
+    zero: int
+    recompute: bool
+    micro_batch: int
+    micro_batches: int
+    gpus: int
+    hardware: str
+    model: str
+    step_time_s: float = 0.0
+    mfu: float = 0.0
+    memory_bytes: dict = field(default_factory=dict)
+    time_s: dict = field(default_factory=dict)
+    comm_bytes: dict = field(default_factory=dict)
+    collectives: dict = field(default_factory=dict)
+    why: str = ""
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory_bytes.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def label(self) -> str:
+        return (f"EP{self.ep} DP{self.dp} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"
+                f"{' recompute' if self.recompute else ''}")
+
+
+def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs: dict) -> dict:
+    """Every symbol of every formula, for this plan."""
+    v = model_values(shape, moe)
+    v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
+              s.TP: plan.tp, s.PP: plan.pp, s.Z: plan.zero, s.R: int(plan.recompute),
+              time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency, time_model.m_half: hw.gemm_half_rows,
+              time_model.omega: hw.grad_overlap})
+    v.update(substitutions(costs))
+    return v
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hw: Hardware, global_batch: int,
+                    micro_batch: int = 1) -> list[tuple[Plan, dict]]:
+    """Every candidate that satisfies the structural constraints, with its costs."""
+    routed = moe.experts * moe.granularity
+    layout = Layout(hw, gpus, moe.topk * moe.granularity, moe.max_nodes_per_token)
+    out = []
+    for tp in _divisors(gpus):
+        if tp > hw.gpus_per_node or shape.heads % tp or shape.kv_heads % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            if shape.layers % pp:
+                continue
+            for ep in _divisors(gpus // (tp * pp)):
+                dp = gpus // (tp * pp * ep)
+                if routed % ep or global_batch % (micro_batch * ep * dp):
+                    continue
+                m = global_batch // (micro_batch * ep * dp)
+                if pp > 1 and m < pp:
+                    continue
+                costs = layout.costs(ep, dp, tp, pp)
+                for zero in range(4):
+                    if zero == 3 and pp > 1:
+                        continue
+                    for rc in (False, True):
+                        out.append((Plan(ep, dp, tp, pp, zero, rc, micro_batch, m, gpus, hw.name, shape.name),
+                                    costs))
+    return out
+
+
+def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs: dict) -> Plan:
+    v = values_for(plan, shape, moe, hw, costs)
+    plan.memory_bytes = {k[4:]: _eval(k, v) for k in _EXPRS if k.startswith("mem:")}
+    plan.time_s = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("time:")}
+    plan.comm_bytes = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("comm:")}
+    plan.step_time_s, plan.mfu = _eval("step", v), _eval("mfu", v)
+    plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
+                            "bottleneck": c.bottleneck} for n, c in costs.items()}
+    return plan
+
+
+def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_batch: int = 0,
+               micro_batch: int = 1) -> tuple[list[Plan], int]:
+    """Plans that fit, fastest first, and how many candidates were enumerated."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    global_batch = global_batch or _default_batch(gpus, shape.seq_len)
+    cands = enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+    plans = [predict(p, shape, moe, hw, c) for p, c in cands]
+    fit = sorted((p for p in plans if p.memory_total <= hw.memory_bytes), key=lambda p: (p.step_time_s, p.memory_total))
+    if not fit:
+        least = min(plans, key=lambda p: p.memory_total) if plans else None
+        need = f"; the leanest needs {least.memory_total / 2**30:.1f} GiB per GPU" if least else ""
+        raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "
+                        f"({hw.memory_bytes / 2**30:.1f} GiB usable){need}; use more GPUs or a smaller batch")
+    for i, p in enumerate(fit[:5]):
+        p.why = _why(p, fit, len(plans), hw)
+    return fit, len(plans)
+
+
+def best_plan(shape: ModelShape, moe_options: MoeOptions, gpus: int, hardware, global_batch: int = 0,
+              micro_batch: int = 1) -> Plan:
+    """The fastest plan that fits: what `moec compile --gpus N --hardware NAME` uses."""
+    return rank_plans(shape, moe_options, gpus, hardware, global_batch, micro_batch)[0][0]
+
+
+def _default_batch(gpus: int, seq_len: int) -> int:
+    """About four million tokens per step, and at least one sequence per GPU."""
+    return max(gpus, 2 ** round(sp.log(max(4 * 2**20 // seq_len, 1), 2)))
+
+
+def _why(p: Plan, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
+    top = max(p.time_s, key=p.time_s.get)
+    text = (f"{p.label()}: predicted {p.step_time_s * 1e3:.1f} ms/step, MFU {p.mfu:.1%}, "
+            f"{p.memory_total / 2**30:.1f} of {hw.memory_bytes / 2**30:.1f} GiB; rank {fit.index(p) + 1} of "
+            f"{len(fit)} plans that fit ({enumerated} enumerated); largest term: {top}")
+    if p is fit[0] and len(fit) > 1:
+        nxt = fit[1]
+        text += f"; next best {nxt.label()} is {nxt.step_time_s / p.step_time_s - 1:.1%} slower"
+    return text
