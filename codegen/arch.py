@@ -19,6 +19,31 @@ LDS_LIMIT = {"gfx90a": 64 * 1024, "gfx942": 64 * 1024, "sm90": 227 * 1024}
 
 LAUNCH: dict[str, dict[str, dict]] = {}
 
+# Grouped GEMM (codegen/grouped_gemm.py). AMD: ROCm's stream pipeliner wants
+# num_stages=2, 16x16 MFMA (matrix_instr_nonkdim=16); tiles sized so two
+# stages of A and B fit the 64 KiB LDS.
+LAUNCH["grouped_mm"] = {
+    "sm90": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gfx942": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+    "gfx90a": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+}
+LAUNCH["grouped_mm_glu"] = {  # two accumulators (W1 and W3) per tile: half the N width
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gfx942": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+    "gfx90a": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+}
+LAUNCH["grouped_wgrad"] = {
+    "sm90": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gfx942": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+    "gfx90a": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, waves_per_eu=2,
+                   matrix_instr_nonkdim=16),
+}
+
 
 def launch(kernel: str, arch: str) -> dict:
     """Launch options of a kernel on an arch (the sm90 row when the arch has none)."""
@@ -38,11 +63,36 @@ def device_arch(device_index: int = 0) -> str:
 
 
 def compile_for(fn, signature: dict, constexprs: dict, arch: str, options: dict):
-    """Compile a @triton.jit function for `arch` without a GPU; returns the CompiledKernel."""
+    """Compile a @triton.jit function for `arch` without a GPU; returns the CompiledKernel.
+    options may hold "aligned": names of arguments the launcher guarantees divisible
+    by 16 (pointers 16-byte aligned), as Triton's JIT specializes them at run time;
+    without that hint loads are neither vectorized nor software-pipelined."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    options = dict(options)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in options.pop("aligned", ())}
     target = GPUTarget(*TARGETS[arch])
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=target,
                           options=options)
+
+# Gating, routing metadata, permute and unpermute (codegen/gating.py, routing.py,
+# permute.py). All memory-bound: AMD rows halve num_warps (a wave64 warp has twice
+# the lanes) and ask for 2 waves per SIMD to keep loads in flight. TILE is
+# elements of a program's [tokens, experts] tile (tokens = TILE // padded E).
+LAUNCH["gate_fwd"] = {
+    "sm90": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=4),
+    "gfx942": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
+    "gfx90a": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
+}
+LAUNCH["gate_stats"] = {
+    "sm90": dict(BLOCK_P=64, num_warps=4),
+    "gfx942": dict(BLOCK_P=64, num_warps=2),
+    "gfx90a": dict(BLOCK_P=64, num_warps=2),
+}
+LAUNCH["gate_bwd"] = {
+    "sm90": dict(TILE=2048, num_warps=4),
+    "gfx942": dict(TILE=2048, num_warps=2, waves_per_eu=2),
+    "gfx90a": dict(TILE=2048, num_warps=2, waves_per_eu=2),
+}
