@@ -8,7 +8,6 @@ import functools
 
 from moec.cost_model import topology
 from moec.cost_model.hardware import Hardware
-from moec.cost_model.time_model import alpha, beta
 
 
 def groups(gpus: int, stride: int, size: int) -> list[list[int]]:
@@ -44,11 +43,3 @@ class Layout:
             "tp": self.all_reduce(1, tp),
             "pp": self.pp(tp * ep * dp, pp),
         }
-
-
-def substitutions(costs: dict) -> dict:
-    out = {}
-    for name, c in costs.items():
-        out[alpha[name]] = c.alpha
-        out[beta[name]] = c.bandwidth
-    return out

@@ -18,7 +18,7 @@ import sympy as sp
 
 from moec.cost_model import params
 from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, R, S, TP,
-                                     V, Z, b, f, n_W)
+                                     V, Z, b, define, f, n_W)
 
 OPTIMIZER_BYTES = 12
 
@@ -27,16 +27,19 @@ def _shard(group, stage):
     return sp.Piecewise((group, Z >= stage), (1, True))
 
 
-dense_local = (params.total - params.experts) / (TP * PP)
-experts_local = params.experts / (EP * TP * PP)
+P_d = define("P_d", params.total - params.experts, "parameters outside the routed experts")
+P_x = define("P_x", params.experts, "routed-expert parameters")
+dense_local = P_d / (TP * PP)
+experts_local = P_x / (EP * TP * PP)
 
 parameters = b * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
 gradients = b * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
 optimizer = OPTIMIZER_BYTES * (dense_local / _shard(DP_dense, 1) + experts_local / _shard(DP, 1))
 
-act_attention = b * D * (4 + 2 * H_kv / H)
-act_ffn = b * (2 * D + n_W * F)
-act_moe = b * (2 * D + 2 * K * G * D + (K * G + N_s) * n_W * F_e) + 4 * E * G
+act_attention = define("a_attn", b * D * (4 + 2 * H_kv / H), "attention activation bytes per token")
+act_ffn = define("a_ffn", b * (2 * D + n_W * F), "dense FFN activation bytes per token")
+act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + (K * G + N_s) * n_W * F_e) + 4 * E * G,
+                 "MoE layer activation bytes per token")
 act_layer = act_attention + (1 - f) * act_ffn + f * act_moe
 act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))
 

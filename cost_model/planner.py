@@ -16,21 +16,25 @@ from moec import MoecError
 from moec.cost_model import comm, memory, params, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware, load_hardware
-from moec.cost_model.layout import Layout, substitutions
+from moec.cost_model.layout import Layout
 from moec.cost_model.shape import ModelShape, MoeOptions, model_values
 
 DTYPE_BYTES = 2  # bf16
 
 
 def _compile(exprs: dict) -> dict:
-    return {k: (sorted(e.free_symbols, key=str), sp.lambdify(sorted(e.free_symbols, key=str), e, modules="math"))
-            for k, e in exprs.items()}
+    out = {}
+    for k, e in exprs.items():
+        e = s.expand(e)
+        syms = sorted(e.free_symbols, key=str)
+        out[k] = (syms, sp.lambdify(syms, e, modules="math"))
+    return out
 
 
 _EXPRS = _compile({**{f"mem:{k}": v for k, v in memory.TERMS.items()},
                    **{f"time:{k}": v for k, v in time_model.TERMS.items()},
                    **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
-                   "step": time_model.step, "mfu": time_model.mfu, "flops": time_model.flops_per_gpu})
+                   "step": time_model.step, "mfu": time_model.mfu})
 
 
 def _eval(key: str, values: dict) -> float:
@@ -74,14 +78,16 @@ class Plan:
                 f"{' recompute' if self.recompute else ''}")
 
 
-def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs: dict) -> dict:
-    """Every symbol of every formula, for this plan."""
+def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware) -> dict:
+    """Every symbol of every formula, for this plan (its collectives already costed)."""
     v = model_values(shape, moe)
     v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
               s.TP: plan.tp, s.PP: plan.pp, s.Z: plan.zero, s.R: int(plan.recompute),
               time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency, time_model.m_half: hw.gemm_half_rows,
               time_model.omega: hw.grad_overlap})
-    v.update(substitutions(costs))
+    for name, c in plan.collectives.items():
+        v[time_model.alpha[name]] = c["alpha_s"]
+        v[time_model.beta[name]] = c["bandwidth_Bps"]
     return v
 
 
@@ -119,13 +125,13 @@ def enumerate_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hw: Hardware,
 
 
 def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs: dict) -> Plan:
-    v = values_for(plan, shape, moe, hw, costs)
+    plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
+                            "bottleneck": c.bottleneck} for n, c in costs.items()}
+    v = values_for(plan, shape, moe, hw)
     plan.memory_bytes = {k[4:]: _eval(k, v) for k in _EXPRS if k.startswith("mem:")}
     plan.time_s = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("time:")}
     plan.comm_bytes = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("comm:")}
     plan.step_time_s, plan.mfu = _eval("step", v), _eval("mfu", v)
-    plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
-                            "bottleneck": c.bottleneck} for n, c in costs.items()}
     return plan
 
 

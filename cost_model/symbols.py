@@ -23,3 +23,19 @@ Z, R = sp.symbols("Z R", nonnegative=True, integer=True)
 
 # the data-parallel degree of the dense (non-expert) part
 DP_dense = EP * DP
+
+# Named intermediate quantities: formulas refer to them by symbol so that they
+# print short; expand() substitutes their definitions before evaluation.
+DEFINED: dict[sp.Symbol, tuple[sp.Expr, str]] = {}
+
+
+def define(name: str, expr: sp.Expr, meaning: str) -> sp.Symbol:
+    sym = sp.Symbol(name, nonnegative=True)
+    DEFINED[sym] = (expr, meaning)
+    return sym
+
+
+def expand(expr: sp.Expr) -> sp.Expr:
+    while named := expr.free_symbols & DEFINED.keys():
+        expr = expr.xreplace({n: DEFINED[n][0] for n in named})
+    return expr

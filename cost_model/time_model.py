@@ -16,7 +16,7 @@ Expert parallelism buys longer expert GEMMs; the all-to-all is its price.
 import sympy as sp
 
 from moec.cost_model import comm, params
-from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, S, TP, Z, f
+from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, S, TP, Z, define, f
 
 peak, eta, omega, m_half = sp.symbols("Pi eta omega m_half", positive=True)
 COLLECTIVES = ("a2a", "grad_dense", "grad_experts", "tp", "pp")
@@ -28,31 +28,32 @@ def _cost(c, calls, volume):
     return calls * alpha[c] + volume / beta[c]
 
 
+C = define("C", params.flops_forward, "FLOPs per token, forward")
+C_x = define("C_x", 2 * f * L * K * G * params.expert, "routed-expert FLOPs per token, forward")
 tokens_per_gpu = M * S * B / (TP * PP)
-flops_per_gpu = (3 + R) * params.flops_forward * tokens_per_gpu
+flops_per_gpu = (3 + R) * C * tokens_per_gpu
 expert_rows = S * B * EP * K / E
-eta_experts = eta * expert_rows / (expert_rows + m_half)
-flops_experts = 2 * f * L * K * G * params.expert
-compute = (3 + R) * tokens_per_gpu * ((params.flops_forward - flops_experts) / (eta * peak)
-                                      + flops_experts / (eta_experts * peak))
+eta_x = define("eta_x", eta * expert_rows / (expert_rows + m_half), "expert GEMM efficiency")
+compute = (3 + R) * tokens_per_gpu * ((C - C_x) / (eta * peak) + C_x / (eta_x * peak))
 backward = compute * 2 / (3 + R)
 bubble = (M + PP - 1) / M
 
 a2a = _cost("a2a", comm.a2a_calls, comm.a2a_volume)
 tp = _cost("tp", comm.tp_calls, comm.tp_volume)
 pp = _cost("pp", comm.pp_calls, comm.pp_volume)
-grad = (_cost("grad_dense", comm.grad_calls, comm.grad_dense_volume)
-        + _cost("grad_experts", comm.grad_calls, comm.grad_experts_volume))
-grad_exposed = sp.Max(0, grad - omega * sp.Piecewise((compute, Z >= 3), (backward, True)))
-
-step = bubble * (compute + a2a + tp) + pp + grad_exposed
-# model FLOPs (no recompute) over what the GPUs of one pipeline replica could do
-mfu = 3 * params.flops_forward * tokens_per_gpu / (step * peak)
+grad = define("T_sync", _cost("grad_dense", comm.grad_calls, comm.grad_dense_volume)
+              + _cost("grad_experts", comm.grad_calls, comm.grad_experts_volume),
+              "gradient (and ZeRO-3 parameter) sync time per step")
+window = define("W", sp.Piecewise((compute, Z >= 3), (backward, True)), "compute time the sync can hide under")
+grad_exposed = sp.Max(0, grad - omega * window)
 
 TERMS = {
-    "compute": bubble * compute,
-    "all-to-all": bubble * a2a,
-    "tensor parallel": bubble * tp,
-    "pipeline sends": pp,
-    "gradient sync (exposed)": grad_exposed,
+    "compute": define("T_comp", bubble * compute, "compute time per step, pipeline bubble included"),
+    "all-to-all": define("T_a2a", bubble * a2a, "dispatch/combine time per step"),
+    "tensor parallel": define("T_tp", bubble * tp, "tensor-parallel collective time per step"),
+    "pipeline sends": define("T_pp", pp, "pipeline send time per step"),
+    "gradient sync (exposed)": define("T_grad", grad_exposed, "gradient sync time not hidden under compute"),
 }
+step = sum(TERMS.values())
+# model FLOPs (no recompute) over what the GPUs of one pipeline replica could do
+mfu = 3 * C * tokens_per_gpu / (step * peak)

@@ -1,0 +1,63 @@
+"""`moec plan --explain`: every formula the plan was ranked by, printed with
+sympy (pretty or LaTeX), then the numbers substituted into it."""
+import sympy as sp
+
+from moec.cost_model import comm, memory, params, time_model
+from moec.cost_model import symbols as s
+from moec.cost_model.hardware import Hardware
+from moec.cost_model.planner import Plan, values_for
+from moec.cost_model.shape import ModelShape, MoeOptions
+
+SECTIONS = (
+    ("Parameters and FLOPs", params.FORMULAS, "count"),
+    ("Memory per GPU", memory.TERMS, "bytes"),
+    ("Communication per GPU per step", comm.VOLUMES, "bytes"),
+    ("Time per step (terms under named quantities)", {"step": time_model.step, "MFU": time_model.mfu}, "seconds"),
+)
+COLLECTIVE_NAMES = {"a2a": "dispatch/combine all-to-all over EP", "grad_dense": "dense gradients over EP*DP",
+                    "grad_experts": "expert gradients over DP", "tp": "tensor-parallel all-reduce",
+                    "pp": "pipeline send/recv"}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{value / 2**30:.3f} GiB"
+    if unit == "seconds":
+        return f"{value * 1e3:.2f} ms"
+    return f"{value:.4g}"
+
+
+def _show(expr, latex: bool) -> str:
+    return sp.latex(expr) if latex else sp.pretty(expr, use_unicode=True, wrap_line=False)
+
+
+def _value(expr, values: dict) -> float:
+    return float(s.expand(expr).xreplace(values).evalf())
+
+
+def explain(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, latex: bool = False) -> str:
+    values = values_for(plan, shape, moe, hw)
+    out = [f"Plan {plan.label()} for {shape.name} on {plan.gpus} x {hw.gpu_name} ({hw.name})", "",
+           "Where (symbols and the numbers substituted):"]
+    model_syms = sorted((k for k in values if not str(k).startswith(("alpha_", "beta_"))), key=str)
+    out += [f"  {k} = {values[k]}" for k in model_syms]
+    out += ["", "Collectives (alpha, beta read off the cluster graph):"]
+    for name, c in plan.collectives.items():
+        out.append(f"  {name}: {COLLECTIVE_NAMES[name]}: {c['algorithm']}, alpha = {c['alpha_s'] * 1e6:.1f} us, "
+                   f"beta = {c['bandwidth_Bps'] / 1e9:.1f} GB/s, busiest link {c['bottleneck']}")
+    out += ["", "Named quantities:"]
+    for sym, (expr, meaning) in s.DEFINED.items():
+        unit = "seconds" if str(sym).startswith("T_") else "count"
+        out += [f"  {sym}: {meaning}", _indent(_show(sp.Eq(sym, expr), latex)),
+                f"    = {_fmt(_value(expr, values), unit)}"]
+    for title, formulas, unit in SECTIONS:
+        out += ["", f"{title}:"]
+        for name, expr in formulas.items():
+            value = _value(expr, values)
+            shown = f"{value:.1%}" if name == "MFU" else _fmt(value, unit)
+            out += [f"  {name}", _indent(_show(expr, latex)), f"    = {shown}"]
+    return "\n".join(out)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
