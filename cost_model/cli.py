@@ -1,0 +1,112 @@
+"""The `moec plan` and `moec calibrate` commands.
+
+`plan_command(provider)` builds `moec plan` around a function that turns the
+MODEL argument (and --config, --seq-len) into a ModelShape; moec/cli.py passes
+the one that captures model.py. `plan` below is the stand-alone version: it
+knows the models of known_models.py by name and reads ModelShape JSON files.
+"""
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+
+from moec import MoecError
+from moec.cost_model.calibrate import calibrate as run_calibration
+from moec.cost_model.explain import explain
+from moec.cost_model.hardware import load_hardware
+from moec.cost_model.known_models import KNOWN_MODELS
+from moec.cost_model.planner import rank_plans
+from moec.cost_model.report import table, write_plan_json
+from moec.cost_model.shape import ModelShape, MoeOptions
+
+ShapeProvider = Callable[[str, Optional[str], Optional[int]], ModelShape]
+
+
+def known_or_json_shape(model: str, config: Optional[str], seq_len: Optional[int]) -> ModelShape:
+    """A known model by name, or a JSON file with ModelShape's fields."""
+    if model in KNOWN_MODELS:
+        shape = KNOWN_MODELS[model].shape()
+    elif model.endswith(".json") and Path(model).is_file():
+        data = json.loads(Path(model).read_text())
+        names = {f.name for f in fields(ModelShape)}
+        if missing := {f.name for f in fields(ModelShape) if f.name != "name"} - data.keys():
+            raise MoecError(f"{model} lacks ModelShape fields {sorted(missing)}")
+        shape = ModelShape(**{k: v for k, v in data.items() if k in names})
+    else:
+        raise MoecError(f"cannot read model dimensions from {model!r}; give a known model "
+                        f"({', '.join(KNOWN_MODELS)}) or a JSON file with ModelShape's fields")
+    if seq_len:
+        shape = ModelShape(**{**shape.__dict__, "seq_len": seq_len})
+    return shape
+
+
+def _moe_options(model: str, experts, topk, granularity, shared, first_dense, every, max_nodes) -> MoeOptions:
+    if experts is None:
+        if model in KNOWN_MODELS:
+            return KNOWN_MODELS[model].moe
+        raise MoecError("--experts is required (and --topk): how many experts each MoE layer gets")
+    return MoeOptions(experts=experts, topk=topk or 1, granularity=granularity, shared_experts=shared,
+                      first_dense=first_dense, moe_every=every, max_nodes_per_token=max_nodes)
+
+
+def plan_command(provider: ShapeProvider) -> click.Command:
+    @click.command("plan")
+    @click.argument("model")
+    @click.option("--config", default=None, help="named config of the model file (e.g. 7b)")
+    @click.option("--seq-len", type=int, default=None, help="training sequence length (default: the model's)")
+    @click.option("--experts", type=int, default=None)
+    @click.option("--topk", type=int, default=None)
+    @click.option("--granularity", type=int, default=1, help="split each expert into this many narrower ones")
+    @click.option("--shared-experts", type=int, default=0)
+    @click.option("--first-dense", type=int, default=0, help="keep the first N FFNs dense")
+    @click.option("--moe-every", type=int, default=1, help="make every N-th FFN an MoE layer")
+    @click.option("--max-nodes-per-token", type=int, default=0, help="node-limited routing (0: no limit)")
+    @click.option("--gpus", type=int, required=True)
+    @click.option("--hardware", default="dgx_h100", help="built-in profile name or a JSON profile path")
+    @click.option("--global-batch", type=int, default=0, help="sequences per step (default: ~4M tokens)")
+    @click.option("--micro-batch", type=int, default=1)
+    @click.option("--top", type=int, default=10, help="rows of the table")
+    @click.option("--explain", "show_formulas", is_flag=True, help="print the formulas and the numbers substituted")
+    @click.option("--latex", is_flag=True, help="with --explain: formulas as LaTeX")
+    @click.option("-o", "--out", type=click.Path(file_okay=False), default=None, help="build dir for plan.json")
+    def plan(model, config, seq_len, experts, topk, granularity, shared_experts, first_dense, moe_every,
+             max_nodes_per_token, gpus, hardware, global_batch, micro_batch, top, show_formulas, latex, out):
+        """Rank parallel plans for training MODEL as an MoE on GPUS GPUs of a hardware profile."""
+        shape = provider(model, config, seq_len)
+        moe = _moe_options(model, experts, topk, granularity, shared_experts, first_dense, moe_every,
+                           max_nodes_per_token)
+        hw = load_hardware(hardware)
+        ranked, enumerated = rank_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+        click.echo(f"{shape.name} + MoE E={moe.experts} K={moe.topk} on {gpus} x {hw.gpu_name} ({hw.name}): "
+                   f"{len(ranked)} of {enumerated} plans fit\n")
+        click.echo(table(ranked, top))
+        click.echo(f"\nbest: {ranked[0].why}")
+        if show_formulas:
+            click.echo("\n" + explain(ranked[0], shape, moe, hw, latex=latex))
+        if out:
+            click.echo(f"wrote {write_plan_json(out, ranked, enumerated, shape, moe)}")
+
+    return plan
+
+
+plan = plan_command(known_or_json_shape)
+
+
+@click.command("calibrate")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="hardware-profile.json", show_default=True)
+@click.option("--base", default=None, help="built-in profile whose topology the measurements refine")
+@click.option("--sizes", default="4096,65536,1048576,16777216", show_default=True,
+              help="message sizes in bytes, comma separated")
+@click.option("--procs", type=int, default=0, help="processes for the collectives (default: GPUs, or 2 on CPU)")
+@click.option("--gemm-dim", type=int, default=0, help="K = N of the timed GEMMs (default: 4096 GPU, 512 CPU)")
+def calibrate(out, base, sizes, procs, gemm_dim):
+    """Measure GEMM throughput and collective times here; write a profile --hardware accepts."""
+    sizes_ = [int(x) for x in sizes.split(",") if x]
+    profile = run_calibration(out, base=base, sizes=sizes_, procs=procs, gemm_dim=gemm_dim)
+    m = profile["measured"]
+    click.echo(f"GEMM {m['gemm_tflops']:.2f} TFLOP/s, m_half {m['gemm_half_rows']:.0f} rows; "
+               f"all-reduce alpha {m['all_reduce']['alpha_us']:.1f} us beta {m['all_reduce']['GBps']:.2f} GB/s; "
+               f"all-to-all alpha {m['all_to_all']['alpha_us']:.1f} us beta {m['all_to_all']['GBps']:.2f} GB/s")
+    click.echo(f"wrote {out}")
