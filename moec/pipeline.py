@@ -6,6 +6,7 @@ row per pass. NN counts from 01; 00_capture.py is the graph as captured.
 """
 import difflib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -22,8 +23,13 @@ def build_pipeline(options: MoeOptions) -> list:
     return [FindFFN(), FFNToMoE(options), LowerMoE()]
 
 
+_LIBRARY_FRAME = re.compile(r"^\s*# File: .*(site-packages|dist-packages)[/\\].*\n(\s*\n)?", re.M)
+
+
 def readable(gm: torch.fx.GraphModule) -> str:
-    return gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+    """The graph as code with shapes; source comments kept only where they point at the user's model."""
+    code = gm.print_readable(print_output=False, include_stride=False, include_device=False, colored=False)
+    return _LIBRARY_FRAME.sub("", code)
 
 
 def run_pipeline(gm: torch.fx.GraphModule, passes: list, ir_dir: Path | None = None, log=lambda s: None):

@@ -32,16 +32,20 @@ def _owner(module, path):
 
 
 def load_weights(model: torch.nn.Module, path) -> None:
-    """Load a safetensors file written by `moec compile`; a tied name loads through its source."""
+    """Load a safetensors file written by `moec compile` or a training checkpoint export."""
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    load_state(model, load_file(str(path)))
+
+
+def load_state(model: torch.nn.Module, state: dict) -> None:
+    """load_state_dict that accepts a tied name being absent (it loads through its source)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
     missing = [n for n in missing if id(_get(model, n)) not in loaded]
     if missing or unexpected:
-        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+        raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                           f"{' ...' if len(missing) > 3 or len(unexpected) > 3 else ''}")
 
 
 def _get(module, name):

@@ -6,7 +6,8 @@ Matches, whatever the modules or attributes are called:
   fused   gate and up from one linear(x, W13) split in two halves, then as gated
 where act is gelu (erf or tanh), relu or silu, `linear` is aten.linear or a
 transposed-weight addmm (Hugging Face Conv1D) and views, reshapes and
-zero-probability dropouts in between are looked through. Weights must be
+zero-probability dropouts in between are looked through; tanh-GELU written
+out elementwise (Hugging Face's "gelu_new") counts as gelu_tanh. Weights must be
 parameters (get_attr).
 
 Rewrites nothing: it records one FFN per block in gm.meta["ffns"], in graph
@@ -124,12 +125,58 @@ def _half(node, nodes):
     return lin, node.args[1], parts[0].shape[-1]
 
 
+def _fn(node, target):
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _scalar_arg(node, target, value):
+    """The tensor operand of `target(tensor, value)` (either order), or None."""
+    if not _fn(node, target) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if isinstance(b, (int, float)) and abs(b - value) < 1e-6:
+        return a
+    if isinstance(a, (int, float)) and abs(a - value) < 1e-6:
+        return b
+    return None
+
+
+def _tanh_gelu(node):
+    """0.5 * v * (1 + tanh(sqrt(2/pi) * (v + 0.044715 * v^3))) written out (HF "gelu_new"): (v, nodes)."""
+    if not _fn(node, aten.mul.Tensor):
+        return None
+    for half, one_plus in (node.args, node.args[::-1]):
+        v = _scalar_arg(half, aten.mul.Tensor, 0.5)
+        t = _scalar_arg(one_plus, aten.add.Tensor, 1.0)
+        inner = _scalar_arg(t.args[0] if _fn(t, aten.tanh.default) else None, aten.mul.Tensor, 0.7978845608028654)
+        if v is None or inner is None or not _fn(inner, aten.add.Tensor) or v not in inner.args:
+            continue
+        cube = _scalar_arg(next(a for a in inner.args if a is not v), aten.mul.Tensor, 0.044715)
+        if _fn(cube, aten.pow.Tensor_Scalar) and cube.args == (v, 3.0):
+            return v, {node, half, one_plus, t, t.args[0], inner, inner.args[0], inner.args[1], cube}
+    return None
+
+
+def _activation(node):
+    """(input, name, nodes) if node computes an activation the MoE experts support."""
+    if node.op != "call_function":
+        return None
+    if node.target in ACTS:
+        name = ACTS[node.target]
+        if name == "gelu" and node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") == "tanh":
+            name = "gelu_tanh"
+        return node.args[0], name, {node}
+    found = _tanh_gelu(node)
+    return (found[0], "gelu_tanh", found[1]) if found else None
+
+
 def _match(act: torch.fx.Node) -> FFN | None:
-    nodes = {act}
-    name = ACTS[act.target]
-    if name == "gelu" and act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none") == "tanh":
-        name = "gelu_tanh"
-    src = _through(act.args[0], nodes)
+    found = _activation(act)
+    if found is None:
+        return None
+    src, name, nodes = found
+    nodes = set(nodes)
+    src = _through(src, nodes)
     up, w3 = _linear(src, nodes), None
     half = None if up else _half(src, nodes)
     if up is None and half is None:
@@ -191,7 +238,7 @@ class FindFFN(Pass):
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         ffns, seen = [], set()
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target in ACTS and node not in seen:
+            if node not in seen:
                 m = _match(node)
                 if m is not None:
                     ffns.append(m)
