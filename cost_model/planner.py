@@ -7,6 +7,7 @@ divides the layers and has at least PP micro-batches; EP divides the routed
 experts; EP*DP*micro_batch divides the global batch; ZeRO-3 is not combined
 with pipelining (its per-micro-batch parameter gathers defeat it).
 """
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +23,13 @@ from moec.cost_model.shape import ModelShape, MoeOptions, model_values
 DTYPE_BYTES = 2  # bf16
 
 
-def _compile(exprs: dict) -> dict:
+@functools.cache
+def _compiled() -> dict:
+    """Every reported quantity, expanded and lambdified once (on first use: it takes a second)."""
+    exprs = {**{f"mem:{k}": v for k, v in memory.TERMS.items()},
+             **{f"time:{k}": v for k, v in time_model.TERMS.items()},
+             **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
+             "step": time_model.step, "mfu": time_model.mfu}
     out = {}
     for k, e in exprs.items():
         e = s.expand(e)
@@ -31,14 +38,8 @@ def _compile(exprs: dict) -> dict:
     return out
 
 
-_EXPRS = _compile({**{f"mem:{k}": v for k, v in memory.TERMS.items()},
-                   **{f"time:{k}": v for k, v in time_model.TERMS.items()},
-                   **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
-                   "step": time_model.step, "mfu": time_model.mfu})
-
-
 def _eval(key: str, values: dict) -> float:
-    syms, fn = _EXPRS[key]
+    syms, fn = _compiled()[key]
     return float(fn(*(values[x] for x in syms)))
 
 
@@ -83,8 +84,8 @@ def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware) -> 
     v = model_values(shape, moe)
     v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
               s.TP: plan.tp, s.PP: plan.pp, s.Z: plan.zero, s.R: int(plan.recompute),
-              time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency, time_model.m_half: hw.gemm_half_rows,
-              time_model.omega: hw.grad_overlap})
+              time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency,
+              time_model.m_half: hw.gemm_half_rows, time_model.omega: hw.grad_overlap})
     for name, c in plan.collectives.items():
         v[time_model.alpha[name]] = c["alpha_s"]
         v[time_model.beta[name]] = c["bandwidth_Bps"]
@@ -128,9 +129,9 @@ def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs:
     plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
                             "bottleneck": c.bottleneck} for n, c in costs.items()}
     v = values_for(plan, shape, moe, hw)
-    plan.memory_bytes = {k[4:]: _eval(k, v) for k in _EXPRS if k.startswith("mem:")}
-    plan.time_s = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("time:")}
-    plan.comm_bytes = {k[5:]: _eval(k, v) for k in _EXPRS if k.startswith("comm:")}
+    plan.memory_bytes = {k[4:]: _eval(k, v) for k in _compiled() if k.startswith("mem:")}
+    plan.time_s = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("time:")}
+    plan.comm_bytes = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("comm:")}
     plan.step_time_s, plan.mfu = _eval("step", v), _eval("mfu", v)
     return plan
 
