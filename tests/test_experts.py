@@ -1,0 +1,144 @@
+"""moec::experts: every backend against the reference loop, gradients, empty
+experts and inputs, recompute, the backend rule, errors, capture."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # the Triton backend runs on CPU tensors here
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import moec  # noqa: E402
+from moec.experts import choose_backend, experts  # noqa: E402
+
+PARAMS = ("w1", "b1", "w3", "b3", "w2", "b2")
+
+
+def _case(counts, tail, D, F, gated, bias, seed, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.tensor(counts, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)]).to(torch.int32)
+    N, E = int(c.sum()) + tail, len(counts)
+    mk = lambda *s: (torch.randn(*s, generator=g) / 3).to(device, dtype).requires_grad_()
+    p = dict(w1=mk(E, F, D), b1=mk(E, F) if bias else None, w3=mk(E, F, D) if gated else None,
+             b3=mk(E, F) if gated and bias else None, w2=mk(E, D, F), b2=mk(E, D) if bias else None)
+    return mk(N, D), offsets.to(device), p, (torch.randn(N, D, generator=g)).to(device, dtype)
+
+
+def _run(x, offsets, p, gy, activation, **kw):
+    y = experts(x, offsets, *(p[n] for n in PARAMS), activation, **kw)
+    leaves = [x] + [p[n] for n in PARAMS if p[n] is not None]
+    return y, torch.autograd.grad(y, leaves, gy)
+
+
+@settings(max_examples=8, deadline=None)
+@given(counts=st.lists(st.integers(0, 24), min_size=1, max_size=5), tail=st.integers(0, 6),
+       D=st.sampled_from([16, 24]), F=st.sampled_from([16, 40]), gated=st.booleans(), bias=st.booleans(),
+       activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]), recompute=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_triton_backend_matches_reference(counts, tail, D, F, gated, bias, activation, recompute, seed):
+    x, offsets, p, gy = _case(counts, tail, D, F, gated, bias, seed)
+    y_ref, g_ref = _run(x, offsets, p, gy, activation, backend="reference")
+    y, g = _run(x, offsets, p, gy, activation, backend="triton", recompute=recompute)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    assert y[int(offsets[-1]):].abs().sum() == 0  # unused tail rows
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("counts,tail", [([0, 0, 0], 0), ([0, 0, 0], 5), ([9], 0), ([0, 7, 0], 0)])
+def test_empty_inputs_and_zero_token_experts(backend, counts, tail):
+    x, offsets, p, gy = _case(counts, tail, 16, 32, True, True, 0)
+    y, g = _run(x, offsets, p, gy, "silu", backend=backend)
+    assert y.shape == x.shape
+    assert y[int(offsets[-1]):].abs().sum() == 0
+    for name, grad in zip(["x"] + [n for n in PARAMS], g):
+        for e, n in enumerate(counts):
+            if n == 0 and name != "x":
+                assert grad[e].abs().sum() == 0, f"{name} of empty expert {e}"
+    if sum(counts) == 0:
+        assert all(t.abs().sum() == 0 for t in g)
+
+
+def test_recompute_keeps_less_for_backward():
+    x, offsets, p, gy = _case([20, 0, 12], 2, 16, 48, True, False, 3)
+
+    def saved_bytes(recompute):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = experts(x, offsets, *(p[n] for n in PARAMS), "silu", recompute=recompute, backend="triton")
+        torch.autograd.grad(y, [x], gy)
+        return sum(sizes)
+
+    N, F = x.shape[0], 48
+    assert saved_bytes(False) - saved_bytes(True) == 2 * N * F * 4  # h1 and h3, fp32
+
+
+def test_backend_rule():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert choose_backend("cpu", bf16, False, (0, 0), True) == "reference"
+    assert choose_backend("cuda", bf16, False, (9, 0), True) == "grouped_mm"
+    assert choose_backend("cuda", bf16, False, (10, 0), True) == "grouped_mm"
+    assert choose_backend("cuda", bf16, False, (8, 0), True) == "triton"
+    assert choose_backend("cuda", bf16, False, (9, 0), False) == "triton"
+    assert choose_backend("cuda", f32, False, (9, 0), True) == "triton"
+    assert choose_backend("cuda", bf16, True, (9, 4), True) == "triton"  # ROCm (MI300X reports 9.4)
+    assert choose_backend("cuda", torch.float64, False, (9, 0), True) == "reference"
+
+
+def test_user_errors_name_the_fix():
+    x, offsets, p, _ = _case([3, 2], 0, 16, 32, False, False, 0)
+    w = [p[n] for n in PARAMS]
+    with pytest.raises(moec.MoecError, match="activation"):
+        experts(x, offsets, *w, "swish")
+    with pytest.raises(moec.MoecError, match="offsets"):
+        experts(x, offsets[:-1], *w, "silu")
+    with pytest.raises(moec.MoecError, match="backend"):
+        experts(x, offsets, *w, "silu", backend="cutlass")
+    with pytest.raises(moec.MoecError, match="grouped_mm"):
+        experts(x, offsets, *w, "silu", backend="grouped_mm")
+    with pytest.raises(moec.MoecError, match="shapes"):
+        experts(x[:, :8], offsets, *w, "silu")
+
+
+def test_meta_and_export_keep_one_op():
+    x, offsets, p, _ = _case([3, 2], 1, 16, 32, True, False, 0)
+    meta = lambda t: None if t is None else t.detach().to("meta")
+    y = experts(meta(x), meta(offsets), *(meta(p[n]) for n in PARAMS), "silu")
+    assert y.shape == x.shape and y.device.type == "meta"
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3, self.w2 = (torch.nn.Parameter(p[n].detach()) for n in ("w1", "w3", "w2"))
+
+        def forward(self, x, offsets):
+            return torch.ops.moec.experts(x, offsets, self.w1, None, self.w3, None, self.w2, None, "silu")
+
+    gm = torch.export.export(Experts(), (x.detach(), offsets)).module()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.moec.experts.default in targets
+    torch.testing.assert_close(gm(x.detach(), offsets), Experts()(x.detach(), offsets))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: bf16 backends at a real shape")
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_gpu_backends_at_real_shape(backend):
+    if backend == "grouped_mm" and choose_backend("cuda", torch.bfloat16, torch.version.hip is not None,
+                                                   torch.cuda.get_device_capability(), True) != "grouped_mm":
+        pytest.skip("torch._grouped_mm is not this GPU's backend")
+    counts = [300, 0, 1100, 17, 640, 0, 5, 2000]
+    x, offsets, p, gy = _case(counts, 31, 1024, 768, True, False, 0, torch.bfloat16, "cuda")
+    y_ref, g_ref = _run(x, offsets, p, gy, "silu", backend="reference")
+    for recompute in (False, True):
+        y, g = _run(x, offsets, p, gy, "silu", backend=backend, recompute=recompute)
+        rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel(y, y_ref) < 1e-2
+        assert y[int(offsets[-1]):].abs().sum() == 0
+        assert all(rel(a, b) < 2e-2 for a, b in zip(g, g_ref))
