@@ -9,6 +9,7 @@ with pipelining (its per-micro-batch parameter gathers defeat it).
 """
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import sympy as sp
@@ -162,7 +163,7 @@ def best_plan(shape: ModelShape, moe_options: MoeOptions, gpus: int, hardware, g
 
 def _default_batch(gpus: int, seq_len: int) -> int:
     """About four million tokens per step, and at least one sequence per GPU."""
-    return max(gpus, 2 ** round(sp.log(max(4 * 2**20 // seq_len, 1), 2)))
+    return max(gpus, 2 ** round(math.log2(max(4 * 2**20 // seq_len, 1))))
 
 
 def _why(p: Plan, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
