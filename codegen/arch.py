@@ -83,8 +83,8 @@ def compile_for(fn, signature: dict, constexprs: dict, arch: str, options: dict)
 # elements of a program's [tokens, experts] tile (tokens = TILE // padded E).
 LAUNCH["gate_fwd"] = {
     "sm90": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=4),
-    "gfx942": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
+    "gfx942": dict(TILE=1024, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
+    "gfx90a": dict(TILE=1024, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
 }
 LAUNCH["gate_stats"] = {
     "sm90": dict(BLOCK_P=64, num_warps=4),
@@ -96,34 +96,15 @@ LAUNCH["gate_bwd"] = {
     "gfx942": dict(TILE=2048, num_warps=2, waves_per_eu=2),
     "gfx90a": dict(TILE=2048, num_warps=2, waves_per_eu=2),
 }
-
-# Gating, routing metadata, permute and unpermute (codegen/gating.py, routing.py,
-# permute.py). All memory-bound: AMD rows halve num_warps (a wave64 warp has twice
-# the lanes) and ask for 2 waves per SIMD to keep loads in flight. TILE is
-# elements of a program's [tokens, experts] tile (tokens = TILE // padded E).
-LAUNCH["gate_fwd"] = {
-    "sm90": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=4),
-    "gfx942": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=2048, PROGRAMS_PER_SM=8, num_warps=2, waves_per_eu=2),
-}
-LAUNCH["gate_stats"] = {
-    "sm90": dict(BLOCK_P=64, num_warps=4),
-    "gfx942": dict(BLOCK_P=64, num_warps=2),
-    "gfx90a": dict(BLOCK_P=64, num_warps=2),
-}
-LAUNCH["gate_bwd"] = {
-    "sm90": dict(TILE=2048, num_warps=4),
-    "gfx942": dict(TILE=2048, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=2048, num_warps=2, waves_per_eu=2),
-}
-LAUNCH["route"] = {  # TILE: elements of a [slots, experts] tile; CHUNKS: programs over the slots
-    "sm90": dict(TILE=4096, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=4),
-    "gfx942": dict(TILE=4096, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=4096, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
+LAUNCH["route"] = {  # TILE: elements of a [slots, experts] tile, at most BLOCK_N slots; CHUNKS: programs
+    "sm90": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=4),
+    "gfx942": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
+    "gfx90a": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
 }
 for _name in ("permute", "gather_sum", "unpermute_bwd"):  # [tokens, hidden] row-copy tiles
     LAUNCH[_name] = {
         "sm90": dict(BLOCK_T=8 if _name != "unpermute_bwd" else 4, BLOCK_D=512, num_warps=4),
-        "gfx942": dict(BLOCK_T=8 if _name != "unpermute_bwd" else 4, BLOCK_D=512, num_warps=2, waves_per_eu=2),
-        "gfx90a": dict(BLOCK_T=8 if _name != "unpermute_bwd" else 4, BLOCK_D=512, num_warps=2, waves_per_eu=2),
+        # wave64: half the warps for the same lanes, half the D block so K gathered rows fit the VGPRs
+        "gfx942": dict(BLOCK_T=8 if _name != "unpermute_bwd" else 4, BLOCK_D=256, num_warps=2, waves_per_eu=2),
+        "gfx90a": dict(BLOCK_T=8 if _name != "unpermute_bwd" else 4, BLOCK_D=256, num_warps=2, waves_per_eu=2),
     }

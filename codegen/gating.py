@@ -178,7 +178,7 @@ $LOAD_BIAS
 $GROUPS
         w = tl.zeros([BLOCK_T, $KP], tl.float32)
         idx = tl.zeros([BLOCK_T, $KP], tl.int32)
-        for j in tl.static_range(K):
+        for j in tl.static_range($K):
             best = tl.max(tl.max(key, 2), 1)  # [T]
             e = _key_col(best)
             $PICK
@@ -186,8 +186,8 @@ $GROUPS
             idx = tl.where(kc == j, e[:, None], idx)
             key = tl.where(key == best[:, None, None], KEY_MIN, key)
 $RENORM
-        out = rows[:, None] * K + kc
-        ok = row_ok[:, None] & (kc < K)
+        out = rows[:, None] * $K + kc
+        ok = row_ok[:, None] & (kc < $K)
         tl.store(weights_ptr + out, w, mask=ok)
         tl.store(indices_ptr + out, idx, mask=ok)
         cnt += tl.sum(((key == KEY_MIN) & col_ok & (r3 < T)).to(tl.int32), 0)
@@ -239,12 +239,12 @@ def gate_bwd_kernel(logits_ptr, indices_ptr, g_weights_ptr, g_probs_sum_ptr, g_z
     lse = m + tl.log(se)
     $SCORES
     kc = tl.arange(0, $KP)[None, :]
-    ok = row_ok[:, None] & (kc < K)
-    idx = tl.load(indices_ptr + rows[:, None] * K + kc, mask=ok, other=0)  # [T, K]
-    gw = tl.load(g_weights_ptr + rows[:, None] * K + kc, mask=ok, other=0.0).to(tl.float32)
+    ok = row_ok[:, None] & (kc < $K)
+    idx = tl.load(indices_ptr + rows[:, None] * $K + kc, mask=ok, other=0)  # [T, K]
+    gw = tl.load(g_weights_ptr + rows[:, None] * $K + kc, mask=ok, other=0.0).to(tl.float32)
 $RENORM_BWD
     g_s = tl.zeros([BLOCK_T, $GP, $SP], tl.float32)
-    for j in tl.static_range(K):
+    for j in tl.static_range($K):
         e = tl.sum(tl.where(kc == j, idx, 0), 1)
         gw_j = tl.sum(tl.where(kc == j, gw, 0.0), 1)
         g_s += tl.where(col == e[:, None, None], gw_j[:, None, None], 0.0)

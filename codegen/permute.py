@@ -61,8 +61,8 @@ def gather_sum_kernel(y_ptr, row_map_ptr, w_ptr, out_ptr, T, D, BLOCK_T: tl.cons
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [D]
     ok = (t[:, None] < T) & (d[None, :] < D)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    for j in tl.static_range(K):
-        row = tl.load(row_map_ptr + t * K + j, mask=t < T, other=-1)  # [T]
+    for j in tl.static_range($K):
+        row = tl.load(row_map_ptr + t * $K + j, mask=t < T, other=-1)  # [T]
         v = tl.load(y_ptr + row[:, None].to(tl.int64) * D + d[None, :], mask=ok & (row[:, None] >= 0), other=0.0)
         $ACCUMULATE
     tl.store(out_ptr + t[:, None].to(tl.int64) * D + d[None, :], _to_out(acc), mask=ok)
@@ -90,8 +90,8 @@ def permute_kernel(x_ptr, row_map_ptr, out_ptr, T, D, BLOCK_T: tl.constexpr, BLO
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [D]
     ok = (t[:, None] < T) & (d[None, :] < D)
     v = tl.load(x_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=ok)  # [T, D], read once
-    for j in tl.static_range(K):
-        row = tl.load(row_map_ptr + t * K + j, mask=t < T, other=-1)  # [T]
+    for j in tl.static_range($K):
+        row = tl.load(row_map_ptr + t * $K + j, mask=t < T, other=-1)  # [T]
         tl.store(out_ptr + row[:, None].to(tl.int64) * D + d[None, :], v, mask=ok & (row[:, None] >= 0))
 
 
@@ -158,15 +158,15 @@ def unpermute_bwd_kernel(g_out_ptr, y_ptr, row_map_ptr, w_ptr, g_y_ptr, g_w_ptr,
         d = d0 + tl.arange(0, BLOCK_D)  # [D]
         ok = (t[:, None] < T) & (d[None, :] < D)
         g = tl.load(g_out_ptr + t[:, None].to(tl.int64) * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
-        for j in tl.static_range(K):
-            row = tl.load(row_map_ptr + t * K + j, mask=t < T, other=-1)  # [T]
-            w = tl.load(w_ptr + t * K + j, mask=t < T, other=0.0).to(tl.float32)
+        for j in tl.static_range($K):
+            row = tl.load(row_map_ptr + t * $K + j, mask=t < T, other=-1)  # [T]
+            w = tl.load(w_ptr + t * $K + j, mask=t < T, other=0.0).to(tl.float32)
             at = row[:, None].to(tl.int64) * D + d[None, :]
             live = ok & (row[:, None] >= 0)
             y = tl.load(y_ptr + at, mask=live, other=0.0).to(tl.float32)
             tl.store(g_y_ptr + at, _to_out(g * w[:, None]), mask=live)
             dots += tl.where(kc == j, tl.sum(g * y, 1)[:, None], 0.0)
-    tl.store(g_w_ptr + t[:, None] * K + kc, _to_w(dots), mask=(t[:, None] < T) & (kc < K))
+    tl.store(g_w_ptr + t[:, None] * $K + kc, _to_w(dots), mask=(t[:, None] < T) & (kc < $K))
 
 
 def forward(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
@@ -265,13 +265,13 @@ def source(cfg: PermuteConfig) -> str:
     head = _HEAD.substitute(
         OP=cfg.op, K=cfg.k, DTYPE=cfg.dtype, B=dt.itemsize, NAME=cfg.name, TORCH_DTYPE=str(dt),
         DROP_DESC="row -1 skipped and unused rows zero" if cfg.may_drop else "dropless (every buffer row written)")
-    weighted = "acc += v.to(tl.float32) * tl.load(w_ptr + t * K + j, mask=t < T, other=0.0).to(tl.float32)[:, None]"
-    gather = _GATHER.substitute(ACCUMULATE=weighted if cfg.op == "unpermute" else "acc += v.to(tl.float32)")
+    weighted = f"acc += v.to(tl.float32) * tl.load(w_ptr + t * {cfg.k} + j, mask=t < T, other=0.0).to(tl.float32)[:, None]"
+    gather = _GATHER.substitute(K=cfg.k, ACCUMULATE=weighted if cfg.op == "unpermute" else "acc += v.to(tl.float32)")
     casts = cast_helper("_to_out", cfg.dtype) + (cast_helper("_to_w", cfg.weights_dtype) if cfg.weights_dtype else "")
     if cfg.op == "permute":
-        body = _PERMUTE.substitute(ALLOC=alloc.format(x=x))
+        body = _PERMUTE.substitute(K=cfg.k, ALLOC=alloc.format(x=x))
     else:
-        body = _UNPERMUTE.substitute(ALLOC=alloc.format(x=x), KP=next_pow2(cfg.k))
+        body = _UNPERMUTE.substitute(K=cfg.k, ALLOC=alloc.format(x=x), KP=next_pow2(cfg.k))
     return head + casts + gather + "\n" + body + REGISTER_GUARD
 
 

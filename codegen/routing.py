@@ -8,7 +8,9 @@ offsets[e] + (how many earlier slots chose e). Three launches, all on device:
   2. route_scan: prefix scan of hist down the chunks (per expert) -> hist[b, e] =
      slots of e before chunk b; row B holds the per-expert totals
   3. route_rows: offsets = prefix scan of the kept totals (capacity applied);
-     each program walks its chunk in order, carrying per-expert row counters.
+     each program walks its chunk in order, BLOCK_N slots at a time (ranked
+     among themselves by a BLOCK_N x BLOCK_N comparison), carrying per-expert
+     row counters.
 With a capacity C > 0 an expert keeps its first C slots in slot order; later
 slots get row -1 (the rule of moec::route). Rows are padding-free: they end at
 offsets[E].
@@ -119,7 +121,7 @@ def forward(indices: Tensor):
         return row_map, offsets
     row = arch.launch("route", arch.device_arch(flat.device.index or 0) if flat.is_cuda else "sm90")
     sizes, opts = split_launch(row)
-    block_n = max(8, min(sizes["TILE"] // $EP, triton.next_power_of_2(N)))
+    block_n = max(8, min(sizes["BLOCK_N"], sizes["TILE"] // $EP, triton.next_power_of_2(N)))
     chunk = block_n * triton.cdiv(triton.cdiv(N, block_n), sizes["CHUNKS"])
     B = triton.cdiv(N, chunk)
     hist = flat.new_empty((B + 1) * $EP, dtype=torch.int32)
@@ -176,7 +178,7 @@ def portable_specs(arch_name: str = "sm90") -> list:
     specs = []
     for cfg in PORTABLE:
         mod, ep = module(cfg), next_pow2(cfg.num_experts)
-        block_n = max(8, sizes["TILE"] // ep)
+        block_n = max(8, min(sizes["BLOCK_N"], sizes["TILE"] // ep))
         for fn, sig, const in (
             (mod.route_hist_kernel, ["*i32", "*i32", "i32", "i32"], {"BLOCK_N": block_n}),
             (mod.route_scan_kernel, ["*i32", "i32"], {"BLOCK_B": sizes["BLOCK_B"],
