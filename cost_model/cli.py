@@ -47,7 +47,9 @@ def _moe_options(model: str, experts, topk, granularity, shared, first_dense, ev
         if model in KNOWN_MODELS:
             return KNOWN_MODELS[model].moe
         raise MoecError("--experts is required (and --topk): how many experts each MoE layer gets")
-    return MoeOptions(experts=experts, topk=topk or 1, granularity=granularity, shared_experts=shared,
+    if topk is None:
+        raise MoecError("--topk is required with --experts: how many experts each token is routed to")
+    return MoeOptions(experts=experts, topk=topk, granularity=granularity, shared_experts=shared,
                       first_dense=first_dense, moe_every=every, max_nodes_per_token=max_nodes)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import sympy as sp
 
 from moec import MoecError
-from moec.cost_model import comm, memory, params, time_model
+from moec.cost_model import comm, memory, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware, load_hardware
 from moec.cost_model.layout import Layout
@@ -150,7 +150,7 @@ def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_b
         need = f"; the leanest needs {least.memory_total / 2**30:.1f} GiB per GPU" if least else ""
         raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "
                         f"({hw.memory_bytes / 2**30:.1f} GiB usable){need}; use more GPUs or a smaller batch")
-    for i, p in enumerate(fit[:5]):
+    for p in fit[:5]:
         p.why = _why(p, fit, len(plans), hw)
     return fit, len(plans)
 

@@ -45,6 +45,9 @@ class MoeOptions:
         return [i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0 for i in range(layers)]
 
     def check(self, shape: ModelShape) -> None:
+        if min(self.experts, self.granularity, self.moe_every) < 1 or min(self.shared_experts, self.first_dense) < 0:
+            raise MoecError("--experts, --granularity and --moe-every must be at least 1, --shared-experts and "
+                            "--first-dense at least 0")
         if self.topk > self.experts or self.topk < 1:
             raise MoecError(f"--topk {self.topk} must be between 1 and --experts {self.experts}")
         if self.expert_ffn is None and shape.ffn % self.granularity:

@@ -114,10 +114,10 @@ def all_to_all(cluster: Cluster, groups: list[list[int]], picks: float, max_node
         hits = min(hits, max_nodes)
     inter, intra = {}, {}
     for g in groups:
-        members = list(_by_node(cluster, g).values())
+        by_node = _by_node(cluster, g)
         for s in g:
-            li = _by_node(cluster, g)[cluster.node(s)].index(s)
-            for local in members:
+            li = by_node[cluster.node(s)].index(s)
+            for local in by_node.values():
                 d = local[li % len(local)]
                 inter[(s, d)] = hits / nn
                 for peer in local:  # every node-held token fans out to the local experts
@@ -126,8 +126,8 @@ def all_to_all(cluster: Cluster, groups: list[list[int]], picks: float, max_node
     t_intra, neck_intra = cluster.transfer_time(intra)
     t = t_inter + t_intra
     if t < t_flat:
-        g = len(nodes[0]) if 0 in nodes else len(next(iter(nodes.values())))
-        alpha = cluster.hw.latency_inter * (nn - 1) + cluster.hw.latency_intra * (g - 1)
+        per_node = max(len(v) for v in nodes.values())
+        alpha = cluster.hw.latency_inter * (nn - 1) + cluster.hw.latency_intra * (per_node - 1)
         neck = neck_inter if t_inter >= t_intra else neck_intra
         best = CollectiveCost("hierarchical", alpha, volume / t, neck)
     return best

@@ -9,7 +9,7 @@ import torch
 from moec.cost_model import params
 from moec.cost_model.known_models import KNOWN_MODELS
 from moec.cost_model.shape import ModelShape, MoeOptions, model_values
-from moec.cost_model.symbols import D, E, F, F_e, G, H, H_kv, L, N_s, V, f, n_W
+from moec.cost_model.symbols import D, E, F, F_e, G, H, H_kv, L, N_s, f, n_W
 
 # GPT-3 family (Brown et al. 2020, Table 2.1): the dense bases of the
 # DeepSpeed-MoE / Frontier MoE design space
@@ -42,7 +42,8 @@ def test_design_space_matches_closed_form(base, experts, every):
 
 @pytest.mark.parametrize("base,experts,published", [("350M", 128, 13e9), ("1.3B", 128, 52e9)])
 def test_deepspeed_moe_published_sizes(base, experts, published):
-    """DeepSpeed-MoE (Rajbhandari et al. 2022, Table 1): 350M+MoE-128 is 13B, 1.3B+MoE-128 is 52B (MoE every other layer)."""
+    """DeepSpeed-MoE (Rajbhandari et al. 2022): 350M+MoE-128 is 13B and
+    1.3B+MoE-128 is 52B, with MoE on every other layer."""
     v = model_values(gpt(*GPT_BASES[base]), MoeOptions(experts=experts, topk=1, moe_every=2))
     assert float(params.total.xreplace(v)) == pytest.approx(published, rel=0.02)
 
