@@ -1,0 +1,76 @@
+"""Tiny dense blocks in the shapes find_ffn must recognise, and a capture helper."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moec.capture import capture
+
+D, FW = 16, 32
+
+
+class Residual(nn.Module):
+    """x + ffn(norm(x)) twice, so there are two FFNs and a residual stream."""
+
+    def __init__(self, make_ffn):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.blocks = nn.ModuleList([make_ffn(), make_ffn()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(self.norm(x))
+        return x
+
+
+class Functional(nn.Module):
+    """Parameters used through F.linear, no Linear modules."""
+
+    def __init__(self, act=F.relu):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(FW, D) * 0.2)
+        self.b_in = nn.Parameter(torch.randn(FW) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(D, FW) * 0.2)
+        self.act = act
+
+    def forward(self, x):
+        return F.linear(self.act(F.linear(x, self.w_in, self.b_in)), self.w_out)
+
+
+class Gated(nn.Module):
+    def __init__(self, act=F.silu, fused=False):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.gate_up = nn.Linear(D, 2 * FW, bias=False)
+        else:
+            self.gate, self.up = nn.Linear(D, FW, bias=False), nn.Linear(D, FW, bias=False)
+        self.down = nn.Linear(FW, D, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        if self.fused:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            g, u = self.gate(x), self.up(x)
+        return self.down(self.act(g) * u)
+
+
+BLOCKS = {
+    "sequential_gelu": lambda: nn.Sequential(nn.Linear(D, FW), nn.GELU(), nn.Linear(FW, D)),
+    "sequential_relu": lambda: nn.Sequential(nn.Linear(D, FW), nn.ReLU(), nn.Linear(FW, D)),
+    "functional_relu": lambda: Functional(),
+    "functional_silu": lambda: Functional(F.silu),
+    "swiglu": lambda: Gated(),
+    "geglu": lambda: Gated(F.gelu),
+    "fused_swiglu": lambda: Gated(fused=True),
+}
+EXPECTED = {"sequential_gelu": ("gelu", False), "sequential_relu": ("relu", False),
+            "functional_relu": ("relu", False), "functional_silu": ("silu", False), "swiglu": ("silu", True),
+            "geglu": ("gelu", True), "fused_swiglu": ("silu", True)}
+
+
+def captured(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = Residual(BLOCKS[kind])
+    x = torch.randn(2, 5, D)
+    return model, x, capture(model, (x,))
