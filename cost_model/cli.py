@@ -6,7 +6,7 @@ the one that captures model.py. `plan` below is the stand-alone version: it
 knows the models of known_models.py by name and reads ModelShape JSON files.
 """
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,8 +31,10 @@ def known_or_json_shape(model: str, config: Optional[str], seq_len: Optional[int
     elif model.endswith(".json") and Path(model).is_file():
         data = json.loads(Path(model).read_text())
         names = {f.name for f in fields(ModelShape)}
-        if missing := {f.name for f in fields(ModelShape) if f.name != "name"} - data.keys():
+        if missing := {f.name for f in fields(ModelShape) if f.default is MISSING} - data.keys():
             raise MoecError(f"{model} lacks ModelShape fields {sorted(missing)}")
+        if data.get("moe_layers") is not None:
+            data["moe_layers"] = tuple(data["moe_layers"])
         shape = ModelShape(**{k: v for k, v in data.items() if k in names})
     else:
         raise MoecError(f"cannot read model dimensions from {model!r}; give a known model "

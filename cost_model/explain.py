@@ -40,7 +40,10 @@ def explain(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, latex:
     out = [f"Plan {plan.label()} for {shape.name} on {plan.gpus} x {hw.gpu_name} ({hw.name})", "",
            "Where (symbols and the numbers substituted):"]
     model_syms = sorted((k for k in values if not str(k).startswith(("alpha_", "beta_"))), key=str)
-    out += [f"  {k} = {values[k]}" for k in model_syms]
+    meaning = {**s.MEANING, time_model.peak: "peak FLOP/s per GPU", time_model.eta: "large-GEMM efficiency",
+               time_model.m_half: "GEMM rows at half efficiency", time_model.omega: "share of compute sync hides under"}
+    num = lambda x: f"{x:.6g}" if isinstance(x, float) else str(x)
+    out += [f"  {f'{k} = {num(values[k])}':<24}{meaning.get(k, '')}" for k in model_syms]
     out += ["", "Collectives (alpha, beta read off the cluster graph):"]
     for name, c in plan.collectives.items():
         out.append(f"  {name}: {COLLECTIVE_NAMES[name]}: {c['algorithm']}, alpha = {c['alpha_s'] * 1e6:.1f} us, "

@@ -140,6 +140,8 @@ def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs:
 def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_batch: int = 0,
                micro_batch: int = 1) -> tuple[list[Plan], int]:
     """Plans that fit, fastest first, and how many candidates were enumerated."""
+    if gpus < 1 or micro_batch < 1 or global_batch < 0:
+        raise MoecError("--gpus and --micro-batch must be at least 1, --global-batch at least 0 (0: default)")
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     global_batch = global_batch or _default_batch(gpus, shape.seq_len)
     cands = enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)

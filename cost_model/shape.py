@@ -25,6 +25,9 @@ class ModelShape:
     tied_embeddings: bool
     seq_len: int
     name: str = "model"
+    # which layers are MoE, when read off a graph that already has them;
+    # None: MoeOptions' first_dense / moe_every decide
+    moe_layers: Optional[tuple[bool, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -53,15 +56,21 @@ class MoeOptions:
         if self.expert_ffn is None and shape.ffn % self.granularity:
             raise MoecError(f"--granularity {self.granularity} does not divide the FFN width {shape.ffn}; "
                             "pick a divisor of it")
-        if not any(self.moe_layers(shape.layers)):
+        if shape.moe_layers is not None and len(shape.moe_layers) != shape.layers:
+            raise MoecError(f"ModelShape.moe_layers has {len(shape.moe_layers)} entries for {shape.layers} layers")
+        if not any(_moe_layers(shape, self)):
             raise MoecError(f"--first-dense {self.first_dense} leaves no MoE layer in a {shape.layers}-layer "
                             "model; lower it")
+
+
+def _moe_layers(shape: ModelShape, moe: MoeOptions) -> list[bool]:
+    return list(shape.moe_layers) if shape.moe_layers is not None else moe.moe_layers(shape.layers)
 
 
 def model_values(shape: ModelShape, moe: MoeOptions) -> dict:
     """Substitutions for the model and MoE symbols."""
     moe.check(shape)
-    n_moe = sum(moe.moe_layers(shape.layers))
+    n_moe = sum(_moe_layers(shape, moe))
     return {
         s.L: shape.layers, s.D: shape.hidden, s.F: shape.ffn, s.V: shape.vocab, s.H: shape.heads,
         s.H_kv: shape.kv_heads, s.t: int(shape.tied_embeddings), s.n_W: 3 if shape.gated else 2,

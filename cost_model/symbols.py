@@ -24,6 +24,16 @@ Z, R = sp.symbols("Z R", nonnegative=True, integer=True)
 # the data-parallel degree of the dense (non-expert) part
 DP_dense = EP * DP
 
+MEANING = {
+    L: "layers", D: "hidden size", F: "dense FFN width", F_e: "expert width", H: "attention heads",
+    H_kv: "key/value heads", V: "vocabulary", t: "tied embeddings (0/1)", n_W: "FFN weight matrices",
+    E: "experts before the fine-grained split", K: "top-k before the split", G: "granularity",
+    N_s: "shared experts", f: "share of layers that are MoE", S: "sequence length", B: "micro-batch (sequences)",
+    M: "micro-batches per step", b: "bytes per parameter/activation element", EP: "expert parallel",
+    DP: "expert data parallel (the dense part is data-parallel over EP*DP)", TP: "tensor parallel",
+    PP: "pipeline stages", Z: "ZeRO stage", R: "full activation recompute (0/1)",
+}
+
 # Named intermediate quantities: formulas refer to them by symbol so that they
 # print short; expand() substitutes their definitions before evaluation.
 DEFINED: dict[sp.Symbol, tuple[sp.Expr, str]] = {}

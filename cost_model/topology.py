@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from moec import MoecError
 from moec.cost_model.hardware import Hardware, cluster_graph
 
 
@@ -36,6 +37,9 @@ class Cluster:
         self.hw, self.gpus = hw, gpus
         self.gpn = hw.gpus_per_node
         self.nodes = -(-gpus // self.gpn)
+        if self.nodes > 1 and not hw.nics:
+            raise MoecError(f"hardware profile {hw.name} has no NICs, so it covers one node of {self.gpn} GPUs, "
+                            f"not {gpus}; plan for at most {self.gpn} GPUs or use a profile with NICs")
         self.graph = cluster_graph(hw, min(self.nodes, 2))
 
     def node(self, r: int) -> int:

@@ -3,7 +3,7 @@ import json
 
 from click.testing import CliRunner
 
-from moec.cost_model.cli import calibrate, plan, plan_command
+from moec.cost_model.cli import calibrate, known_or_json_shape, plan, plan_command
 from moec.cost_model.hardware import load_hardware
 from moec.cost_model.planner import best_plan
 from moec.cost_model.shape import ModelShape, MoeOptions
@@ -54,3 +54,10 @@ def test_calibrate_writes_a_profile_the_planner_takes(tmp_path):
     assert hw.peak_flops > 0 and hw.gpus_per_node == 2 and hw.latency_intra >= 0
     p = best_plan(TINY, MoeOptions(experts=8, topk=2), 2, str(out), global_batch=8)
     assert p.hardware == hw.name and p.step_time_s > 0
+
+
+def test_json_shape_and_seq_len_override(tmp_path):
+    path = tmp_path / "shape.json"
+    path.write_text(json.dumps({**TINY.__dict__, "moe_layers": [False, True, False, True]}))
+    shape = known_or_json_shape(str(path), None, 64)
+    assert shape.seq_len == 64 and shape.moe_layers == (False, True, False, True)

@@ -1,12 +1,17 @@
 """The planner: enumeration, constraints, ranking, plan.json."""
+import copy
 import json
+from dataclasses import replace
 
 import pytest
+import sympy as sp
 
 from moec import MoecError
-from moec.cost_model import Plan, best_plan, load_hardware, rank_plans
+from moec.cost_model import Plan, best_plan, load_hardware, params, rank_plans
 from moec.cost_model.known_models import DEEPSEEKMOE_16B, MIXTRAL_8X7B
 from moec.cost_model.report import plan_record, table
+from moec.cost_model.shape import model_values
+from moec.cost_model.symbols import f
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +60,21 @@ def test_plan_json_records_choice_and_reason(mixtral_64):
     assert record["runners_up"][0]["plan"] == ranked[1].label()
     assert Plan(**json.loads(ranked[0].to_json())).label() == ranked[0].label()
     assert table(ranked, 3).count("\n") == 4  # header, rule, three rows
+
+
+def test_moe_layers_read_off_a_graph_override_the_pattern():
+    shape = replace(MIXTRAL_8X7B.shape(), moe_layers=(True, False) * 16)
+    v = model_values(shape, MIXTRAL_8X7B.moe)
+    assert v[f] == sp.Rational(1, 2)
+    assert float(params.total.xreplace(v)) < 0.6 * MIXTRAL_8X7B.published_total
+
+
+def test_hardware_errors_say_what_to_do(tmp_path):
+    with pytest.raises(MoecError, match="frontier"):
+        load_hardware("frontier2")
+    profile = copy.deepcopy(load_hardware("dgx_h100").raw)
+    profile["node"]["nics"] = []
+    path = tmp_path / "one-node.json"
+    path.write_text(json.dumps(profile))
+    with pytest.raises(MoecError, match="no NICs"):
+        best_plan(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 16, str(path))
