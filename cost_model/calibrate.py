@@ -129,7 +129,7 @@ def calibrate(out, base=None, sizes=(4096, 65536), procs: int = 0, gemm_dim: int
             "grad_overlap": 0.8,
             "sources": {"grad_overlap": "not measured: the built-in profiles' estimate"},
         }
-    profile["name"] = f"calibrated-{name.replace(' ', '_')}"
+    profile["name"] = f"{hw.name}-calibrated" if base else f"calibrated-{name.replace(' ', '_')}"
     profile["gpu"]["gemm_half_rows"] = gemm["half_rows"]
     alpha = coll["all_to_all"]["alpha_us"]
     profile["latency_us"] = {"intra": alpha, "inter": profile.get("latency_us", {}).get("inter", alpha)}
