@@ -145,13 +145,17 @@ def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_b
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     global_batch = global_batch or _default_batch(gpus, shape.seq_len)
     cands = enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+    if not cands:
+        raise MoecError(f"no EP x DP x TP x PP split of {gpus} GPUs suits {shape.name}: EP must divide "
+                        f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
+                        f"the global batch of {global_batch}; change --gpus or --global-batch")
     plans = [predict(p, shape, moe, hw, c) for p, c in cands]
     fit = sorted((p for p in plans if p.memory_total <= hw.memory_bytes), key=lambda p: (p.step_time_s, p.memory_total))
     if not fit:
-        least = min(plans, key=lambda p: p.memory_total) if plans else None
-        need = f"; the leanest needs {least.memory_total / 2**30:.1f} GiB per GPU" if least else ""
+        least = min(plans, key=lambda p: p.memory_total)
         raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "
-                        f"({hw.memory_bytes / 2**30:.1f} GiB usable){need}; use more GPUs or a smaller batch")
+                        f"({hw.memory_bytes / 2**30:.1f} GiB usable); the leanest needs "
+                        f"{least.memory_total / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch")
     for p in fit[:5]:
         p.why = _why(p, fit, len(plans), hw)
     return fit, len(plans)
