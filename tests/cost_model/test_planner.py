@@ -50,8 +50,8 @@ def test_expert_parallelism_wins_for_many_experts():
 def test_nothing_fits_is_a_user_error():
     with pytest.raises(MoecError, match="no parallel plan"):
         best_plan(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 2, "dgx_h100")
-    with pytest.raises(MoecError, match="global batch of 3"):
-        best_plan(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 16, "dgx_h100", global_batch=3)
+    with pytest.raises(MoecError, match="global batch of 1;"):
+        best_plan(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 16, "dgx_h100", global_batch=1)
 
 
 def test_plan_json_records_choice_and_reason(mixtral_64):
