@@ -8,7 +8,6 @@ cached in memory by configuration (the generators are lru_cached); `load`
 writes a source once to the user's cache folder, because Triton reads a
 kernel's text from its file, and imports it from there.
 """
-import hashlib
 import importlib.util
 import os
 import sys
@@ -68,7 +67,7 @@ def load(name: str, source: str):
     """Import a generated module (registering its ops); the same name and source load once per process."""
     key = f"moec_generated_{name}"
     mod = sys.modules.get(key)
-    if mod is not None and mod.SOURCE_SHA == sha(source):
+    if mod is not None and mod.SOURCE == source:
         return mod
     path = cache_dir() / f"{name}.py"
     _write_once(path, source)
@@ -76,12 +75,8 @@ def load(name: str, source: str):
     mod = importlib.util.module_from_spec(spec)
     sys.modules[key] = mod
     spec.loader.exec_module(mod)
-    mod.SOURCE_SHA = sha(source)
+    mod.SOURCE = source
     return mod
-
-
-def sha(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()
 
 
 def write(build_dir, sources: dict[str, str]) -> list[Path]:
