@@ -74,16 +74,15 @@ def _load_example(name):
     return mod
 
 
-@pytest.mark.parametrize("config", ["mistral-7b", "1b"])
-def test_dense_count_matches_torch_model(config):
-    """f = 0 gives the dense model: count the example's weights (norms aside) on the meta device."""
-    llama = _load_example("llama")
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_dense_base_count_matches_torch_model(name):
+    """f = 0 gives the dense base: build it from the example with the known
+    model's config (meta device) and count its weights, norms aside."""
+    m = KNOWN_MODELS[name]
+    example = _load_example(Path(m.example).stem)
     with torch.device("meta"):
-        model = llama.build_model(config)
+        model = example.build_model("tiny", **m.base)
     counted = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n)
-    c = llama.CONFIGS[config]
-    shape = ModelShape(layers=c.n_layers, hidden=c.dim, ffn=c.ffn_dim, vocab=c.vocab_size, heads=c.n_heads,
-                       kv_heads=c.n_kv_heads, gated=True, tied_embeddings=False, seq_len=c.max_seq_len)
-    v = model_values(shape, MoeOptions(experts=8, topk=2))
+    v = model_values(m.shape(), m.moe)
     v[f] = 0
-    assert params.total.subs(v) == counted
+    assert params.total.xreplace(v) == counted
