@@ -6,12 +6,30 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
 def propagate_shapes(gm: torch.fx.GraphModule) -> None:
-    """Set node.meta["val"] on every node by running the graph on fake tensors."""
-    device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Set node.meta["val"] on every node by running the graph on fake tensors.
+
+    The first call runs the whole graph; later calls (after a pass added
+    nodes) compute only the nodes that have no value yet, in the same fake
+    mode, so a pass costs what it changed rather than the model's size.
+    """
+    mode = gm.meta.get("fake_mode")
+    if mode is None:
+        device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+        mode = gm.meta["fake_mode"] = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        return
+    fetch = lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a
     with mode:
-        inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        for node in gm.graph.nodes:
+            if "val" in node.meta or node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr":
+                node.meta["val"] = mode.from_tensor(get_param(gm, node.target))
+            elif node.op == "call_function":
+                args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), fetch)
+                node.meta["val"] = node.target(*args, **kwargs)
 
 
 def get_param(gm: torch.nn.Module, fqn: str) -> torch.Tensor:
