@@ -60,4 +60,3 @@ TERMS = {
     "logits": logits,
     "all-to-all buffers": all_to_all_buffers,
 }
-total = sum(TERMS.values())

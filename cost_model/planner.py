@@ -150,7 +150,8 @@ def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_b
                         f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
                         f"the global batch of {global_batch}; change --gpus or --global-batch")
     plans = [predict(p, shape, moe, hw, c) for p, c in cands]
-    fit = sorted((p for p in plans if p.memory_total <= hw.memory_bytes), key=lambda p: (p.step_time_s, p.memory_total))
+    fit = sorted((p for p in plans if p.memory_total <= hw.memory_bytes),
+                 key=lambda p: (p.step_time_s, p.memory_total))
     if not fit:
         least = min(plans, key=lambda p: p.memory_total)
         raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "

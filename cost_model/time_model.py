@@ -31,7 +31,6 @@ def _cost(c, calls, volume):
 C = define("C", params.flops_forward, "FLOPs per token, forward")
 C_x = define("C_x", 2 * f * L * K * G * params.expert, "routed-expert FLOPs per token, forward")
 tokens_per_gpu = M * S * B / (TP * PP)
-flops_per_gpu = (3 + R) * C * tokens_per_gpu
 expert_rows = S * B * EP * K / E
 eta_x = define("eta_x", eta * expert_rows / (expert_rows + m_half), "expert GEMM efficiency")
 compute = (3 + R) * tokens_per_gpu * ((C - C_x) / (eta * peak) + C_x / (eta_x * peak))
