@@ -1,7 +1,7 @@
 """Collective costs read off the cluster graph."""
 import pytest
 
-from moec.cost_model.hardware import GB, cluster_graph, load_hardware
+from moec.cost_model.hardware import GB, builtin_names, cluster_graph, load_hardware
 from moec.cost_model.layout import groups
 from moec.cost_model.topology import Cluster, all_reduce, all_to_all, send_recv
 
@@ -69,3 +69,14 @@ def test_groups_tile_ranks():
     gs = groups(16, 2, 4)
     assert sorted(r for g in gs for r in g) == list(range(16))
     assert gs[0] == [0, 2, 4, 6] and gs[1] == [1, 3, 5, 7]
+
+
+def test_every_builtin_profile_cites_its_figures():
+    assert builtin_names() == ["dgx_h100", "dgx_h200", "frontier", "mi300x"]
+    for name in builtin_names():
+        hw = load_hardware(name)
+        cited = set(hw.raw["sources"])
+        assert {"peak_tflops_bf16", "gemm_efficiency", "gemm_half_rows", "memory_gib", "nics", "latency_us",
+                "grad_overlap"} <= cited, name
+        assert cited & {"links", "switch_GBps"}, name
+        assert hw.gpus_per_node == 8
