@@ -79,12 +79,13 @@ def _pyramid(value):
 @click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
+@click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
 @click.option("--force", is_flag=True, help="Replace a non-empty build directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
                 first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, weights, seed,
-                max_weights_gb, no_verify, force, debug):
+                max_weights_gb, dense, no_verify, force, debug):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.compiler import CompileRequest, compile_model
     from moec.passes.ffn_to_moe import MoeOptions
@@ -95,7 +96,7 @@ def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_e
                          aux_loss=aux_loss, z_loss=z_loss, seed=seed)
     compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
                                  overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
-                                 seed=seed, max_weights_gb=max_weights_gb), log=click.echo)
+                                 seed=seed, max_weights_gb=max_weights_gb, dense=dense), log=click.echo)
 
 
 @main.command("ir")
@@ -136,3 +137,6 @@ def _add_optional(module: str, attr: str) -> None:
 for _module, _attr in (("moec.codegen.report", "kernels"), ("moec.cost_model.cli", "plan"),
                        ("moec.cost_model.cli", "calibrate")):
     _add_optional(_module, _attr)
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,7 @@ class CompileRequest:
     seq: int = 16
     seed: int = 0
     max_weights_gb: float = 4.0
+    dense: bool = False
 
 
 def compile_model(req: CompileRequest, log=print) -> dict:
@@ -68,7 +69,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
     inputs = example_inputs(mod, meta_model, req.batch, req.seq, "meta")
     gm = capture(meta_model, inputs)
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
-    gm, rows = run_pipeline(gm, build_pipeline(req.options), tmp / "ir", log)
+    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense), tmp / "ir", log)
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= req.max_weights_gb * 2**30
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
@@ -82,12 +83,12 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         if req.weights:
             load_dense(dense, req.weights)
         real_inputs = example_inputs(mod, dense, req.batch, req.seq)
-        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options))
+        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
         log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {req.max_weights_gb}; none written")
-    if req.verify:
+    if req.verify and not req.dense:
         report["verify_max_rel_error"] = _verify(req, mod, dense if real else None, log)
     (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp)))
     (tmp / "config.json").write_text(json.dumps(_config(req, report), indent=1, sort_keys=True) + "\n")
@@ -106,6 +107,8 @@ def _kernel_modules(gm, tmp: Path) -> list[str]:
 
 def _title(req: CompileRequest) -> str:
     o = req.options
+    if req.dense:
+        return f"{Path(req.model).name} ({req.config or 'default config'}), dense"
     return (f"{Path(req.model).name} ({req.config or 'default config'}) upcycled to {o.experts} experts, "
             f"top-{o.topk}")
 
@@ -113,7 +116,7 @@ def _title(req: CompileRequest) -> str:
 def _config(req: CompileRequest, report: dict) -> dict:
     return {"moec_version": moec.__version__, "model": Path(req.model).name, "entry": req.entry,
             "config": req.config, "overrides": req.overrides, "weights": req.weights and Path(req.weights).name,
-            "seed": req.seed, "moe": req.options.to_json(), "result": report}
+            "seed": req.seed, "moe": None if req.dense else req.options.to_json(), "result": report}
 
 
 def _verify(req: CompileRequest, mod, dense, log) -> float | None:

@@ -19,8 +19,9 @@ from moec.passes.lower_moe import LowerMoE
 from moec.stats import summary
 
 
-def build_pipeline(options: MoeOptions) -> list:
-    return [FindFFN(), FFNToMoE(options), LowerMoE()]
+def build_pipeline(options: MoeOptions, dense: bool = False) -> list:
+    """The passes in order; a dense build stops after finding the FFNs."""
+    return [FindFFN()] if dense else [FindFFN(), FFNToMoE(options), LowerMoE()]
 
 
 _LIBRARY_FRAME = re.compile(r"^\s*# File: .*(site-packages|dist-packages)[/\\].*\n(\s*\n)?", re.M)
