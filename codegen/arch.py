@@ -37,7 +37,7 @@ LAUNCH["grouped_mm_glu"] = {  # two accumulators (W1 and W3) per tile: half the 
                    matrix_instr_nonkdim=16),
 }
 LAUNCH["grouped_wgrad"] = {
-    "sm90": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "sm90": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4),
     "gfx942": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2, waves_per_eu=2,
                    matrix_instr_nonkdim=16),
     "gfx90a": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, waves_per_eu=2,

@@ -74,7 +74,7 @@ def _locate(offs_ptr, v, N, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
 
 @triton.jit
 def grouped_mm_kernel(
-        a_ptr, a2_ptr, b_ptr, b2_ptr, bias_ptr, bias2_ptr, offs_ptr, c_ptr, pre_ptr, h_ptr,
+        a_ptr, a2_ptr, b_ptr, b2_ptr, bias_ptr, bias2_ptr, offs_ptr, c_ptr, pre_ptr, pre2_ptr, h_ptr,
         N, NO, KD, E, M_TILES, stride_am, stride_be, stride_b, stride_biase, stride_cm, stride_pm, stride_hm,
         B_NK: tl.constexpr, MODE: tl.constexpr, ACT_FN: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr,
         WRITE_OUT: tl.constexpr, EVEN_K: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -86,11 +86,11 @@ def grouped_mm_kernel(
 
     MM      c = acc (+ bias)
     ACT     c = act(acc + b1); pre = acc + b1
-    GLU     c = act(acc + b1) * (A[r] @ B2[e] + b3); pre = [acc + b1 | A @ B2 + b3]
+    GLU     c = act(acc + b1) * (A[r] @ B2[e] + b3); pre = acc + b1, pre2 = A @ B2 + b3
     SUM2    c = acc + A2[r] @ B2[e]
-    GLU_BWD with pre = [h1 | h3]: c = [acc * h3 * act'(h1) | acc * act(h1)], h = act(h1) * h3
-    ACT_BWD with pre = h1: c = acc * act'(h1), h = act(h1)
-    The column halves of c and pre are NO apart."""
+    GLU_BWD with h1 = pre, h3 = pre2: c = [acc * h3 * act'(h1) | acc * act(h1)], h = act(h1) * h3
+    ACT_BWD with h1 = pre: c = acc * act'(h1), h = act(h1)
+    The column halves of c are NO apart; pre and pre2 share the row stride stride_pm."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(NO, BLOCK_N)
     in_group = GROUP_M * n_tiles
@@ -118,7 +118,7 @@ def grouped_mm_kernel(
         if SAVE_PRE:
             tl.store(pre_ptr + rows64[:, None] * stride_pm + cols[None, :], zero, mask=out_mask)
             if MODE == GLU:
-                tl.store(pre_ptr + rows64[:, None] * stride_pm + NO + cols[None, :], zero, mask=out_mask)
+                tl.store(pre2_ptr + rows64[:, None] * stride_pm + cols[None, :], zero, mask=out_mask)
         if MODE >= GLU_BWD:
             tl.store(h_ptr + rows64[:, None] * stride_hm + cols[None, :], zero, mask=out_mask)
         return
@@ -177,7 +177,8 @@ def grouped_mm_kernel(
         if MODE == GLU:
             acc2 += tl.load(bias2_ptr + bias_off, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
-    pre_ptrs = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
+    pre_off = rows64[:, None] * stride_pm + cols[None, :]
+    pre_ptrs = pre_ptr + pre_off
     out_ty = c_ptr.dtype.element_ty
     if MODE == MM or MODE == SUM2:
         tl.store(c_ptrs, acc.to(out_ty), mask=out_mask)
@@ -185,7 +186,7 @@ def grouped_mm_kernel(
         if SAVE_PRE:
             tl.store(pre_ptrs, acc.to(out_ty), mask=out_mask)
             if MODE == GLU:
-                tl.store(pre_ptrs + NO, acc2.to(out_ty), mask=out_mask)
+                tl.store(pre2_ptr + pre_off, acc2.to(out_ty), mask=out_mask)
         if WRITE_OUT:
             # round the pre-activations as they are saved, so a backward from them sees the same h
             h = _act(acc.to(out_ty).to(tl.float32), ACT_FN)
@@ -198,7 +199,7 @@ def grouped_mm_kernel(
         g1 = acc * _act_grad(h1, ACT_FN)
         h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
         if MODE == GLU_BWD:
-            h3 = tl.load(pre_ptrs + NO, mask=out_mask, other=0.0).to(tl.float32)
+            h3 = tl.load(pre2_ptr + pre_off, mask=out_mask, other=0.0).to(tl.float32)
             tl.store(c_ptrs, (g1 * h3).to(out_ty), mask=out_mask)
             tl.store(c_ptrs + NO, (acc * a1).to(out_ty), mask=out_mask)
             tl.store(h_ptrs, (a1 * h3).to(out_ty), mask=out_mask)
@@ -249,15 +250,23 @@ def _config(kernel: str, device, blocks: dict | None) -> tuple[dict, dict]:
     row = arch.launch(kernel, name)
     row.update(blocks or {})
     consts = {k: v for k, v in row.items() if k.isupper()}
-    opts = {k: v for k, v in row.items() if not k.isupper()} if device.type == "cuda" else {}
+    opts = {k: v for k, v in row.items() if not k.isupper() and k != "split_bwd"} if device.type == "cuda" else {}
     return consts, opts
 
 
-def grouped_mm(mode, a, b, offsets, c, *, a2=None, b2=None, bias=None, bias2=None, pre=None, h=None,
+def split_bwd(device) -> bool:
+    """Whether backward runs dH as a plain GEMM plus the elementwise GLU kernel
+    (codegen/grouped_gemm_glu.py) instead of the fused GLU_BWD epilogue: a
+    per-arch choice in LAUNCH["grouped_mm_glu"], set by measurement."""
+    name = arch.device_arch(device.index or 0) if device.type == "cuda" else "sm90"
+    return bool(arch.launch("grouped_mm_glu", name).get("split_bwd", False))
+
+
+def grouped_mm(mode, a, b, offsets, c, *, a2=None, b2=None, bias=None, bias2=None, pre=None, pre2=None, h=None,
                activation="silu", save_pre=False, write_out=True, blocks=None):
     """Launch grouped_mm_kernel. a [N, KD] with contiguous rows, b [E, KD, NO] with
-    KD or NO contiguous, c [N, NO] (or [N, 2*NO] in GLU_BWD), pre [N, NO or 2*NO],
-    h [N, NO]; a2/b2 laid out as a/b."""
+    KD or NO contiguous, c [N, NO] (or [N, 2*NO] in GLU_BWD), pre, pre2 and h [N, NO];
+    a2/b2/pre2 laid out as a/b/pre."""
     N, KD = a.shape
     E, _, NO = b.shape
     if N == 0:
@@ -270,7 +279,8 @@ def grouped_mm(mode, a, b, offsets, c, *, a2=None, b2=None, bias=None, bias2=Non
     dummy = c
     grouped_mm_kernel[grid](
         a, dummy if a2 is None else a2, b, dummy if b2 is None else b2, dummy if bias is None else bias,
-        dummy if bias2 is None else bias2, offsets, c, dummy if pre is None else pre, dummy if h is None else h,
+        dummy if bias2 is None else bias2, offsets, c, dummy if pre is None else pre,
+        dummy if pre2 is None else pre2, dummy if h is None else h,
         N, NO, KD, E, m_tiles,
         a.stride(0), b.stride(0), b.stride(2 if b_nk else 1), 0 if bias is None else bias.stride(0),
         c.stride(0), 0 if pre is None else pre.stride(0), 0 if h is None else h.stride(0),
@@ -302,34 +312,44 @@ def segment_sum(t, offsets):
 
 
 def experts_forward(x, offsets, w1, b1, w3, b3, w2, b2, activation, save_pre, blocks=None):
-    """moec::experts forward: (out [N, D], pre [N, 2F] gated or [N, F] plain, or None)."""
+    """moec::experts forward: out [N, D], and when save_pre the pre-activations
+    h1 = x W1^T + b1 and (gated) h3 = x W3^T + b3, each [N, F], else Nones."""
     N, _ = x.shape
     F = w1.shape[1]
     gated = w3 is not None
     h = x.new_empty(N, F)
-    pre = x.new_empty(N, 2 * F if gated else F) if save_pre else None
+    h1 = x.new_empty(N, F) if save_pre else None
+    h3 = x.new_empty(N, F) if save_pre and gated else None
     grouped_mm(GLU if gated else ACT, x, w1.transpose(1, 2), offsets, h, b2=None if w3 is None else w3.transpose(1, 2),
-               bias=b1, bias2=b3, pre=pre, activation=activation, save_pre=save_pre, blocks=blocks)
+               bias=b1, bias2=b3, pre=h1, pre2=h3, activation=activation, save_pre=save_pre, blocks=blocks)
     out = x.new_empty(N, w2.shape[1])
     grouped_mm(MM, h, w2.transpose(1, 2), offsets, out, bias=b2, blocks=blocks)
-    return out, pre
+    return out, h1, h3
 
 
-def experts_backward(g, x, offsets, w1, b1, w3, b3, w2, b2, activation, pre, blocks=None):
-    """Gradients [x, w1, b1, w3, b3, w2, b2] (None for absent tensors); pre as
-    experts_forward saved it, or None to recompute it here."""
+def experts_backward(g, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1=None, h3=None, blocks=None):
+    """Gradients [x, w1, b1, w3, b3, w2, b2] (None for absent tensors) from g [N, D]
+    (contiguous); h1, h3 as experts_forward saved them, or None to recompute here."""
     N, D = x.shape
     F = w1.shape[1]
     gated = w3 is not None
-    if pre is None:
-        pre = x.new_empty(N, 2 * F if gated else F)
-        grouped_mm(GLU if gated else ACT, x, w1.transpose(1, 2), offsets, pre,
-                   b2=None if w3 is None else w3.transpose(1, 2), bias=b1, bias2=b3, pre=pre, activation=activation,
-                   save_pre=True, write_out=False, blocks=blocks)
-    g_pre = torch.empty_like(pre)  # [N, 2F] = [g_h1 | g_h3], or [N, F]
-    h = x.new_empty(N, F)
-    grouped_mm(GLU_BWD if gated else ACT_BWD, g, w2, offsets, g_pre, pre=pre, h=h, activation=activation,
-               blocks=blocks)
+    if h1 is None:
+        h1 = x.new_empty(N, F)
+        h3 = x.new_empty(N, F) if gated else None
+        grouped_mm(GLU if gated else ACT, x, w1.transpose(1, 2), offsets, h1,
+                   b2=None if w3 is None else w3.transpose(1, 2), bias=b1, bias2=b3, pre=h1, pre2=h3,
+                   activation=activation, save_pre=True, write_out=False, blocks=blocks)
+    if split_bwd(x.device):
+        from moec.codegen.grouped_gemm_glu import glu_backward
+
+        g_h = x.new_empty(N, F)
+        grouped_mm(MM, g, w2, offsets, g_h, blocks=blocks)
+        g_pre, h = glu_backward(g_h, h1, h3, offsets, activation)
+    else:
+        g_pre = x.new_empty(N, 2 * F if gated else F)  # [g_h1 | g_h3] or g_h1
+        h = x.new_empty(N, F)
+        grouped_mm(GLU_BWD if gated else ACT_BWD, g, w2, offsets, g_pre, pre=h1, pre2=h3, h=h,
+                   activation=activation, blocks=blocks)
     g_x = torch.empty_like(x)
     g_h1, g_h3 = (g_pre[:, :F], g_pre[:, F:]) if gated else (g_pre, None)
     grouped_mm(SUM2 if gated else MM, g_h1, w1, offsets, g_x, a2=g_h3, b2=w3, blocks=blocks)
@@ -386,4 +406,13 @@ def portable_specs(arch_name: str = "sm90") -> list:
     specs.append(("grouped_wgrad", grouped_wgrad_kernel, _signature(grouped_wgrad_kernel, "bf16", w_ints, w_consts),
                   {k: v for k, v in row.items() if k.isupper()},
                   _options(row, grouped_wgrad_kernel, [n for n in w_ints if n != "E"])))
+    from moec.codegen.grouped_gemm_glu import glu_rows_kernel
+
+    g_ints = ["N", "F", "E", "stride_in", "stride_g", "stride_h"]
+    g_consts = ["BACKWARD", "GATED", "ACT_FN", "BLOCK_R", "BLOCK_C"]
+    specs.append(("glu_rows_bwd_silu", glu_rows_kernel, _signature(glu_rows_kernel, "bf16", g_ints, g_consts),
+                  dict(BACKWARD=True, GATED=True, ACT_FN=ACTS["silu"], BLOCK_R=16, BLOCK_C=256),
+                  dict(num_warps=4, aligned=tuple(n for n in glu_rows_kernel.arg_names
+                                                  if n.endswith("_ptr") or n in ("F", "stride_in", "stride_g",
+                                                                                 "stride_h")))))
     return specs

@@ -145,13 +145,13 @@ def _gmm_pre(x, offsets, w1, b1, w3, b3):
 
 
 def _gmm_forward(x, offsets, w1, b1, w3, b3, w2, b2, activation, save):
+    from moec.codegen.grouped_gemm_glu import glu_forward
+
     N = x.shape[0]
     _, stretched, used = _gmm_bounds(offsets, N)
     h1, h3 = _gmm_pre(x, offsets, w1, b1, w3, b3)
-    h = ACTIVATIONS[activation](h1)
-    if h3 is not None:
-        h = h * h3
-    out = torch._grouped_mm(torch.where(used, h, 0), w2.transpose(1, 2), offs=stretched)  # [N, D]
+    h = glu_forward(h1, h3, offsets, activation)  # [N, F], zero tail
+    out = torch._grouped_mm(h, w2.transpose(1, 2), offs=stretched)  # [N, D]
     if b2 is not None:
         out = torch.where(used, out + _row_bias(b2, offsets, N), 0)
     return out, (h1 if save else None), (h3 if save else None)
@@ -159,15 +159,15 @@ def _gmm_forward(x, offsets, w1, b1, w3, b3, w2, b2, activation, save):
 
 def _gmm_backward(g, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3):
     N = x.shape[0]
-    ends, stretched, used = _gmm_bounds(offsets, N)
+    ends, stretched, _ = _gmm_bounds(offsets, N)
     if h1 is None:
         h1, h3 = _gmm_pre(x, offsets, w1, b1, w3, b3)
+    from moec.codegen.grouped_gemm_glu import glu_backward
+
     g_h = torch._grouped_mm(g, w2, offs=stretched)  # [N, F]
-    a = ACTIVATIONS[activation](h1)
-    g_a = g_h if h3 is None else g_h * h3
-    g_h1 = torch.where(used, g_a * activation_grad(h1, activation), 0)
-    g_h3 = None if h3 is None else torch.where(used, g_h * a, 0)
-    h = torch.where(used, a if h3 is None else a * h3, 0)
+    g_pre, h = glu_backward(g_h, h1, h3, offsets, activation)  # zero tails
+    F = h1.shape[1]
+    g_h1, g_h3 = (g_pre, None) if h3 is None else (g_pre[:, :F], g_pre[:, F:])
     g_x = torch._grouped_mm(g_h1, w1, offs=stretched)
     if h3 is not None:
         g_x = g_x + torch._grouped_mm(g_h3, w3, offs=stretched)
