@@ -30,7 +30,9 @@ LAUNCH["grouped_mm"] = {
                    matrix_instr_nonkdim=16),
 }
 LAUNCH["grouped_mm_glu"] = {  # two accumulators (W1 and W3) per tile: half the N width
-    "sm90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    # split_bwd: backward's dH as a plain GEMM plus an elementwise GLU kernel (the fused epilogue ran
+    # at half the GEMM's rate on H100)
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, split_bwd=True),
     "gfx942": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=2, waves_per_eu=2,
                    matrix_instr_nonkdim=16),
     "gfx90a": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2, waves_per_eu=2,
