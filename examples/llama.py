@@ -22,6 +22,7 @@ class LlamaConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    first_ffn_dim: int = 0  # a wider FFN in layer 0 (0: same as the others)
 
 
 CONFIGS = {
@@ -33,6 +34,10 @@ CONFIGS = {
     # Mistral-7B: the dense base of Mixtral-8x7B
     "mistral-7b": LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                               max_seq_len=4096, rope_theta=1e6),
+    # dense base of DeepSeekMoE-16B: upcycle with --experts 32 --topk 3 --granularity 2 --shared-experts 2
+    # --first-dense 1 for 64 routed experts of width 1408 (top-6), 2 shared, a dense layer 0
+    "deepseekmoe-16b-base": LlamaConfig(vocab_size=102400, dim=2048, n_layers=28, n_heads=16, n_kv_heads=16,
+                                        ffn_dim=2816, first_ffn_dim=10944, max_seq_len=4096),
     "70b": LlamaConfig(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
                        max_seq_len=4096),
 }
@@ -84,23 +89,23 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, width: int):
         super().__init__()
-        self.w1 = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.w3 = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+        self.w1 = nn.Linear(c.dim, width, bias=False)
+        self.w3 = nn.Linear(c.dim, width, bias=False)
+        self.w2 = nn.Linear(width, c.dim, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, ffn_width: int):
         super().__init__()
         self.attention_norm = RMSNorm(c.dim, c.norm_eps)
         self.attention = Attention(c)
         self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
-        self.feed_forward = FeedForward(c)
+        self.feed_forward = FeedForward(c, ffn_width)
 
     def forward(self, x, cos, sin):
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -112,7 +117,8 @@ class Llama(nn.Module):
         super().__init__()
         self.config = c
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(Block(c, c.first_ffn_dim if i == 0 and c.first_ffn_dim else c.ffn_dim)
+                                    for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
         cos, sin = rotary_tables(c)

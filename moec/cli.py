@@ -1,6 +1,5 @@
 """The `moec` command line. User errors print one line and exit 2; --debug shows tracebacks."""
 import ast
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -126,17 +125,16 @@ def ir_cmd(build_dir, pass_name, diff, debug):
     click.echo(path.read_text(), nl=False)
 
 
-def _add_optional(module: str, attr: str) -> None:
-    """Commands that live beside their subsystem (kernels, cost model)."""
-    try:
-        main.add_command(getattr(importlib.import_module(module), attr))
-    except (ImportError, AttributeError):
-        pass
+def _commands_beside_their_subsystems():
+    from moec.codegen.report import kernels
+    from moec.cost_model.cli import calibrate, plan_command
+    from moec.model_shape import shape_from_model
+
+    for command in (kernels, plan_command(shape_from_model), calibrate):
+        main.add_command(command)
 
 
-for _module, _attr in (("moec.codegen.report", "kernels"), ("moec.cost_model.cli", "plan"),
-                       ("moec.cost_model.cli", "calibrate")):
-    _add_optional(_module, _attr)
+_commands_beside_their_subsystems()
 
 if __name__ == "__main__":
     main()
