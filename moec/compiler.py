@@ -42,6 +42,8 @@ class CompileRequest:
     seed: int = 0
     max_weights_gb: float = 4.0
     dense: bool = False
+    gpus: int = 0  # > 0: let the planner choose the parallel plan for this many GPUs
+    hardware: str = "dgx_h100"
 
 
 def compile_model(req: CompileRequest, log=print) -> dict:
@@ -69,7 +71,8 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
     inputs = example_inputs(mod, meta_model, req.batch, req.seq, "meta")
     gm = capture(meta_model, inputs)
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
-    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense), tmp / "ir", log)
+    plan = _plan(req, gm, meta_model, tmp, log) if req.gpus and not req.dense else None
+    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan), tmp / "ir", log)
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= req.max_weights_gb * 2**30
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
@@ -83,7 +86,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         if req.weights:
             load_dense(dense, req.weights)
         real_inputs = example_inputs(mod, dense, req.batch, req.seq)
-        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense))
+        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense, plan))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
@@ -93,6 +96,22 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
     (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp)))
     (tmp / "config.json").write_text(json.dumps(_config(req, report), indent=1, sort_keys=True) + "\n")
     return report
+
+
+def _plan(req: CompileRequest, gm, model, tmp: Path, log):
+    """The planner's best plan for --gpus on --hardware; plan.json records it and the runners-up."""
+    from moec.cost_model import MoeOptions as PlanMoe, rank_plans
+    from moec.cost_model.report import write_plan_json
+    from moec.model_shape import shape_from_graph
+
+    o = req.options
+    shape = shape_from_graph(gm, model, f"{Path(req.model).name}:{req.config or 'default'}", None)
+    moe = PlanMoe(experts=o.experts, topk=o.topk, granularity=o.granularity, shared_experts=o.shared_experts,
+                  first_dense=o.first_dense, moe_every=o.moe_every)
+    ranked, enumerated = rank_plans(shape, moe, req.gpus, req.hardware)
+    write_plan_json(tmp, ranked, enumerated, shape, moe)
+    log(f"plan: {ranked[0].why}")
+    return ranked[0]
 
 
 def _kernel_modules(gm, tmp: Path) -> list[str]:

@@ -27,12 +27,19 @@ def _config_attr(model, names, default):
 
 
 def shape_from_model(path: str, config: str | None, seq_len: int | None, entry: str = "build_model") -> ModelShape:
+    """`moec plan`'s shape provider: a known model, a ModelShape JSON, or a model file to capture."""
     if path in KNOWN_MODELS or path.endswith(".json"):
         return known_or_json_shape(path, config, seq_len)
     mod = load_module(path)
     model = build(mod, entry, config, {}, "meta")
     gm = capture(model, example_inputs(mod, model, 2, 16, "meta"))
-    FindFFN()(gm)
+    return shape_from_graph(gm, model, f"{path}:{config or 'default'}", seq_len)
+
+
+def shape_from_graph(gm, model, name: str, seq_len: int | None) -> ModelShape:
+    """The dense model's dimensions, from a freshly captured graph."""
+    if "ffns" not in gm.meta:
+        FindFFN()(gm)
     ffns = gm.meta["ffns"]
     widths = [f.w1.fetch(gm).shape[0] for f in ffns]
     logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"]
@@ -41,7 +48,7 @@ def shape_from_model(path: str, config: str | None, seq_len: int | None, entry: 
     return ModelShape(layers=len(ffns), hidden=ffns[0].x.meta["val"].shape[-1], ffn=max(set(widths), key=widths.count),
                       vocab=logits.meta["val"].shape[-1], heads=heads, kv_heads=_config_attr(model, _KV_HEADS, heads),
                       gated=ffns[0].gated, tied_embeddings=bool(embeds & _output_weights(gm, logits)),
-                      seq_len=seq_len or _config_attr(model, _SEQ, 2048), name=f"{path}:{config or 'default'}")
+                      seq_len=seq_len or _config_attr(model, _SEQ, 2048), name=name)
 
 
 def _output_weights(gm, logits) -> set:

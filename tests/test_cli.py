@@ -161,3 +161,15 @@ def test_missing_file_and_non_empty_build_dir(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert run("compile", EXAMPLES / "gpt.py", "-o", out, "--force").exit_code == 0
     assert not (out / "keep.txt").exists() and (out / "model.py").exists()
+
+
+def test_gpus_lets_the_planner_choose_and_records_it(tmp_path):
+    out = tmp_path / "b"
+    r = run("compile", EXAMPLES / "llama.py", "-o", out, "--experts", "8", "--topk", "2", "--gpus", "16",
+            "--hardware", "dgx_h100")
+    assert r.exit_code == 0, r.output
+    plan = json.loads((out / "plan.json").read_text())
+    chosen = plan["chosen"]
+    assert chosen["ep"] * chosen["dp"] * chosen["tp"] * chosen["pp"] == 16
+    rows = json.loads((out / "ir" / "summary.json").read_text())
+    assert rows[-1]["pass"] == "plan_sharding"
