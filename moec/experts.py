@@ -12,9 +12,11 @@ Backends, one op (`backend="auto"` picks by select_backend's rule):
 - "grouped_mm": torch._grouped_mm for the GEMMs, torch for the elementwise
   parts (NVIDIA sm_90+, bf16).
 - "triton": moec's portable grouped GEMM (moec.codegen.grouped_gemm), with
-  the activation and the gating multiply fused into the first GEMM's epilogue
-  and the activation backward fused into the dH GEMM's (any GPU; the fast
-  path on AMD, where torch._grouped_mm is a per-expert loop or missing).
+  the activation and the gating multiply fused into the first GEMM's epilogue;
+  the activation backward is fused into the dH GEMM's epilogue or, where the
+  arch's LAUNCH row sets split_bwd (sm90, by measurement), runs as one
+  elementwise kernel after it (any GPU; the fast path on AMD, where
+  torch._grouped_mm is a per-expert loop or missing).
 Neither GPU backend synchronizes with the host.
 
 Activation memory: by default forward keeps the pre-activations h1 (and h3)
