@@ -1,8 +1,15 @@
 """What an emitted program needs at run time, and nothing of the compiler:
-the moec:: ops, building a model's parameters from a declaration, and its weights."""
+the moec:: ops, building a model's parameters from a declaration, its weights,
+and (re-exported from moec.training) what train.py trains it with."""
 import torch
 
 import moec.moe  # noqa: F401  registers the moec:: ops the graph calls
+from moec.training.checkpoint import Checkpointer  # noqa: F401
+from moec.training.data import TokenData, load_tokens  # noqa: F401
+from moec.training.loop import (StopOnSignal, check_finite, export_weights, rng_state, run_main,  # noqa: F401
+                                set_rng_state, setup_distributed, teardown, wrap)
+from moec.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
+from moec.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
 
 
 def declare(module: torch.nn.Module, params: dict, buffers: dict, tied: dict, device="cpu") -> None:

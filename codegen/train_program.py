@@ -1,0 +1,142 @@
+"""Emit train.py into a build dir: the program a user runs as it is,
+
+    python BUILD/train.py --steps 200                 # CPU or one GPU
+    torchrun --nproc_per_node 8 BUILD/train.py        # data parallel over 8 GPUs
+
+It reads like a recipe (AdamW, warmup + cosine, clipping, bf16 autocast on
+GPU, MoE losses added to the LM loss) and imports only the build's model.py
+and moec.runtime; the machinery (data, checkpoints, metrics) lives in
+moec.training so the file stays short enough to edit.
+"""
+from pathlib import Path
+
+TEMPLATE = '''"""Train {title}.
+
+    python train.py --steps 200                  # one CPU or GPU
+    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2)
+    python train.py --steps 200 --resume         # continue from RUN_DIR/checkpoints
+
+Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # model.py and kernels/ of this build
+
+import moec.runtime as rt  # noqa: E402
+from model import Model  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
+    p.add_argument("--seq-len", type=int, default={seq_len})
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--data", default=None, help="text file or .bin of token ids; default: the embedded text")
+    p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help="token id type of a .bin")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="tail of the data held out for validation")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=100, help="0: only at the end")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--run-dir", default=str(HERE / "runs" / "latest"))
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug-nan-at-step", type=int, default=None,
+                   help="testing aid: poison the loss with NaN at this step to exercise the stop path")
+    return p.parse_args()
+
+
+def main(args):
+    env = rt.setup_distributed(args.seed)
+    run_dir = Path(args.run_dir)
+    model = Model(device=env.device)
+    rt.load_weights(model, HERE / "model.safetensors")
+    build = rt.BuildInfo.read(HERE, Model, args.batch_size * env.world, args.seq_len)
+    data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
+    rt.check_vocab(data, build)
+    model = rt.wrap(model, env, fsdp=args.fsdp)
+    forward = torch.compile(model) if args.compile else model
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{{"params": decay, "weight_decay": args.weight_decay}},
+                                   {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95))
+    schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
+    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank)
+    start = 0
+    if args.resume:
+        state = ckpt.load_latest(model, optimizer)
+        if state is not None:
+            start = state["step"]
+            schedule.load_state_dict(state["schedule"])
+            rt.set_rng_state(state["rng"])
+    log = rt.RunLog(run_dir, args, build, env, start, resumed=args.resume)
+
+    def save(step):
+        return ckpt.save(step, model, optimizer, {{"schedule": schedule.state_dict(), "rng": rt.rng_state()}})
+
+    def loss_of(inputs, targets):
+        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+            out = forward(inputs)
+        lm = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
+        return lm, out
+
+    with rt.StopOnSignal() as stop:
+        for step in range(start, args.steps):
+            inputs, targets = (t.to(env.device) for t in data.batch("train", step, args.batch_size, env.rank, env.world))
+            lm, out = loss_of(inputs, targets)
+            loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
+            if step == args.debug_nan_at_step:
+                loss = loss * float("nan")
+            rt.check_finite(loss, step + 1, ckpt)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            schedule.step()
+            log.step(step + 1, lm, out, grad_norm, schedule.get_last_lr()[0])
+            if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                with torch.no_grad():
+                    batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
+                               for i in range(args.eval_batches))
+                    log.validation(step + 1, [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches])
+            stopping = stop.requested(env)
+            if stopping or args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+                log.message(f"checkpoint {{save(step + 1)}}")
+            if stopping:
+                log.message(f"stopped by {{stop.signal_name}} after step {{step + 1}}; resume with --resume")
+                rt.teardown()
+                return 128 + stop.signum
+    if ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}":
+        save(args.steps)
+    rt.export_weights(model, run_dir / "final.safetensors", env)
+    log.message(f"done: weights in {{run_dir / 'final.safetensors'}}, metrics in {{run_dir / 'metrics.jsonl'}}")
+    rt.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(rt.run_main(main, parse_args()))
+'''
+
+
+def write_train_program(build_dir: Path, config: dict) -> None:
+    """Write build_dir/train.py for the build described by config (config.json's contents)."""
+    moe = config.get("moe")
+    kind = f"the MoE model ({moe['experts']} experts, top-{moe['topk']})" if moe else "the dense model"
+    title = f"{kind} built from {config.get('model', 'a model file')}"
+    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=128))

@@ -1,0 +1,123 @@
+"""Training checkpoints: model and optimizer through torch.distributed.checkpoint
+(each rank writes its own shards, so DDP and FSDP2 save the same way), plus a
+small per-rank file with the step, LR schedule and RNG states.
+
+A checkpoint is written into a temporary directory, its files fsynced, a
+manifest (size and sha256 of every file) written last, and only then renamed
+to step_NNNNNNNN. So a directory without a manifest, or whose files disagree
+with it, is a half-written or damaged checkpoint: loading skips it and falls
+back to the newest good one. The last `keep` checkpoints are kept.
+"""
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at path is complete and intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable {MANIFEST} ({type(e).__name__})"
+    for name, (size, digest) in manifest["files"].items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or has the wrong size"
+        if _sha256(f) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int = 3, rank: int = 0):
+        self.root, self.keep, self.rank = Path(root), keep, rank
+
+    def _complete(self) -> list[Path]:
+        return sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
+
+    def save(self, step: int, model, optimizer, extra: dict) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        msd, osd = get_state_dict(model, optimizer)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        torch.save({**extra, "step": step}, tmp / f"extra_rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            for f in files:
+                _fsync(f)
+            manifest = {"step": step, "files": {f.name: [f.stat().st_size, _sha256(f)] for f in files}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(self.root)
+            for old in self._complete()[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def _latest_good(self, log) -> Path | None:
+        for path in self._complete():
+            problem = verify(path)
+            if problem is None:
+                return path
+            log(f"checkpoint {path.name} is damaged or incomplete ({problem}); trying an older one")
+        return None
+
+    def load_latest(self, model, optimizer, log=lambda m: print(m, file=sys.stderr)) -> dict | None:
+        """Restore the newest intact checkpoint into model and optimizer; its extra dict, or None if none."""
+        choice = [self._latest_good(log) if self.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        path = choice[0]
+        if path is None:
+            return None
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = path / f"extra_rank{self.rank}.pt"
+        return torch.load(extra if extra.exists() else path / "extra_rank0.pt", weights_only=True)
+
+    def latest(self) -> Path | None:
+        done = self._complete()
+        return done[0] if done else None

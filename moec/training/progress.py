@@ -1,0 +1,70 @@
+"""Progress on stderr and metrics in RUN_DIR/metrics.jsonl (rank 0 only).
+
+On a terminal the bar redraws in place every step; otherwise (a log file, a
+batch job) it prints one line every `every` steps so logs stay readable.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total: int, start: int, every: int, stream=sys.stderr, enabled: bool = True):
+        self.total, self.start, self.every, self.stream, self.enabled = total, start, every, stream, enabled
+        self.tty = stream.isatty()
+        self.t0 = None
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """Called after step `step` (0-based) finished."""
+        if not self.enabled:
+            return
+        if self.t0 is None:  # the first step compiles and warms up: time from its end
+            self.t0, self.first = time.perf_counter(), step + 1
+        done = step + 1
+        rate = (done - self.first) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = _duration((self.total - done) / rate) if rate > 0 else "?"
+        width = 24
+        fill = int(width * done / self.total)
+        line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} loss {loss:.4f} "
+                f"{tokens_per_s:,.0f} tok/s ETA {eta}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K" + ("\n" if done == self.total else ""))
+        elif done % self.every == 0 or done == self.total:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line of its own that the bar does not overwrite."""
+        if self.enabled:
+            self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+            self.stream.flush()
+
+
+class MetricsFile:
+    """Appends one JSON record a line; on resume, drops records past the resumed step
+    so a killed run's tail is not counted twice."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        if resume_step is None or not self.path.exists():
+            self.path.write_text("")
+        else:
+            keep = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
