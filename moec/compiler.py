@@ -19,6 +19,7 @@ import moec
 from moec import MoecError
 from moec.capture import LogitsOnly, build, capture, example_inputs, load_module
 from moec.codegen.program import model_source, write_weights
+from moec.codegen.train_program import write_train_program
 from moec.passes.ffn_to_moe import MoeOptions
 from moec.pipeline import build_pipeline, run_pipeline
 from moec.runtime import load_state
@@ -95,6 +96,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         report["verify_max_rel_error"] = _verify(req, mod, dense if real else None, log)
     (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp)))
     (tmp / "config.json").write_text(json.dumps(_config(req, report), indent=1, sort_keys=True) + "\n")
+    write_train_program(tmp, _config(req, report))
     return report
 
 
