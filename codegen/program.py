@@ -42,7 +42,14 @@ def _table(name, rows: dict) -> str:
     return f"{name} = {{\n{body}}}\n"
 
 
-def model_source(gm: torch.fx.GraphModule, title: str, extra_imports=()) -> str:
+KERNEL_LOADER = '''
+for _name in KERNELS:  # generated Triton kernels in kernels/ beside this file; importing registers their ops
+    _spec = importlib.util.spec_from_file_location(f"kernels.{_name}", Path(__file__).parent / "kernels" / f"{_name}.py")
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+'''
+
+
+def model_source(gm: torch.fx.GraphModule, title: str, kernels=()) -> str:
     code = gm.graph.python_code(root_module="self")
     imports = sorted({_format_import_statement(n, o, sys_importer) for n, o in code.globals.items()})
     params, buffers, tied = _tables(gm)
@@ -51,7 +58,8 @@ def model_source(gm: torch.fx.GraphModule, title: str, extra_imports=()) -> str:
         HEADER.format(title=title),
         *imports,
         "import moec.runtime",
-        *[f"import {m}" for m in extra_imports],
+        *(["import importlib.util", "from pathlib import Path", "", f"KERNELS = {list(kernels)!r}", KERNEL_LOADER]
+          if kernels else []),
         "\n",
         _table("PARAMS", params),
         _table("BUFFERS", buffers),

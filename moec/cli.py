@@ -80,13 +80,14 @@ def _pyramid(value):
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
 @click.option("--gpus", default=0, help="Let the planner pick EP/DP/TP/PP/ZeRO for this many GPUs (plan.json).")
 @click.option("--hardware", default="dgx_h100", show_default=True, help="Hardware profile name or JSON for --gpus.")
+@click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
 @click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
 @click.option("--force", is_flag=True, help="Replace a non-empty build directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
                 first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, weights, seed,
-                max_weights_gb, gpus, hardware, dense, no_verify, force, debug):
+                max_weights_gb, gpus, hardware, no_triton, dense, no_verify, force, debug):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.compiler import CompileRequest, compile_model
     from moec.passes.ffn_to_moe import MoeOptions
@@ -98,7 +99,7 @@ def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_e
     compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
                                  overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
                                  seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,
-                                 hardware=hardware), log=click.echo)
+                                 hardware=hardware, triton=not no_triton), log=click.echo)
 
 
 @main.command("ir")

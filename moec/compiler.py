@@ -18,6 +18,7 @@ import torch
 import moec
 from moec import MoecError
 from moec.capture import LogitsOnly, build, capture, example_inputs, load_module
+from moec.codegen import source
 from moec.codegen.program import model_source, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.passes.ffn_to_moe import MoeOptions
@@ -45,6 +46,7 @@ class CompileRequest:
     dense: bool = False
     gpus: int = 0  # > 0: let the planner choose the parallel plan for this many GPUs
     hardware: str = "dgx_h100"
+    triton: bool = True  # lower routing to generated Triton kernels (they fall back to torch on CPU)
 
 
 def compile_model(req: CompileRequest, log=print) -> dict:
@@ -73,7 +75,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
     gm = capture(meta_model, inputs)
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     plan = _plan(req, gm, meta_model, tmp, log) if req.gpus and not req.dense else None
-    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan), tmp / "ir", log)
+    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan, req.triton), tmp / "ir", log)
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= req.max_weights_gb * 2**30
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
@@ -87,7 +89,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         if req.weights:
             load_dense(dense, req.weights)
         real_inputs = example_inputs(mod, dense, req.batch, req.seq)
-        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense, plan))
+        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense, plan, req.triton))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
@@ -118,12 +120,8 @@ def _plan(req: CompileRequest, gm, model, tmp: Path, log):
 
 def _kernel_modules(gm, tmp: Path) -> list[str]:
     kernels = gm.meta.get("kernels", {})
-    if kernels:
-        (tmp / "kernels").mkdir()
-        (tmp / "kernels" / "__init__.py").write_text("")
-        for name, src in sorted(kernels.items()):
-            (tmp / "kernels" / f"{name}.py").write_text(src)
-    return [f"kernels.{name}" for name in sorted(kernels)]
+    source.write(tmp, kernels)
+    return sorted(kernels)
 
 
 def _title(req: CompileRequest) -> str:

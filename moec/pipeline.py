@@ -16,15 +16,17 @@ from moec import MoecError
 from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
 from moec.passes.find_ffn import FindFFN
 from moec.passes.lower_moe import LowerMoE
+from moec.passes.lower_to_triton import LowerToTriton
 from moec.passes.plan_sharding import PlanSharding
 from moec.stats import summary
 
 
-def build_pipeline(options: MoeOptions, dense: bool = False, plan=None) -> list:
+def build_pipeline(options: MoeOptions, dense: bool = False, plan=None, triton: bool = True) -> list:
     """The passes in order; a dense build stops after finding the FFNs."""
     if dense:
         return [FindFFN()]
-    return [FindFFN(), FFNToMoE(options), LowerMoE()] + ([PlanSharding(plan)] if plan is not None else [])
+    return ([FindFFN(), FFNToMoE(options), LowerMoE()] + ([PlanSharding(plan)] if plan is not None else [])
+            + ([LowerToTriton()] if triton else []))
 
 
 _LIBRARY_FRAME = re.compile(r"^\s*# File: .*(site-packages|dist-packages)[/\\].*\n(\s*\n)?", re.M)

@@ -57,7 +57,7 @@ def test_ir_shows_every_pass_and_its_diff(tmp_path):
     r = run("ir", out)
     assert r.exit_code == 0
     lines = r.output.splitlines()
-    assert [ln.split()[1] for ln in lines[1:]] == ["capture", "find_ffn", "ffn_to_moe", "lower_moe"]
+    assert [ln.split()[1] for ln in lines[1:]] == ["capture", "find_ffn", "ffn_to_moe", "lower_moe", "lower_to_triton"]
     moe_row = lines[3].split()
     assert moe_row[-2] == "4"  # MoE layers
     assert run("ir", out, "--pass", "lower_moe").output.count("torch.ops.moec.experts.default") == 4
@@ -172,4 +172,4 @@ def test_gpus_lets_the_planner_choose_and_records_it(tmp_path):
     chosen = plan["chosen"]
     assert chosen["ep"] * chosen["dp"] * chosen["tp"] * chosen["pp"] == 16
     rows = json.loads((out / "ir" / "summary.json").read_text())
-    assert rows[-1]["pass"] == "plan_sharding"
+    assert [r["pass"] for r in rows][-2:] == ["plan_sharding", "lower_to_triton"]
