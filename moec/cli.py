@@ -133,8 +133,9 @@ def _commands_beside_their_subsystems():
     from moec.codegen.report import kernels
     from moec.cost_model.cli import calibrate, plan_command
     from moec.model_shape import shape_from_model
+    from moec.training.plot import plot
 
-    for command in (kernels, plan_command(shape_from_model), calibrate):
+    for command in (kernels, plan_command(shape_from_model), calibrate, plot):
         main.add_command(command)
 
 
