@@ -113,6 +113,7 @@ Legend: T tokens, E experts, K top-k, G groups, S experts per group, P programs.
 Forward reads T*E*$B bytes of logits, writes T*K*8; backward reads T*E*$B + T*K*8,
 writes T*E*$B.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -258,6 +259,11 @@ def _launch(kernel: str, t: Tensor):
     return split_launch(arch.launch(kernel, arch.device_arch(t.device.index or 0) if t.is_cuda else "sm90"))
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def forward(logits: Tensor, bias: Optional[Tensor]):
     """Triton path of the op (any device Triton runs on, the interpreter included)."""
     logits = logits.contiguous()
@@ -270,7 +276,7 @@ def forward(logits: Tensor, bias: Optional[Tensor]):
         return weights, indices, counts, probs_sum, zsum
     sizes, opts = _launch("gate_fwd", logits)
     block_t = max(1, min(sizes["TILE"] // ($GP * $SP), triton.next_power_of_2(T)))
-    slots = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 2
+    slots = _sm_count(logits.device.index or 0) if logits.is_cuda else 2
     P = min(triton.cdiv(T, block_t), slots * sizes["PROGRAMS_PER_SM"])
     cnt_part = logits.new_empty(P, $GP * $SP, dtype=i32)
     prob_part, z_part = logits.new_empty(P, $GP * $SP, dtype=f32), logits.new_empty(P, dtype=f32)
@@ -373,7 +379,8 @@ def source(cfg: GateConfig) -> str:
         LOAD_BIAS=("    bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0)  # [1, G, S] steers selection only"
                    if cfg.bias else ""),
         SELECT="scores + bias" if cfg.bias else "scores",
-        PICK=("v = tl.sum(tl.sum(tl.where(col == e[:, None, None], scores, 0.0), 2), 1)" if cfg.bias else
+        # the key holds the score itself only without bias and group masking (a dropped group's expert ranks as -inf)
+        PICK=("v = tl.sum(tl.sum(tl.where(col == e[:, None, None], scores, 0.0), 2), 1)" if cfg.bias or G > 1 else
               "v = _key_value(best)  # the selection score is the score itself"),
         GROUPS=groups,
         RENORM="        w = w / tl.sum(w, 1)[:, None]" if cfg.renorm else "",
