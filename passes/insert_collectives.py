@@ -1,0 +1,128 @@
+"""insert_collectives: the dispatch/combine all-to-all of expert parallelism.
+
+Matches: call_function nodes targeting moec::experts (as lower_moe wrote
+them: x from moec::permute, offsets from moec::route), and calls of
+moec.moe.load_balance_loss.
+Rewrites: with EP > 1 (the node's meta["ep_size"] from plan_sharding, else
+the pass's option), x and offsets go through moec::dispatch, which hands
+experts this rank's rows and local offsets, and the experts' output goes
+through moec::combine back to the permute order before unpermute reads it.
+Each dispatch/combine gets meta["comm"] = {group, ep, node_size, bytes} and
+the same as meta["custom"], which the IR dump prints above the node
+("# Annotation: ..."): bytes is what one rank sends to the others when
+routing is uniform, N*D*itemsize*(EP-1)/EP. The load-balancing loss reads
+moec::balance_counts(counts) (global expert shares) so that data-parallel
+ranks optimise the loss of the global batch. checkpoint=True marks the
+experts recompute=True: backward recomputes their activations from the
+dispatched rows they already keep, never repeating the all-to-all.
+Invariant: on one process (no group registered) the graph computes what it
+computed before; on P ranks it computes what one process computes on the
+concatenated batch. Every rank runs this same graph, so the sequence of
+collectives is the same on all of them.
+"""
+import operator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from moec import MoecError
+from moec.distributed import ops as _ops  # noqa: F401  registers the collectives
+from moec.distributed.params import is_expert
+from moec.graph import propagate_shapes
+from moec.moe import load_balance_loss
+from moec.passes_base import Pass, PassResult
+
+ops = torch.ops.moec
+VARIANTS = ("flat", "hierarchical")
+
+
+@dataclass
+class EPOptions:
+    ep: int = 1
+    variant: str = "flat"
+    node_size: int = 0  # ranks per node, for hierarchical
+    checkpoint: bool = False
+
+    def validate(self) -> "EPOptions":
+        if self.ep < 1:
+            raise MoecError(f"--ep must be at least 1 (got {self.ep})")
+        if self.variant not in VARIANTS:
+            raise MoecError(f"--ep-variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
+        if self.variant == "hierarchical" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
+            raise MoecError(f"--ep-variant hierarchical needs --node-size G with 1 < G < EP={self.ep} dividing "
+                            f"it (got {self.node_size})")
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _bytes(x: torch.fx.Node, ep: int):
+    v = x.meta.get("val")
+    if v is None:
+        return "?"
+    rows, D = v.shape
+    total = rows * D * v.element_size() * (ep - 1) // ep
+    return int(total) if isinstance(total, int) or total.node.is_constant() else str(total)
+
+
+class InsertCollectives(Pass):
+    name = "insert_collectives"
+
+    def __init__(self, options: EPOptions = EPOptions()):
+        self.o = options.validate()
+
+    def _check_weights(self, node: torch.fx.Node) -> None:
+        for w in node.args[2:8]:
+            if isinstance(w, torch.fx.Node) and not (w.op == "get_attr" and is_expert(w.target)):
+                raise MoecError(f"{node.name} reads expert weights {w.name!r} that are not parameters named "
+                                "'<layer>.experts.<w1|w3|w2|b1|b3|b2>'; the runtime cannot shard them")
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        g, changed = gm.graph, False
+        node_size = self.o.node_size if self.o.variant == "hierarchical" else 0
+        for node in [n for n in g.nodes if n.op == "call_function" and n.target is ops.experts.default]:
+            ep = node.meta.get("ep_size", self.o.ep)
+            if ep == 1:
+                continue
+            self._check_weights(node)
+            x, offsets = node.args[:2]
+            E = node.args[2].meta["val"].shape[0]
+            if E % ep:
+                raise MoecError(f"{node.name} has {E} experts, not divisible by EP={ep}; pick an EP that divides it")
+            for w in node.args[2:8]:
+                if isinstance(w, torch.fx.Node):  # a rank's view: its E/EP experts (the module keeps all E)
+                    w.meta["val"] = w.meta["val"][:E // ep]
+            with g.inserting_before(node):
+                d = g.call_function(ops.dispatch.default, (x, offsets, ep, node_size))
+                rows, local, counts = (g.call_function(operator.getitem, (d, i)) for i in range(3))
+                n_rows = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
+            args = [rows, local, *node.args[2:]]
+            if self.o.checkpoint:
+                args += [False] * (10 - len(args))
+                args[9] = True  # recompute
+            node.args = tuple(args)
+            node.meta.pop("val", None)  # its rows are now the dispatched ones
+            with g.inserting_after(node):
+                c = g.call_function(ops.combine.default, (node, counts, n_rows, ep, node_size))
+            node.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
+            comm = {"group": "ep", "ep": ep, "node_size": node_size, "bytes": _bytes(x, ep)}
+            for n in (d, c):
+                n.meta["comm"] = comm
+                n.meta["custom"] = dict(comm)
+            changed = True
+        for node in [n for n in g.nodes if n.op == "call_function" and n.target is load_balance_loss]:
+            with g.inserting_before(node):
+                shares = g.call_function(ops.balance_counts.default, (node.args[0],))
+            node.args = (shares, *node.args[1:])
+            shares.meta["custom"] = {"group": "data"}
+            changed = True
+        g.lint()
+        gm.recompile()
+        mode = gm.meta.get("fake_mode")
+        if changed and mode is not None and mode.shape_env is None:
+            mode.shape_env = ShapeEnv()  # dispatch's row count is data dependent: an unbacked size
+        propagate_shapes(gm)
+        return PassResult(gm, changed)

@@ -1,0 +1,107 @@
+"""What each process of the distributed tests runs (under torchrun), and the
+single-process reference the tests compare with.
+
+    python -m torch.distributed.run --nproc_per_node P worker.py OUT.json JOB.json
+
+JOB: {"runs": [{"build": dir, "steps": n, "name": ...}], "ops": bool}; rank 0
+writes {name: [global loss per step]} and the op-level checks' results to OUT.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import moec.distributed as md
+from moec.distributed import groups
+from moec.runtime import load_weights
+
+BATCH, SEQ = 8, 12  # the global batch: every world size splits these rows
+
+
+def load_build(build: str):
+    spec = importlib.util.spec_from_file_location(f"build_{Path(build).name}", Path(build) / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.Model()
+    load_weights(model, Path(build) / "model.safetensors")
+    return model, json.loads((Path(build) / "config.json").read_text())
+
+
+def batch(step: int, vocab: int, rank: int, world: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
+    rows = tokens[rank * BATCH // world:(rank + 1) * BATCH // world]
+    return rows[:, :-1], rows[:, 1:]
+
+
+def train(build: str, steps: int) -> list[float]:
+    """Per-step loss of the global batch (mean over ranks of each rank's loss)."""
+    model, config = load_build(build)
+    model, _, grad_sync = md.setup(model, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    vocab = model.tok_embeddings.weight.shape[0]
+    losses = []
+    for step in range(steps):
+        x, y = batch(step, vocab, rank, world)
+        out = model(x)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + out["aux_loss"] + out["z_loss"]
+        opt.zero_grad()
+        loss.backward()
+        grad_sync()
+        opt.step()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+class CollectiveLog:
+    """Records (collective, group name) in issue order, to compare across ranks."""
+    NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_reduce")
+
+    def __enter__(self):
+        self.calls, self.saved = [], {n: getattr(dist, n) for n in self.NAMES}
+        for n, f in self.saved.items():
+            setattr(dist, n, self._wrap(n, f))
+        return self
+
+    def _wrap(self, name, f):
+        def call(*args, group=None, **kw):
+            names = [n for n, g in groups._GROUPS.items() if g is group and n != "data"]
+            self.calls.append((name, names[0] if names else "world"))
+            return f(*args, group=group, **kw)
+        return call
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(dist, n, f)
+
+
+def main(out: str, job_path: str) -> None:
+    dist.init_process_group("gloo")
+    job = json.loads(Path(job_path).read_text())
+    result = {}
+    for run in job["runs"]:
+        with CollectiveLog() as log:
+            result[run["name"]] = train(run["build"], run["steps"])
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, log.calls)
+        result[run["name"] + ":collectives_agree"] = all(c == every[0] for c in every)
+        result[run["name"] + ":collectives"] = len(every[0])
+    if job.get("ops"):
+        from tests.distributed import op_checks
+        result.update(op_checks.run_all())
+    groups.clear()
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
