@@ -80,6 +80,12 @@ def _pyramid(value):
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
 @click.option("--gpus", default=0, help="Let the planner pick EP/DP/TP/PP/ZeRO for this many GPUs (plan.json).")
 @click.option("--hardware", default="dgx_h100", show_default=True, help="Hardware profile name or JSON for --gpus.")
+@click.option("--ep", default=0, help="Expert-parallel degree: shard the experts over N ranks (all-to-all).")
+@click.option("--ep-variant", type=click.Choice(["flat", "hierarchical"]), default="flat", show_default=True,
+              help="hierarchical: all-to-all inside each node, then between nodes (needs --node-size).")
+@click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical.")
+@click.option("--checkpoint-experts", is_flag=True,
+              help="Recompute expert activations in backward, keeping the dispatched rows (no second all-to-all).")
 @click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
 @click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
@@ -87,10 +93,12 @@ def _pyramid(value):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
                 first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, weights, seed,
-                max_weights_gb, gpus, hardware, no_triton, dense, no_verify, force, debug):
+                max_weights_gb, gpus, hardware, ep, ep_variant, node_size, checkpoint_experts, no_triton, dense,
+                no_verify, force, debug):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.compiler import CompileRequest, compile_model
     from moec.passes.ffn_to_moe import MoeOptions
+    from moec.passes.insert_collectives import EPOptions
 
     options = MoeOptions(experts=experts, topk=topk, router=router, shared_experts=shared_experts,
                          granularity=granularity, moe_every=moe_every, first_dense=first_dense,
@@ -99,7 +107,9 @@ def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_e
     compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
                                  overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
                                  seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,
-                                 hardware=hardware, triton=not no_triton), log=click.echo)
+                                 hardware=hardware, triton=not no_triton,
+                                 ep=EPOptions(ep, ep_variant, node_size, checkpoint_experts) if ep else None),
+                  log=click.echo)
 
 
 @main.command("ir")

@@ -22,6 +22,7 @@ from moec.codegen import source
 from moec.codegen.program import model_source, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.passes.ffn_to_moe import MoeOptions
+from moec.passes.insert_collectives import EPOptions
 from moec.pipeline import build_pipeline, run_pipeline
 from moec.runtime import load_state
 
@@ -47,6 +48,7 @@ class CompileRequest:
     gpus: int = 0  # > 0: let the planner choose the parallel plan for this many GPUs
     hardware: str = "dgx_h100"
     triton: bool = True  # lower routing to generated Triton kernels (they fall back to torch on CPU)
+    ep: EPOptions | None = None  # expert parallelism (insert_collectives); a --gpus plan sets its EP
 
 
 def compile_model(req: CompileRequest, log=print) -> dict:
@@ -75,7 +77,9 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
     gm = capture(meta_model, inputs)
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     plan = _plan(req, gm, meta_model, tmp, log) if req.gpus and not req.dense else None
-    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan, req.triton), tmp / "ir", log)
+    if plan is not None:
+        req = replace(req, ep=replace(req.ep or EPOptions(), ep=plan.ep))
+    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan, req.triton, req.ep), tmp / "ir", log)
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= req.max_weights_gb * 2**30
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
@@ -89,7 +93,8 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         if req.weights:
             load_dense(dense, req.weights)
         real_inputs = example_inputs(mod, dense, req.batch, req.seq)
-        gm, _ = run_pipeline(capture(dense, real_inputs), build_pipeline(req.options, req.dense, plan, req.triton))
+        gm, _ = run_pipeline(capture(dense, real_inputs),
+                             build_pipeline(req.options, req.dense, plan, req.triton, req.ep))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
@@ -135,7 +140,8 @@ def _title(req: CompileRequest) -> str:
 def _config(req: CompileRequest, report: dict) -> dict:
     return {"moec_version": moec.__version__, "model": Path(req.model).name, "entry": req.entry,
             "config": req.config, "overrides": req.overrides, "weights": req.weights and Path(req.weights).name,
-            "seed": req.seed, "moe": None if req.dense else req.options.to_json(), "result": report}
+            "seed": req.seed, "moe": None if req.dense else req.options.to_json(), "result": report,
+            "ep": req.ep and req.ep.to_json()}
 
 
 def _verify(req: CompileRequest, mod, dense, log) -> float | None:

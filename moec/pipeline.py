@@ -15,17 +15,21 @@ import torch.fx
 from moec import MoecError
 from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
 from moec.passes.find_ffn import FindFFN
+from moec.passes.insert_collectives import EPOptions, InsertCollectives
 from moec.passes.lower_moe import LowerMoE
 from moec.passes.lower_to_triton import LowerToTriton
 from moec.passes.plan_sharding import PlanSharding
 from moec.stats import summary
 
 
-def build_pipeline(options: MoeOptions, dense: bool = False, plan=None, triton: bool = True) -> list:
-    """The passes in order; a dense build stops after finding the FFNs."""
+def build_pipeline(options: MoeOptions, dense: bool = False, plan=None, triton: bool = True,
+                   ep: EPOptions | None = None) -> list:
+    """The passes in order; a dense build stops after finding the FFNs; insert_collectives runs for a plan or
+    EP options."""
     if dense:
         return [FindFFN()]
     return ([FindFFN(), FFNToMoE(options), LowerMoE()] + ([PlanSharding(plan)] if plan is not None else [])
+            + ([InsertCollectives(ep or EPOptions())] if plan is not None or ep is not None else [])
             + ([LowerToTriton()] if triton else []))
 
 
