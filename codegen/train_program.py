@@ -100,7 +100,7 @@ def main(args):
             inputs, targets = (t.to(env.device) for t in data.batch("train", step, args.batch_size, env.rank, env.world))
             lm, out = loss_of(inputs, targets)
             loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
-            if step == args.debug_nan_at_step:
+            if step + 1 == args.debug_nan_at_step:
                 loss = loss * float("nan")
             rt.check_finite(loss, step + 1, ckpt)
             optimizer.zero_grad(set_to_none=True)

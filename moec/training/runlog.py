@@ -97,7 +97,8 @@ class RunLog:
         drop = self.build.capacity_factor > 0
         load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f}" + (f" drop {r['dropped']:.1%}" if drop else "")
                              for i, r in enumerate(layers))
-        self.bar.message(f"step {step}: lm {lm_mean:.4f} aux {aux:.4f} z {z:.4f} lr {lr:.2e}"
+        self.bar.message(f"step {step}: lm {lm_mean:.4f}" + (f" aux {aux:.4f} z {z:.4f}" if "aux_loss" in out else "")
+                         + f" lr {lr:.2e}"
                          + (f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
                          + (f" MFU {mfu:.1%}" if mfu is not None else "")
                          + (f" | expert load max/mean {load_text}" if layers else ""))

@@ -1,0 +1,115 @@
+"""Training speed of the emitted program on one GPU: an upcycled Llama MoE
+(8 experts, top-2, about 1B parameters in all) against the dense Llama with
+the same active parameters (its FFN as wide as two experts), both run as the
+user would run them (`python BUILD/train.py`), then a torch.profiler
+breakdown by op of the MoE's steps.
+
+    python bench/train_speed.py --out build/speed
+
+MFU counts the model's FLOPs (6 x active params per token + attention) over
+the device's bf16 peak (moec.training.metrics).
+"""
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MOEC = (sys.executable, "-m", "moec.cli")  # the moec of this interpreter
+
+
+def sh(*cmd):
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True)
+
+
+def compile_builds(out: Path, args) -> dict:
+    model = ROOT / "examples" / "llama.py"
+    common = ["--config", args.config, "--set", f"n_layers={args.layers}", "--no-verify", "--force",
+              "--max-weights-gb", "8"]
+    builds = {"dense": out / "dense", "moe": out / "moe"}
+    sh(*MOEC, "compile", model, *common, "--dense", "--set", f"ffn_dim={2 * args.ffn_dim}", "-o", builds["dense"])
+    # --no-triton: the generated routing kernels are specialised to the graph's fp32 dtypes, while under
+    # bf16 autocast the experts hand unpermute bf16 rows
+    sh(*MOEC, "compile", model, *common, "--set", f"ffn_dim={args.ffn_dim}", "--experts", 8, "--topk", 2,
+       "--no-triton", "-o", builds["moe"])
+    return builds
+
+
+def measure(build: Path, args) -> dict:
+    run = build / "runs" / "speed"
+    sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len",
+       args.seq_len, "--log-every", args.log_every, "--eval-every", 0, "--eval-batches", 1, "--ckpt-every", 0,
+       "--warmup", 5, "--run-dir", run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r["kind"] == "train"][1:]  # the first window holds the warm-up steps
+    result = json.loads((build / "config.json").read_text())["result"]
+    return {"params": result["params"], "active": result["active_params"],
+            "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
+            "mfu": sum(r["mfu"] for r in steady) / len(steady) if steady[0]["mfu"] is not None else None,
+            "loss": steady[-1]["lm_loss"]}
+
+
+def profile(build: Path, args) -> str:
+    """Forward, backward and AdamW steps of the build under torch.profiler, op by op."""
+    sys.path.insert(0, str(build))
+    rt = importlib.import_module("moec.runtime")
+    model = importlib.import_module("model").Model(device="cuda")
+    rt.load_weights(model, build / "model.safetensors")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out["logits"].float().flatten(0, 1), tokens[:, 1:].flatten())
+        (loss + out["aux_loss"] + out["z_loss"]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "build" / "speed"))
+    p.add_argument("--config", default="1b")
+    p.add_argument("--layers", type=int, default=3, help="3 layers of the 1b config: 1.0B params with 8 experts")
+    p.add_argument("--ffn-dim", type=int, default=5632, help="expert width; the dense FFN is twice this")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--profile-rows", type=int, default=20)
+    args = p.parse_args()
+    builds = compile_builds(Path(args.out), args)
+    rows = {name: measure(path, args) for name, path in builds.items()}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{device}; llama --config {args.config} n_layers={args.layers}; batch {args.batch_size} x "
+          f"{args.seq_len} tokens; bf16 autocast; {args.steps} steps, the first {args.log_every} left out\n")
+    print("| model | params | active params | tokens/s | MFU |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['active'] / 1e9:.2f} B | {r['tokens_per_s']:,.0f} | {mfu} |")
+    print(f"\nMoE / dense tokens/s: {rows['moe']['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}")
+    if torch.cuda.is_available():
+        backend = importlib.import_module("moec.experts").select_backend(
+            torch.empty(1, device="cuda", dtype=torch.bfloat16))
+        print(f"\nmoec::experts backend for bf16 on this GPU: {backend}")
+        print("\nMoE profile, 3 steps:\n" + profile(builds["moe"], args))
+
+
+if __name__ == "__main__":
+    main()
