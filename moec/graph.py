@@ -19,6 +19,8 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
         with mode:
             inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+        for node in gm.graph.nodes:  # values that are not tensors (devices, submodules) stay unset
+            node.meta.setdefault("val", None)
         return
     fetch = lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a
     with mode:
@@ -26,7 +28,8 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
             if "val" in node.meta or node.op in ("placeholder", "output"):
                 continue
             if node.op == "get_attr":
-                node.meta["val"] = mode.from_tensor(get_param(gm, node.target))
+                attr = get_param(gm, node.target)
+                node.meta["val"] = mode.from_tensor(attr) if isinstance(attr, torch.Tensor) else None
             elif node.op == "call_function":
                 args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), fetch)
                 node.meta["val"] = node.target(*args, **kwargs)

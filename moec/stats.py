@@ -1,9 +1,10 @@
 """Graph statistics for the IR summary: nodes, parameters total and active per token, MoE layers."""
+import torch
 import torch.fx
 
 from moec.moe import moe_layer
 
-_EXPERTS = ("experts",)
+EXPERTS = torch.ops.moec.experts.default
 
 
 def _expert_nodes(gm):
@@ -13,8 +14,8 @@ def _expert_nodes(gm):
             continue
         if n.target is moe_layer:
             yield [a for a in n.args[2:8] if a is not None], n.kwargs["k"], n.args[2].meta["val"].shape[0]
-        elif getattr(n.target, "__name__", "").split(".")[0] in _EXPERTS or "experts" in str(n.target):
-            perm = n.args[0]
+        elif n.target is EXPERTS:
+            perm = n.args[0]  # the permute (reference or generated) that feeds it: its third argument is k
             k = perm.args[2] if isinstance(perm, torch.fx.Node) and len(perm.args) > 2 else None
             if isinstance(k, int):
                 yield [a for a in n.args[2:8] if a is not None], k, n.args[2].meta["val"].shape[0]
