@@ -1,0 +1,54 @@
+"""Op-level checks of moec::dispatch/combine on crafted routings, run inside each
+torchrun process: every expert scales its rows by (global expert index + 1),
+so the round trip must give x * (e + 1) on used rows, zero on the unused tail,
+and the same factor in the gradient."""
+import torch
+import torch.distributed as dist
+
+from moec.distributed import groups
+from moec.distributed.mesh import build_mesh
+
+ops = torch.ops.moec
+D = 3
+
+
+def _case(name: str, rank: int, E: int):
+    """(experts of the used rows, sorted; unused tail rows) for this rank."""
+    g = torch.Generator().manual_seed(rank)
+    if name == "empty_rank":  # rank 0 sends nothing and has no rows at all
+        return (torch.randint(0, E, (5,), generator=g).sort().values, 2) if rank else (torch.zeros(0, dtype=torch.long), 0)
+    if name == "empty_experts":  # only even experts get rows, and no rows go to the last rank's experts
+        return (2 * torch.randint(0, E // 2 - 1, (6,), generator=g)).sort().values, 1
+    if name == "one_remote_expert":  # the whole batch of every rank goes to the last expert
+        return torch.full((7,), E - 1), 0
+    return torch.randint(0, E, (9,), generator=g).sort().values, 3
+
+
+def check(name: str, ep: int, node_size: int) -> bool:
+    rank = dist.get_rank()
+    build_mesh(ep, node_size)
+    me, L = dist.get_rank(groups.get("ep")), 2
+    E = L * ep
+    experts, tail = _case(name, rank, E)
+    counts = torch.bincount(experts, minlength=E)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    x = torch.randn(len(experts) + tail, D, generator=torch.Generator().manual_seed(10 + rank), requires_grad=True)
+    rows, local, C = ops.dispatch(x, offsets, ep, node_size)
+    scale = torch.repeat_interleave(torch.arange(L) + me * L + 1.0, (local[1:] - local[:-1]).long())
+    out = ops.combine(rows * scale[:, None], C, x.shape[0], ep, node_size)
+    factor = torch.cat([experts + 1.0, torch.zeros(tail)])[:, None]
+    ok = torch.equal(out, x.detach() * factor)
+    w = torch.randn(out.shape)
+    (out * w).sum().backward()
+    ok = ok and torch.allclose(x.grad, w * factor) and rows.shape[0] == int(C[:, me * L:(me + 1) * L].sum())
+    flag = torch.tensor([float(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def run_all() -> dict:
+    world = dist.get_world_size()
+    layouts = [("flat", world, 0)] + ([("hierarchical", 4, 2), ("ep2_dp2", 2, 0)] if world == 4 else [])
+    return {f"ops:{layout}:{case}": check(case, ep, node_size)
+            for layout, ep, node_size in layouts
+            for case in ("random", "empty_rank", "empty_experts", "one_remote_expert")}

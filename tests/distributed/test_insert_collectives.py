@@ -1,0 +1,66 @@
+"""The pass on a captured tiny Llama: where it puts the collectives, what the IR shows, its errors."""
+import pytest
+import torch
+
+from moec import MoecError
+from moec.capture import build, capture, example_inputs, load_module
+from moec.passes.ffn_to_moe import MoeOptions
+from moec.passes.insert_collectives import EPOptions, InsertCollectives
+from moec.pipeline import build_pipeline, readable, run_pipeline
+from tests.distributed.builds import ROOT, TINY
+
+ops = torch.ops.moec
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    mod = load_module(str(ROOT / "examples" / "llama.py"))
+    torch.manual_seed(0)
+    model = build(mod, "build_model", None, TINY, "cpu")
+    return model, example_inputs(mod, model, 2, 8)
+
+
+def _compile(tiny, ep: EPOptions, experts=8):
+    model, inputs = tiny
+    return run_pipeline(capture(model, inputs), build_pipeline(MoeOptions(experts=experts, topk=2), ep=ep))[0]
+
+
+def test_dispatch_before_and_combine_after_every_experts_node(tiny):
+    gm = _compile(tiny, EPOptions(ep=4))
+    gm.graph.lint()
+    experts = [n for n in gm.graph.nodes if n.target is ops.experts.default]
+    assert len(experts) == TINY["n_layers"]
+    for n in experts:
+        assert n.args[0].args[0].target is ops.dispatch.default
+        (user,) = n.users
+        assert user.target is ops.combine.default
+        assert n.args[2].meta["val"].shape[0] == 8 // 4  # a rank's view of its experts
+    # lower_to_triton still found the routing ops around the collectives
+    assert any(str(n.target).startswith("moec_kernels") for n in gm.graph.nodes)
+
+
+def test_ir_shows_group_and_bytes(tiny):
+    gm = _compile(tiny, EPOptions(ep=4))
+    d = next(n for n in gm.graph.nodes if n.target is ops.dispatch.default)
+    rows, D = d.args[0].meta["val"].shape
+    assert d.meta["comm"] == {"group": "ep", "ep": 4, "node_size": 0, "bytes": rows * D * 4 * 3 // 4}
+    text = readable(gm)
+    assert f"'group': 'ep', 'ep': 4, 'node_size': 0, 'bytes': {rows * D * 3}" in text
+    assert "'group': 'data'" in text and "moec.balance_counts" in text
+
+
+def test_one_process_computes_what_the_model_without_ep_computes(tiny):
+    model, inputs = tiny
+    want = _compile(tiny, None)(*inputs)
+    got = _compile(tiny, EPOptions(ep=2))(*inputs)
+    for k in ("logits", "aux_loss", "z_loss"):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_errors(tiny):
+    with pytest.raises(MoecError, match="not divisible by EP=3"):
+        _compile(tiny, EPOptions(ep=3))
+    with pytest.raises(MoecError, match="needs --node-size"):
+        InsertCollectives(EPOptions(ep=4, variant="hierarchical"))
+    with pytest.raises(MoecError, match="--ep-variant"):
+        InsertCollectives(EPOptions(ep=4, variant="ring"))
