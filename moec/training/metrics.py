@@ -68,5 +68,5 @@ def expert_load(counts: list, tokens: int, k: int, capacity_factor: float) -> to
 
 def load_summary(load: torch.Tensor, ranks: int) -> list[dict]:
     """The [L, 4] sums over ranks of expert_load, as one dict per layer (tokens per expert per rank)."""
-    return [{"max": round(mx / ranks, 2), "mean": round(mean / ranks, 2), "dropped": round(dr / max(total, 1), 4)}
+    return [{"max": mx / ranks, "mean": mean / ranks, "dropped": dr / max(total, 1)}
             for mx, mean, dr, total in load.tolist()]

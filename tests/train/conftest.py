@@ -1,0 +1,33 @@
+"""A tiny MoE build (2 layers, 4 experts, top-2, capacity factor 1.25) shared by the
+train.py tests, and a helper to run its train.py as a user would."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moec.compiler import CompileRequest, compile_model
+from moec.passes.ffn_to_moe import MoeOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
+# few steps, small batches, every kind of event early
+FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--eval-batches", "2"]
+
+
+@pytest.fixture(scope="session")
+def moe_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "gpt-moe"
+    options = MoeOptions(experts=4, topk=2, capacity_factor=1.25)
+    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(out), options=options,
+                                 overrides=TINY, verify=False), log=lambda *a: None)
+    return out
+
+
+def run_train(build: Path, *args, run_dir: Path, background: bool = False, timeout: int = 120):
+    cmd = [sys.executable, str(build / "train.py"), *FAST, "--run-dir", str(run_dir), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run: bitwise comparisons
+    if background:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

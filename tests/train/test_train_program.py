@@ -1,0 +1,71 @@
+"""The emitted train.py end to end: loss goes down, metrics, export, bad input, NaN stop."""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from moec.training.progress import read_metrics
+from tests.train.conftest import run_train
+
+
+def test_trains_and_reports(moe_build, tmp_path):
+    run = tmp_path / "run"
+    r = run_train(moe_build, "--steps", 30, "--log-every", 5, "--eval-every", 10, "--ckpt-every", 0,
+                  "--lr", 3e-3, run_dir=run)
+    assert r.returncode == 0, r.stderr
+    records = read_metrics(run / "metrics.jsonl")
+    train = [x for x in records if x["kind"] == "train"]
+    val = [x for x in records if x["kind"] == "val"]
+    assert [x["step"] for x in train] == [5, 10, 15, 20, 25, 30]
+    assert [x["step"] for x in val] == [10, 20, 30]
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 0.3
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    for x in train:
+        assert x["loss"] == x["lm_loss"] + x["aux_loss"] + x["z_loss"]
+        assert x["aux_loss"] > 0 and x["z_loss"] > 0 and x["tokens_per_s"] > 0 and x["mfu"] is None
+        assert len(x["expert_load"]) == 2  # one per MoE layer
+        for layer in x["expert_load"]:
+            # 4 x 32 tokens, top-2, 4 experts: 64 slots per expert on average
+            assert layer["mean"] == 64 and 64 <= layer["max"] <= 128
+            # capacity ceil(1.25 * 128 * 2 / 4) = 80 slots: at least the busiest expert's excess is dropped
+            assert max(0, layer["max"] - 80) / 256 <= layer["dropped"] < 1
+    assert "expert load max/mean" in r.stderr and "validation loss" in r.stderr
+    # the export loads into the build's model under its own parameter names
+    exported = load_file(str(run / "final.safetensors"))
+    params = json.loads((moe_build / "config.json").read_text())["result"]["params"]
+    assert sum(t.numel() for t in exported.values()) == params
+    assert (run / "checkpoints" / "step_00000030").is_dir()
+
+
+def test_dropped_share_follows_capacity():
+    from moec.training.metrics import expert_load, load_summary
+    counts = [torch.tensor([100, 20, 8, 0], dtype=torch.int32)]  # 64 tokens, top-2
+    row = load_summary(expert_load(counts, 64, 2, 1.25), 1)[0]  # capacity ceil(1.25 * 128 / 4) = 40
+    assert row == {"max": 100.0, "mean": 32.0, "dropped": 60 / 128}
+    assert load_summary(expert_load(counts, 64, 2, 0.0), 1)[0]["dropped"] == 0
+
+
+def test_bad_data_path_is_one_line_exit_2(moe_build, tmp_path):
+    r = run_train(moe_build, "--steps", 2, "--data", tmp_path / "missing.txt", run_dir=tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: --data {tmp_path / 'missing.txt'}: no such file"]
+
+
+def test_bin_of_wrong_dtype_is_refused(moe_build, tmp_path):
+    data = tmp_path / "tokens.bin"
+    data.write_bytes(bytes(range(200)) * 10 + b"\x01\x02")  # 2002 bytes: uint16 fits, uint32 does not
+    r = run_train(moe_build, "--steps", 2, "--data", data, "--data-dtype", "uint32", run_dir=tmp_path / "run")
+    assert r.returncode == 2 and "not a whole number of uint32" in r.stderr
+    r = run_train(moe_build, "--steps", 2, "--data", data, "--data-dtype", "uint16", run_dir=tmp_path / "run")
+    assert r.returncode == 2 and "vocabulary is 256" in r.stderr  # uint16 pairs of bytes exceed 255
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(moe_build, tmp_path):
+    run = tmp_path / "run"
+    r = run_train(moe_build, "--steps", 20, "--ckpt-every", 4, "--log-every", 1, "--debug-nan-at-step", 6,
+                  run_dir=run)
+    assert r.returncode == 2
+    assert "loss is not finite at step 6" in r.stderr and "step_00000004" in r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+    assert max(x["step"] for x in read_metrics(run / "metrics.jsonl")) == 5
+    assert not (run / "final.safetensors").exists()
