@@ -10,6 +10,7 @@ from tests.distributed.builds import compile_builds
 from tests.distributed.launch import torchrun
 
 STEPS = 10
+RESUME_AT = 5
 RUNS = {2: ["ep2", "ep2_ckpt"], 4: ["ep4", "ep4_hier", "ep2"]}  # ep2 on 4 processes: EP=2 x DP=2
 
 
@@ -26,8 +27,14 @@ def reference(builds):
 @pytest.fixture(scope="module")
 def runs(builds, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
-    return {n: torchrun(n, {"runs": [{"build": builds[b], "steps": STEPS, "name": b} for b in names], "ops": True},
-                        tmp) for n, names in RUNS.items()}
+    ckpt = str(tmp / "ckpt_ep2")
+    # besides the 10-step runs: EP=2 saves after 5 steps, EP=4 resumes there (experts resharded)
+    extra = {2: [{"build": builds["ep2"], "steps": RESUME_AT, "name": "save_ep2", "save": ckpt}],
+             4: [{"build": builds["ep4"], "steps": STEPS, "start": RESUME_AT, "name": "resume_ep4", "resume": ckpt}]}
+    out = {n: torchrun(n, {"runs": [{"build": builds[b], "steps": STEPS, "name": b} for b in names] + extra[n],
+                           "ops": True}, tmp) for n, names in RUNS.items()}
+    out["ckpt"] = ckpt
+    return out
 
 
 def _close(got, want):
@@ -60,3 +67,8 @@ def test_checkpointed_experts_do_not_repeat_the_all_to_all(runs, builds):
 def test_dispatch_combine_edge_cases(runs, nproc):
     checks = {k: v for k, v in runs[nproc].items() if k.startswith("ops:")}
     assert checks and all(checks.values()), [k for k, v in checks.items() if not v]
+
+
+def test_checkpoint_at_ep2_resumes_at_ep4_and_on_one_process(runs, builds, reference):
+    _close(runs[2]["save_ep2"] + runs[4]["resume_ep4"], reference)
+    _close(runs[2]["save_ep2"] + worker.train(builds["plain"], STEPS, RESUME_AT, resume=runs["ckpt"]), reference)

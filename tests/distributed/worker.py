@@ -3,7 +3,7 @@ single-process reference the tests compare with.
 
     python -m torch.distributed.run --nproc_per_node P worker.py OUT.json JOB.json
 
-JOB: {"runs": [{"build": dir, "steps": n, "name": ...}], "ops": bool}; rank 0
+JOB: {"runs": [{"build", "steps", "name", optional "start", "save", "resume"}], "ops": bool}; rank 0
 writes {name: [global loss per step]} and the op-level checks' results to OUT.
 """
 import importlib.util
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moec.distributed as md
-from moec.distributed import groups
+from moec.distributed import checkpoint, groups
 from moec.runtime import load_weights
 
 BATCH, SEQ = 8, 12  # the global batch: every world size splits these rows
@@ -38,15 +38,18 @@ def batch(step: int, vocab: int, rank: int, world: int):
     return rows[:, :-1], rows[:, 1:]
 
 
-def train(build: str, steps: int) -> list[float]:
-    """Per-step loss of the global batch (mean over ranks of each rank's loss)."""
+def train(build: str, steps: int, start: int = 0, save: str | None = None, resume: str | None = None) -> list[float]:
+    """Per-step loss of the global batch (mean over ranks of each rank's loss) for steps start..steps-1;
+    resume: a DCP checkpoint to start from; save: where to write one after the last step."""
     model, config = load_build(build)
-    model, _, grad_sync = md.setup(model, config)
+    model, mesh, grad_sync = md.setup(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    if resume:
+        checkpoint.load(resume, model, opt, mesh)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     vocab = model.tok_embeddings.weight.shape[0]
     losses = []
-    for step in range(steps):
+    for step in range(start, steps):
         x, y = batch(step, vocab, rank, world)
         out = model(x)
         loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + out["aux_loss"] + out["z_loss"]
@@ -58,6 +61,8 @@ def train(build: str, steps: int) -> list[float]:
         if world > 1:
             dist.all_reduce(total)
         losses.append(total.item() / world)
+    if save:
+        checkpoint.save(save, model, opt, mesh)
     return losses
 
 
@@ -89,7 +94,8 @@ def main(out: str, job_path: str) -> None:
     result = {}
     for run in job["runs"]:
         with CollectiveLog() as log:
-            result[run["name"]] = train(run["build"], run["steps"])
+            result[run["name"]] = train(run["build"], run["steps"], run.get("start", 0), run.get("save"),
+                                        run.get("resume"))
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, log.calls)
         result[run["name"] + ":collectives_agree"] = all(c == every[0] for c in every)
