@@ -113,10 +113,17 @@ def backward(g_out: Tensor, row_map: Tensor) -> Tensor:
     return gather_sum(g_out, row_map, None)
 
 
+def _permute_backward_reference(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
+    """Permute's backward in moec:: ops: unpermute with unit weights."""
+    w = torch.ones(row_map.numel() // k, k, device=g_out.device, dtype=moec.ops.acc(g_out).dtype)
+    return torch.ops.moec.unpermute.default(g_out, row_map, w)
+
+
 def _register():
     @torch.library.custom_op(f"moec_kernels::{NAME}", mutates_args=(), device_types="cuda")
     def permute(x: Tensor, row_map: Tensor, k: int) -> Tensor:
-        _check(k, x.dtype)
+        if not _generated_for(k, x.dtype):
+            return torch.ops.moec.permute.default(x, row_map, k)
         return forward(x, row_map)
 
     @permute.register_kernel("cpu")
@@ -127,12 +134,11 @@ def _register():
 
     @torch.library.custom_op(f"moec_kernels::{NAME}_backward", mutates_args=(), device_types="cuda")
     def permute_backward(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
+        if not _generated_for(k, g_out.dtype):
+            return _permute_backward_reference(g_out, row_map, k)
         return backward(g_out, row_map)
 
-    @permute_backward.register_kernel("cpu")
-    def _(g_out, row_map, k):
-        w = torch.ones(row_map.numel() // k, k, device=g_out.device, dtype=moec.ops.acc(g_out).dtype)
-        return torch.ops.moec.unpermute.default(g_out, row_map, w)
+    permute_backward.register_kernel("cpu")(_permute_backward_reference)
 
     permute_backward.register_fake(lambda g_out, row_map, k: g_out.new_empty(row_map.numel() // k, g_out.shape[1]))
 
@@ -193,7 +199,8 @@ def backward(g_out: Tensor, y: Tensor, row_map: Tensor, weights: Tensor):
 def _register():
     @torch.library.custom_op(f"moec_kernels::{NAME}", mutates_args=(), device_types="cuda")
     def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
-        _check(weights.shape[1], y.dtype)
+        if not _generated_for(weights.shape[1], y.dtype):
+            return torch.ops.moec.unpermute.default(y, row_map, weights)
         return forward(y, row_map, weights)
 
     @unpermute.register_kernel("cpu")
@@ -204,6 +211,8 @@ def _register():
 
     @torch.library.custom_op(f"moec_kernels::{NAME}_backward", mutates_args=(), device_types="cuda")
     def unpermute_backward(g_out: Tensor, y: Tensor, row_map: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        if not _generated_for(weights.shape[1], y.dtype) or g_out.dtype != y.dtype:
+            return torch.ops.moec.unpermute_backward.default(g_out, y, row_map, weights)
         return backward(g_out, y, row_map, weights)
 
     @unpermute_backward.register_kernel("cpu")
@@ -250,10 +259,12 @@ def _launch(kernel: str, t: Tensor):
     return split_launch(arch.launch(kernel, arch.device_arch(t.device.index or 0) if t.is_cuda else "sm90"))
 
 
-def _check(k: int, dtype: torch.dtype):
-    if (k, dtype) != (K, $TORCH_DTYPE):
-        raise moec.MoecError(f"{NAME} was generated for K={K} and $TORCH_DTYPE, not {k} and {dtype}: "
-                             "re-run lower_to_triton")
+def _generated_for(k: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels fit this call; another dtype (bf16 autocast on a build
+    compiled in fp32, say) runs the moec:: reference, which is correct on any device."""
+    if k != K:
+        raise moec.MoecError(f"{NAME} was generated for K={K}, not {k}: re-run lower_to_triton")
+    return dtype == $TORCH_DTYPE
 ''')
 
 
