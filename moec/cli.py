@@ -75,6 +75,8 @@ def _pyramid(value):
 @click.option("--capacity-factor", default=0.0, show_default=True, help="0 = dropless.")
 @click.option("--aux-loss", default=0.01, show_default=True, help="Load-balancing loss coefficient.")
 @click.option("--z-loss", default=0.001, show_default=True, help="Router z-loss coefficient.")
+@click.option("--recompute-experts", is_flag=True,
+              help="Recompute the experts' [T*K, F] activations in backward instead of storing them.")
 @click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
@@ -92,7 +94,7 @@ def _pyramid(value):
 @click.option("--force", is_flag=True, help="Replace a non-empty build directory.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
-                first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, weights, seed,
+                first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, recompute_experts, weights, seed,
                 max_weights_gb, gpus, hardware, ep, ep_variant, node_size, checkpoint_experts, no_triton, dense,
                 no_verify, force, debug):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
@@ -103,7 +105,7 @@ def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_e
     options = MoeOptions(experts=experts, topk=topk, router=router, shared_experts=shared_experts,
                          granularity=granularity, moe_every=moe_every, first_dense=first_dense,
                          pyramid=_pyramid(pyramid), upcycle_noise=upcycle_noise, capacity_factor=capacity_factor,
-                         aux_loss=aux_loss, z_loss=z_loss, seed=seed)
+                         aux_loss=aux_loss, z_loss=z_loss, recompute_experts=recompute_experts, seed=seed)
     compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
                                  overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
                                  seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,

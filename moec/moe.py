@@ -22,14 +22,14 @@ def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
 
 
 def moe_layer(x: Tensor, logits: Tensor, w1: Tensor, b1, w3, b3, w2: Tensor, b2, *, k: int, score: str,
-              renorm: bool, capacity_factor: float, activation: str):
+              renorm: bool, capacity_factor: float, activation: str, recompute: bool = False):
     """x [T, D], router logits [T, E] -> (out [T, D], counts [E], probs_sum [E], zsum [])."""
     weights, indices, counts, probs_sum, zsum = moec_ops.gate(logits, k, score, renorm, None, 1, 1)
     E = w1.shape[0]
     cap = capacity(x.shape[0], k, E, capacity_factor) if capacity_factor > 0 else 0
     row_map, offsets = moec_ops.route(indices, E, cap)
     y = moec_ops.permute(x, row_map, k)  # [T*K, D]
-    h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation)
+    h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute)
     return moec_ops.unpermute(h, row_map, weights), counts, probs_sum, zsum
 
 

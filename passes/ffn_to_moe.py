@@ -48,6 +48,7 @@ class MoeOptions:
     capacity_factor: float = 0.0
     aux_loss: float = 0.01
     z_loss: float = 0.001
+    recompute_experts: bool = False
     seed: int = 0
 
     def check(self, ffn_width: int) -> None:
@@ -162,7 +163,8 @@ class FFNToMoE(Pass):
         logits = g.call_function(aten.linear.default, (xf, attr("router.weight")))  # [T, E*M]
         w = [attr(f"experts.{n}") for n in ("w1", "b1", "w3", "b3", "w2", "b2")]
         moe = g.call_function(moe_layer, (xf, logits, *w), dict(
-            k=o.topk * M, score=o.router, renorm=True, capacity_factor=o.capacity_factor, activation=ffn.activation))
+            k=o.topk * M, score=o.router, renorm=True, capacity_factor=o.capacity_factor, activation=ffn.activation,
+            recompute=o.recompute_experts))
         out, counts, probs_sum, zsum = (g.call_function(operator.getitem, (moe, i)) for i in range(4))
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))

@@ -41,7 +41,8 @@ class LowerMoE(Pass):
                 route = g.call_function(ops.route.default, (indices, num_experts, cap))
                 row_map, offsets = (g.call_function(operator.getitem, (route, i)) for i in range(2))
                 y = g.call_function(ops.permute.default, (x, row_map, k))
-                h = g.call_function(ops.experts.default, (y, offsets, w1, b1, w3, b3, w2, b2, kw["activation"]))
+                h = g.call_function(ops.experts.default, (y, offsets, w1, b1, w3, b3, w2, b2, kw["activation"],
+                                                          kw.get("recompute", False)))
                 out = g.call_function(ops.unpermute.default, (h, row_map, weights))
             results = (out, counts, probs_sum, zsum)
             for user in list(node.users):

@@ -42,3 +42,16 @@ def test_lowered_graph_runs_at_other_sizes():
     out = gm(torch.randn(3, 11, 16))
     assert out["logits"].shape == (3, 11, 16)
     assert out["expert_counts"][0].sum().item() == 3 * 11 * 2
+
+
+def test_recompute_experts_reaches_the_op_and_keeps_gradients():
+    grads = {}
+    for recompute in (False, True):
+        _, x, gm = captured("swiglu", seed=5)
+        FindFFN()(gm)
+        FFNToMoE(MoeOptions(experts=4, topk=2, recompute_experts=recompute))(gm)
+        LowerMoE()(gm)
+        node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.experts.default)
+        assert node.args[9] is recompute
+        grads[recompute] = _grads(gm, x)[1]
+    assert all(torch.allclose(grads[False][n], grads[True][n], rtol=1e-6, atol=1e-7) for n in grads[False])
