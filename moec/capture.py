@@ -1,8 +1,10 @@
 """Capture: a user's model.py -> a plain GraphModule with shapes on every node.
 
-The one entry point passes rely on is `capture(model, inputs)`; which
-front-end ran (non-strict torch.export, or torch.fx.symbolic_trace as the
-fallback) is recorded in gm.meta["frontend"] and matters to nobody else.
+The one entry point passes rely on is `capture(model, inputs)`: non-strict
+torch.export, recorded in gm.meta["frontend"]. The passes read ATen-level
+graphs with module provenance, which torch.fx.symbolic_trace does not give,
+so there is no second front-end: a model export rejects gets export's reason,
+with the user's line.
 After capture the graph takes the token ids and returns {"logits": ...};
 device arguments baked in at trace time follow the input's device instead.
 """
@@ -106,15 +108,10 @@ def capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
         # batch and sequence stay symbolic, so the program trains and evaluates at any size
         dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)
         gm = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False).module()
-        frontend = "torch.export"
-    except Exception as export_error:
-        try:
-            gm = torch.fx.symbolic_trace(model)
-            frontend = "torch.fx.symbolic_trace"
-        except Exception:
-            raise MoecError(f"capture failed: {_capture_message(export_error)}") from export_error
+    except Exception as e:
+        raise MoecError(f"capture failed: {_capture_message(e)}") from e
     _normalise(gm)
-    gm.meta["frontend"] = frontend
+    gm.meta["frontend"] = "torch.export"
     gm.meta["inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
     propagate_shapes(gm)
     return gm
