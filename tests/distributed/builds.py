@@ -16,7 +16,7 @@ EP_BUILDS = {
 }
 
 
-def compile_builds(out: Path, names=EP_BUILDS) -> dict:
+def compile_builds(out: Path, names=tuple(EP_BUILDS)) -> dict:
     """{name: build dir}: 8 experts top-2, noisy upcycling so the experts differ."""
     dirs = {}
     for name in names:

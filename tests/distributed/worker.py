@@ -3,11 +3,13 @@ single-process reference the tests compare with.
 
     python -m torch.distributed.run --nproc_per_node P worker.py OUT.json JOB.json
 
-JOB: {"runs": [{"build", "steps", "name", optional "start", "save", "resume"}], "ops": bool}; rank 0
+JOB: {"runs": [{"build", "steps", "name", optional "start", "save", "resume"}], "ops": bool,
+"device": "cpu" (gloo) or "cuda" (NCCL, bf16 autocast)}; rank 0
 writes {name: [global loss per step]} and the op-level checks' results to OUT.
 """
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,11 +40,12 @@ def batch(step: int, vocab: int, rank: int, world: int):
     return rows[:, :-1], rows[:, 1:]
 
 
-def train(build: str, steps: int, start: int = 0, save: str | None = None, resume: str | None = None) -> list[float]:
+def train(build: str, steps: int, start: int = 0, save: str | None = None, resume: str | None = None,
+          device: str = "cpu") -> list[float]:
     """Per-step loss of the global batch (mean over ranks of each rank's loss) for steps start..steps-1;
     resume: a DCP checkpoint to start from; save: where to write one after the last step."""
     model, config = load_build(build)
-    model, mesh, grad_sync = md.setup(model, config)
+    model, mesh, grad_sync = md.setup(model.to(device), config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     if resume:
         checkpoint.load(resume, model, opt, mesh)
@@ -50,9 +53,10 @@ def train(build: str, steps: int, start: int = 0, save: str | None = None, resum
     vocab = model.tok_embeddings.weight.shape[0]
     losses = []
     for step in range(start, steps):
-        x, y = batch(step, vocab, rank, world)
-        out = model(x)
-        loss = F.cross_entropy(out["logits"].flatten(0, 1), y.flatten()) + out["aux_loss"] + out["z_loss"]
+        x, y = (t.to(device) for t in batch(step, vocab, rank, world))
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            out = model(x)
+        loss = F.cross_entropy(out["logits"].float().flatten(0, 1), y.flatten()) + out["aux_loss"] + out["z_loss"]
         opt.zero_grad()
         loss.backward()
         grad_sync()
@@ -89,13 +93,16 @@ class CollectiveLog:
 
 
 def main(out: str, job_path: str) -> None:
-    dist.init_process_group("gloo")
     job = json.loads(Path(job_path).read_text())
+    device = job.get("device", "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
     result = {}
     for run in job["runs"]:
         with CollectiveLog() as log:
             result[run["name"]] = train(run["build"], run["steps"], run.get("start", 0), run.get("save"),
-                                        run.get("resume"))
+                                        run.get("resume"), device)
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, log.calls)
         result[run["name"] + ":collectives_agree"] = all(c == every[0] for c in every)
