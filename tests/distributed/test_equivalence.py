@@ -28,9 +28,11 @@ def reference(builds):
 def runs(builds, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     ckpt = str(tmp / "ckpt_ep2")
-    # besides the 10-step runs: EP=2 saves after 5 steps, EP=4 resumes there (experts resharded)
+    # besides the 10-step runs: EP=2 saves after 5 steps, EP=4 resumes there (experts resharded);
+    # EP=2 x DP=2 with ZeRO-1 optimizer state
     extra = {2: [{"build": builds["ep2"], "steps": RESUME_AT, "name": "save_ep2", "save": ckpt}],
-             4: [{"build": builds["ep4"], "steps": STEPS, "start": RESUME_AT, "name": "resume_ep4", "resume": ckpt}]}
+             4: [{"build": builds["ep4"], "steps": STEPS, "start": RESUME_AT, "name": "resume_ep4", "resume": ckpt},
+                 {"build": builds["ep2"], "steps": STEPS, "name": "ep2_zero1", "zero": True}]}
     out = {n: torchrun(n, {"runs": [{"build": builds[b], "steps": STEPS, "name": b} for b in names] + extra[n],
                            "ops": True}, tmp) for n, names in RUNS.items()}
     out["ckpt"] = ckpt
@@ -72,3 +74,7 @@ def test_dispatch_combine_edge_cases(runs, nproc):
 def test_checkpoint_at_ep2_resumes_at_ep4_and_on_one_process(runs, builds, reference):
     _close(runs[2]["save_ep2"] + runs[4]["resume_ep4"], reference)
     _close(runs[2]["save_ep2"] + worker.train(builds["plain"], STEPS, RESUME_AT, resume=runs["ckpt"]), reference)
+
+
+def test_zero1_optimizer_state_sharding_matches(runs, reference):
+    _close(runs[4]["ep2_zero1"], reference)

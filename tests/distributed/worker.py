@@ -3,7 +3,7 @@ single-process reference the tests compare with.
 
     python -m torch.distributed.run --nproc_per_node P worker.py OUT.json JOB.json
 
-JOB: {"runs": [{"build", "steps", "name", optional "start", "save", "resume"}], "ops": bool,
+JOB: {"runs": [{"build", "steps", "name", optional "start", "save", "resume", "zero"}], "ops": bool,
 "device": "cpu" (gloo) or "cuda" (NCCL, bf16 autocast)}; rank 0
 writes {name: [global loss per step]} and the op-level checks' results to OUT.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import moec.distributed as md
 from moec.distributed import checkpoint, groups
+from moec.distributed.zero import make_optimizer
 from moec.runtime import load_weights
 
 BATCH, SEQ = 8, 12  # the global batch: every world size splits these rows
@@ -41,12 +42,13 @@ def batch(step: int, vocab: int, rank: int, world: int):
 
 
 def train(build: str, steps: int, start: int = 0, save: str | None = None, resume: str | None = None,
-          device: str = "cpu") -> list[float]:
+          device: str = "cpu", zero: bool = False) -> list[float]:
     """Per-step loss of the global batch (mean over ranks of each rank's loss) for steps start..steps-1;
     resume: a DCP checkpoint to start from; save: where to write one after the last step."""
     model, config = load_build(build)
     model, mesh, grad_sync = md.setup(model.to(device), config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = (make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.01) if zero
+           else torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01))
     if resume:
         checkpoint.load(resume, model, opt, mesh)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -102,7 +104,7 @@ def main(out: str, job_path: str) -> None:
     for run in job["runs"]:
         with CollectiveLog() as log:
             result[run["name"]] = train(run["build"], run["steps"], run.get("start", 0), run.get("save"),
-                                        run.get("resume"), device)
+                                        run.get("resume"), device, run.get("zero", False))
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, log.calls)
         result[run["name"] + ":collectives_agree"] = all(c == every[0] for c in every)
