@@ -33,7 +33,8 @@ from model import Model  # noqa: E402
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default={seq_len})
@@ -97,7 +98,8 @@ def main(args):
 
     with rt.StopOnSignal() as stop:
         for step in range(start, args.steps):
-            inputs, targets = (t.to(env.device) for t in data.batch("train", step, args.batch_size, env.rank, env.world))
+            batch = data.batch("train", step, args.batch_size, env.rank, env.world)
+            inputs, targets = (t.to(env.device) for t in batch)
             lm, out = loss_of(inputs, targets)
             loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
             if step + 1 == args.debug_nan_at_step:
