@@ -11,11 +11,6 @@ from moec.training.loop import (StopOnSignal, check_finite, export_weights, rng_
 from moec.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
 from moec.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
 
-# Under bf16 autocast the expert GEMMs should run in bf16 like every other
-# linear layer; autocast leaves custom ops alone unless told.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("moec::experts", "AutocastCUDA"):
-    torch.library.register_autocast("moec::experts", "cuda", torch.bfloat16)
-
 
 def declare(module: torch.nn.Module, params: dict, buffers: dict, tied: dict, device="cpu") -> None:
     """Create the parameters and buffers {name: (shape, dtype)} at their dotted
