@@ -3,6 +3,7 @@ the moec:: ops, building a model's parameters from a declaration, its weights,
 and (re-exported from moec.training) what train.py trains it with."""
 import torch
 
+import moec.distributed  # noqa: F401  registers the EP collectives (moec::dispatch, combine, ep_experts)
 import moec.moe  # noqa: F401  registers the moec:: ops the graph calls
 from moec.training.checkpoint import Checkpointer  # noqa: F401
 from moec.training.data import TokenData, load_tokens  # noqa: F401

@@ -15,6 +15,9 @@ moec::balance_counts(counts) (global expert shares) so that data-parallel
 ranks optimise the loss of the global batch. checkpoint=True marks the
 experts recompute=True: backward recomputes their activations from the
 dispatched rows they already keep, never repeating the all-to-all.
+chunks > 1 (flat only) replaces the three nodes by one moec::ep_experts,
+which overlaps each chunk's all-to-all with another chunk's experts (and
+always recomputes activations that way).
 Invariant: on one process (no group registered) the graph computes what it
 computed before; on P ranks it computes what one process computes on the
 concatenated batch. Every rank runs this same graph, so the sequence of
@@ -28,7 +31,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from moec import MoecError
-from moec.distributed import ops as _ops  # noqa: F401  registers the collectives
+from moec.distributed import ops as _ops, overlap as _overlap  # noqa: F401  registers the collectives
 from moec.distributed.params import is_expert
 from moec.graph import propagate_shapes
 from moec.moe import load_balance_loss
@@ -44,6 +47,7 @@ class EPOptions:
     variant: str = "flat"
     node_size: int = 0  # ranks per node, for hierarchical
     checkpoint: bool = False
+    chunks: int = 1  # > 1: moec::ep_experts, all-to-all of one chunk of experts overlapping another's compute
 
     def validate(self) -> "EPOptions":
         if self.ep < 1:
@@ -53,6 +57,8 @@ class EPOptions:
         if self.variant == "hierarchical" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
             raise MoecError(f"--ep-variant hierarchical needs --node-size G with 1 < G < EP={self.ep} dividing "
                             f"it (got {self.node_size})")
+        if self.chunks < 1 or (self.chunks > 1 and self.variant != "flat"):
+            raise MoecError(f"--ep-chunks {self.chunks}: use 1, or more with the flat variant")
         return self
 
     def to_json(self) -> dict:
@@ -80,6 +86,16 @@ class InsertCollectives(Pass):
                 raise MoecError(f"{node.name} reads expert weights {w.name!r} that are not parameters named "
                                 "'<layer>.experts.<w1|w3|w2|b1|b3|b2>'; the runtime cannot shard them")
 
+    def _overlap(self, g, node: torch.fx.Node, ep: int, comm: dict) -> None:
+        """experts -> ep_experts (dispatch, experts and combine in overlapped chunks)."""
+        with g.inserting_before(node):
+            fused = g.call_function(ops.ep_experts.default, (*node.args[:9], ep, self.o.chunks))
+            out = g.call_function(operator.getitem, (fused, 0))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        fused.meta["comm"] = comm
+        fused.meta["custom"] = {**comm, "chunks": self.o.chunks}
+
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         g, changed = gm.graph, False
         node_size = self.o.node_size if self.o.variant == "hierarchical" else 0
@@ -95,6 +111,11 @@ class InsertCollectives(Pass):
             for w in node.args[2:8]:
                 if isinstance(w, torch.fx.Node):  # a rank's view: its E/EP experts (the module keeps all E)
                     w.meta["val"] = w.meta["val"][:E // ep]
+            comm = {"group": "ep", "ep": ep, "node_size": node_size, "bytes": _bytes(x, ep)}
+            if self.o.chunks > 1:
+                self._overlap(g, node, ep, comm)
+                changed = True
+                continue
             with g.inserting_before(node):
                 d = g.call_function(ops.dispatch.default, (x, offsets, ep, node_size))
                 rows, local, counts = (g.call_function(operator.getitem, (d, i)) for i in range(3))
@@ -108,7 +129,6 @@ class InsertCollectives(Pass):
             with g.inserting_after(node):
                 c = g.call_function(ops.combine.default, (node, counts, n_rows, ep, node_size))
             node.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
-            comm = {"group": "ep", "ep": ep, "node_size": node_size, "bytes": _bytes(x, ep)}
             for n in (d, c):
                 n.meta["comm"] = comm
                 n.meta["custom"] = dict(comm)

@@ -2,5 +2,5 @@
 and its named groups, expert sharding, gradient sync and resharding
 checkpoints. A training loop calls `setup` once after building the model
 and loading its weights, then `grad_sync()` after every backward."""
-from moec.distributed import ops  # noqa: F401  registers moec::dispatch, moec::combine, moec::balance_counts
+from moec.distributed import ops, overlap  # noqa: F401  registers dispatch, combine, balance_counts, ep_experts
 from moec.distributed.setup import setup  # noqa: F401

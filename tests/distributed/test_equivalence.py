@@ -11,7 +11,7 @@ from tests.distributed.launch import torchrun
 
 STEPS = 10
 RESUME_AT = 5
-RUNS = {2: ["ep2", "ep2_ckpt"], 4: ["ep4", "ep4_hier", "ep2"]}  # ep2 on 4 processes: EP=2 x DP=2
+RUNS = {2: ["ep2", "ep2_ckpt", "ep2_overlap"], 4: ["ep4", "ep4_hier", "ep2", "ep4_overlap"]}  # ep2 on 4: EP=2 x DP=2
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ def _close(got, want):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs {b}"
 
 
-def test_ep_build_on_one_process_is_the_plain_model(builds, reference):
-    _close(worker.train(builds["ep2"], STEPS), reference)
+@pytest.mark.parametrize("build", ["ep2", "ep2_overlap"])
+def test_ep_build_on_one_process_is_the_plain_model(builds, reference, build):
+    _close(worker.train(builds[build], STEPS), reference)
 
 
 @pytest.mark.parametrize("nproc,build", [(n, b) for n, names in RUNS.items() for b in names])
