@@ -83,9 +83,10 @@ def _pyramid(value):
 @click.option("--gpus", default=0, help="Let the planner pick EP/DP/TP/PP/ZeRO for this many GPUs (plan.json).")
 @click.option("--hardware", default="dgx_h100", show_default=True, help="Hardware profile name or JSON for --gpus.")
 @click.option("--ep", default=0, help="Expert-parallel degree: shard the experts over N ranks (all-to-all).")
-@click.option("--ep-variant", type=click.Choice(["flat", "hierarchical"]), default="flat", show_default=True,
-              help="hierarchical: all-to-all inside each node, then between nodes (needs --node-size).")
-@click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical.")
+@click.option("--ep-variant", type=click.Choice(["flat", "hierarchical", "rbd"]), default="flat", show_default=True,
+              help="hierarchical: all-to-all inside each node, then between nodes; rbd: each token crosses to a "
+                   "node once (both need --node-size).")
+@click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical or rbd.")
 @click.option("--ep-chunks", default=1, show_default=True,
               help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
 @click.option("--checkpoint-experts", is_flag=True,

@@ -15,7 +15,9 @@ moec::balance_counts(counts) (global expert shares) so that data-parallel
 ranks optimise the loss of the global batch. checkpoint=True marks the
 experts recompute=True: backward recomputes their activations from the
 dispatched rows they already keep, never repeating the all-to-all.
-chunks > 1 (flat only) replaces the three nodes by one moec::ep_experts,
+variant "rbd" dispatches from the tokens before permute (moec::dispatch_rbd,
+each token crossing to a node once; permute is then removed) and combines
+hierarchically. chunks > 1 (flat only) replaces the three nodes by one moec::ep_experts,
 which overlaps each chunk's all-to-all with another chunk's experts (and
 always recomputes activations that way).
 Invariant: on one process (no group registered) the graph computes what it
@@ -31,14 +33,14 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from moec import MoecError
-from moec.distributed import ops as _ops, overlap as _overlap  # noqa: F401  registers the collectives
+from moec.distributed import ops as _ops, overlap as _overlap, rbd as _rbd  # noqa: F401  registers the ops
 from moec.distributed.params import is_expert
 from moec.graph import propagate_shapes
 from moec.moe import load_balance_loss
 from moec.passes_base import Pass, PassResult
 
 ops = torch.ops.moec
-VARIANTS = ("flat", "hierarchical")
+VARIANTS = ("flat", "hierarchical", "rbd")
 
 
 @dataclass
@@ -54,8 +56,8 @@ class EPOptions:
             raise MoecError(f"--ep must be at least 1 (got {self.ep})")
         if self.variant not in VARIANTS:
             raise MoecError(f"--ep-variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
-        if self.variant == "hierarchical" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
-            raise MoecError(f"--ep-variant hierarchical needs --node-size G with 1 < G < EP={self.ep} dividing "
+        if self.variant != "flat" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
+            raise MoecError(f"--ep-variant {self.variant} needs --node-size G with 1 < G < EP={self.ep} dividing "
                             f"it (got {self.node_size})")
         if self.chunks < 1 or (self.chunks > 1 and self.variant != "flat"):
             raise MoecError(f"--ep-chunks {self.chunks}: use 1, or more with the flat variant")
@@ -86,6 +88,15 @@ class InsertCollectives(Pass):
                 raise MoecError(f"{node.name} reads expert weights {w.name!r} that are not parameters named "
                                 "'<layer>.experts.<w1|w3|w2|b1|b3|b2>'; the runtime cannot shard them")
 
+    def _dispatch(self, g, node: torch.fx.Node, x, offsets, ep: int, node_size: int) -> torch.fx.Node:
+        if self.o.variant != "rbd":
+            return g.call_function(ops.dispatch.default, (x, offsets, ep, node_size))
+        if not (isinstance(x, torch.fx.Node) and x.target is ops.permute.default):
+            raise MoecError(f"{node.name}: the rbd variant reads the tokens before moec::permute, and {x} is not "
+                            "one; run insert_collectives before lower_to_triton")
+        tokens, row_map, k = x.args
+        return g.call_function(ops.dispatch_rbd.default, (tokens, row_map, offsets, k, ep, node_size))
+
     def _overlap(self, g, node: torch.fx.Node, ep: int, comm: dict) -> None:
         """experts -> ep_experts (dispatch, experts and combine in overlapped chunks)."""
         with g.inserting_before(node):
@@ -98,7 +109,7 @@ class InsertCollectives(Pass):
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         g, changed = gm.graph, False
-        node_size = self.o.node_size if self.o.variant == "hierarchical" else 0
+        node_size = self.o.node_size if self.o.variant != "flat" else 0
         for node in [n for n in g.nodes if n.op == "call_function" and n.target is ops.experts.default]:
             ep = node.meta.get("ep_size", self.o.ep)
             if ep == 1:
@@ -117,7 +128,7 @@ class InsertCollectives(Pass):
                 changed = True
                 continue
             with g.inserting_before(node):
-                d = g.call_function(ops.dispatch.default, (x, offsets, ep, node_size))
+                d = self._dispatch(g, node, x, offsets, ep, node_size)
                 rows, local, counts = (g.call_function(operator.getitem, (d, i)) for i in range(3))
                 n_rows = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
             args = [rows, local, *node.args[2:]]
@@ -129,6 +140,8 @@ class InsertCollectives(Pass):
             with g.inserting_after(node):
                 c = g.call_function(ops.combine.default, (node, counts, n_rows, ep, node_size))
             node.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
+            if not x.users:  # rbd reads the tokens, not permute's rows
+                g.erase_node(x)
             for n in (d, c):
                 n.meta["comm"] = comm
                 n.meta["custom"] = dict(comm)

@@ -11,6 +11,7 @@ issues are a function of the graph alone, never of the data: ranks cannot
 disagree on their order. A stage is a block reorder (rows in blocks ordered
 (a, b) -> (b, a)) or an all-to-all over a named group; running the stages
 backwards, each inverted, is the way back (combine, and each op's backward).
+A gather stage (rbd.py's copies on arrival) runs back as a sum of the copies.
 
 flat:          reorder-free a2a over "ep", then sort the blocks (src, expert)
                -> (expert, src) for the experts op.
@@ -81,13 +82,21 @@ def stages(C: Tensor, me: int, node_size: int) -> list:
 
 def forward(x: Tensor, plan: list) -> Tensor:
     for kind, *a in plan:
-        x = reorder(x, a[0]) if kind == "reorder" else all_to_all(x, *a)
+        if kind == "gather":  # rows idx of a [n, D] buffer (a row may be taken several times)
+            x = x[a[0].to(x.device)]
+        else:
+            x = reorder(x, a[0]) if kind == "reorder" else all_to_all(x, *a)
     return x
 
 
 def inverse(y: Tensor, plan: list) -> Tensor:
+    """The adjoint of forward: its inverse for the permutations and all-to-alls, and for a
+    gather the sum of each row's copies (what the gather's backward is)."""
     for kind, *a in reversed(plan):
-        if kind == "reorder":
+        if kind == "gather":
+            idx, n = a
+            y = y.new_zeros(n, *y.shape[1:]).index_add_(0, idx.to(y.device), y)
+        elif kind == "reorder":
             y = reorder(y, a[0].t())
         else:
             group, send, recv = a

@@ -13,6 +13,7 @@ EP_BUILDS = {
     "ep4": EPOptions(ep=4),
     "ep4_hier": EPOptions(ep=4, variant="hierarchical", node_size=2),
     "ep2_ckpt": EPOptions(ep=2, checkpoint=True),
+    "ep4_rbd": EPOptions(ep=4, variant="rbd", node_size=2),
     "ep2_overlap": EPOptions(ep=2, chunks=3),
     "ep4_overlap": EPOptions(ep=4, chunks=2),
 }

@@ -46,9 +46,41 @@ def check(name: str, ep: int, node_size: int) -> bool:
     return bool(flag.item())
 
 
+def check_rbd(ep: int = 4, node_size: int = 2, T: int = 6, K: int = 2) -> bool:
+    """dispatch_rbd gives hierarchical dispatch's rows and gradients, and sends fewer rows between nodes:
+    token 0 goes to experts 4 and 6, both on node 1."""
+    rank = dist.get_rank()
+    build_mesh(ep, node_size)
+    E = 2 * ep
+    g = torch.Generator().manual_seed(rank)
+    first = torch.randint(0, E, (T,), generator=g)
+    first[0] = 4
+    indices = torch.stack([first, (first + 2) % E], 1).to(torch.int32)
+    row_map, offsets = ops.route(indices, E, 0)
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    rows, local, C = ops.dispatch(ops.permute(x, row_map, K), offsets, ep, node_size)
+    rows2, local2, C2, U, _ = ops.dispatch_rbd(x2, row_map, offsets, K, ep, node_size)
+    ok = torch.equal(rows, rows2) and torch.equal(local, local2) and torch.equal(C, C2)
+    w = torch.randn(rows.shape, generator=torch.Generator().manual_seed(50 + rank))
+    (rows * w).sum().backward()
+    (rows2 * w).sum().backward()
+    ok = ok and torch.allclose(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    me, node, L = dist.get_rank(groups.get("ep")), dist.get_rank(groups.get("ep")) // node_size, 2
+    per_node = C[me].view(ep // node_size, node_size * L).sum(1)  # rows hierarchical sends to each node
+    crossing = torch.tensor([float(per_node.sum() - per_node[node]), float(U[me].sum() - U[me, node])])
+    dist.all_reduce(crossing)
+    flag = torch.tensor([float(ok and crossing[1] < crossing[0])])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def run_all() -> dict:
     world = dist.get_world_size()
     layouts = [("flat", world, 0)] + ([("hierarchical", 4, 2), ("ep2_dp2", 2, 0)] if world == 4 else [])
-    return {f"ops:{layout}:{case}": check(case, ep, node_size)
-            for layout, ep, node_size in layouts
-            for case in ("random", "empty_rank", "empty_experts", "one_remote_expert")}
+    out = {f"ops:{layout}:{case}": check(case, ep, node_size)
+           for layout, ep, node_size in layouts
+           for case in ("random", "empty_rank", "empty_experts", "one_remote_expert")}
+    if world == 4:
+        out["ops:rbd:same_rows_fewer_crossing"] = check_rbd()
+    return out

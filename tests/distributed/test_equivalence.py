@@ -11,7 +11,8 @@ from tests.distributed.launch import torchrun
 
 STEPS = 10
 RESUME_AT = 5
-RUNS = {2: ["ep2", "ep2_ckpt", "ep2_overlap"], 4: ["ep4", "ep4_hier", "ep2", "ep4_overlap"]}  # ep2 on 4: EP=2 x DP=2
+RUNS = {2: ["ep2", "ep2_ckpt", "ep2_overlap"],
+        4: ["ep4", "ep4_hier", "ep4_rbd", "ep2", "ep4_overlap"]}  # ep2 on 4 processes: EP=2 x DP=2
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def _close(got, want):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("build", ["ep2", "ep2_overlap"])
+@pytest.mark.parametrize("build", ["ep2", "ep2_overlap", "ep4_rbd"])
 def test_ep_build_on_one_process_is_the_plain_model(builds, reference, build):
     _close(worker.train(builds[build], STEPS), reference)
 
