@@ -172,4 +172,4 @@ def test_gpus_lets_the_planner_choose_and_records_it(tmp_path):
     chosen = plan["chosen"]
     assert chosen["ep"] * chosen["dp"] * chosen["tp"] * chosen["pp"] == 16
     rows = json.loads((out / "ir" / "summary.json").read_text())
-    assert [r["pass"] for r in rows][-2:] == ["plan_sharding", "lower_to_triton"]
+    assert [r["pass"] for r in rows][-3:] == ["plan_sharding", "insert_collectives", "lower_to_triton"]

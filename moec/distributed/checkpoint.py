@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moec import MoecError
 from moec.distributed.params import is_expert
 
 
@@ -35,6 +36,9 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _state(model, optimizer, mesh) -> dict:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise MoecError("checkpoint: only a plain torch optimizer's state is saved; ZeRO-sharded state "
+                        "(moec.distributed.zero) is not yet, so checkpoint with the optimizer unsharded")
     names = {p: n for n, p in model.named_parameters()}
     state = {f"model.{n}": _wrap(n, p.detach(), mesh) for n, p in model.named_parameters()}
     if optimizer is not None:
