@@ -89,8 +89,6 @@ def _pyramid(value):
 @click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical or rbd.")
 @click.option("--ep-chunks", default=1, show_default=True,
               help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
-@click.option("--checkpoint-experts", is_flag=True,
-              help="Recompute expert activations in backward, keeping the dispatched rows (no second all-to-all).")
 @click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
 @click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
@@ -98,8 +96,8 @@ def _pyramid(value):
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
                 first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, recompute_experts, weights, seed,
-                max_weights_gb, gpus, hardware, ep, ep_variant, node_size, ep_chunks, checkpoint_experts, no_triton,
-                dense, no_verify, force, debug):
+                max_weights_gb, gpus, hardware, ep, ep_variant, node_size, ep_chunks, no_triton, dense, no_verify, force,
+                debug):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.compiler import CompileRequest, compile_model
     from moec.passes.ffn_to_moe import MoeOptions
@@ -113,7 +111,7 @@ def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_e
                                  overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
                                  seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,
                                  hardware=hardware, triton=not no_triton,
-                                 ep=EPOptions(ep, ep_variant, node_size, checkpoint_experts, ep_chunks) if ep else None),
+                                 ep=EPOptions(ep, ep_variant, node_size, ep_chunks) if ep else None),
                   log=click.echo)
 
 

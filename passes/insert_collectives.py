@@ -12,9 +12,10 @@ the same as meta["custom"], which the IR dump prints above the node
 ("# Annotation: ..."): bytes is what one rank sends to the others when
 routing is uniform, N*D*itemsize*(EP-1)/EP. The load-balancing loss reads
 moec::balance_counts(counts) (global expert shares) so that data-parallel
-ranks optimise the loss of the global batch. checkpoint=True marks the
-experts recompute=True: backward recomputes their activations from the
-dispatched rows they already keep, never repeating the all-to-all.
+ranks optimise the loss of the global batch. Activation checkpointing that
+does not repeat the all-to-all is the experts' own recompute=True (from
+`--recompute-experts`): they keep the dispatched rows, their input, and
+recompute their activations from them in backward.
 variant "rbd" dispatches from the tokens before permute (moec::dispatch_rbd,
 each token crossing to a node once; permute is then removed) and combines
 hierarchically. chunks > 1 (flat only) replaces the three nodes by one moec::ep_experts,
@@ -47,8 +48,7 @@ VARIANTS = ("flat", "hierarchical", "rbd")
 class EPOptions:
     ep: int = 1
     variant: str = "flat"
-    node_size: int = 0  # ranks per node, for hierarchical
-    checkpoint: bool = False
+    node_size: int = 0  # ranks per node, for hierarchical and rbd
     chunks: int = 1  # > 1: moec::ep_experts, all-to-all of one chunk of experts overlapping another's compute
 
     def validate(self) -> "EPOptions":
@@ -131,11 +131,7 @@ class InsertCollectives(Pass):
                 d = self._dispatch(g, node, x, offsets, ep, node_size)
                 rows, local, counts = (g.call_function(operator.getitem, (d, i)) for i in range(3))
                 n_rows = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
-            args = [rows, local, *node.args[2:]]
-            if self.o.checkpoint:
-                args += [False] * (10 - len(args))
-                args[9] = True  # recompute
-            node.args = tuple(args)
+            node.args = (rows, local, *node.args[2:])  # recompute, if set, stays
             node.meta.pop("val", None)  # its rows are now the dispatched ones
             with g.inserting_after(node):
                 c = g.call_function(ops.combine.default, (node, counts, n_rows, ep, node_size))

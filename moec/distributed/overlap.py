@@ -30,7 +30,8 @@ def _chunks(C: Tensor, me: int, chunks: int) -> list:
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         cols = torch.cat([torch.arange(j * L + lo, j * L + hi) for j in range(P)])
         lens = C[me, cols]
-        idx = torch.repeat_interleave(starts[cols] - (torch.cumsum(lens, 0) - lens), lens) + torch.arange(int(lens.sum()))
+        first = starts[cols] - (torch.cumsum(lens, 0) - lens)
+        idx = torch.repeat_interleave(first, lens) + torch.arange(int(lens.sum()))
         mine = C[:, me * L + lo:me * L + hi]  # [P, Lc]
         out.append((lo, hi, idx, lens.view(P, -1).sum(1).tolist(), mine.sum(1).tolist(), mine))
     return out

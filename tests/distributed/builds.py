@@ -12,7 +12,7 @@ EP_BUILDS = {
     "ep2": EPOptions(ep=2),
     "ep4": EPOptions(ep=4),
     "ep4_hier": EPOptions(ep=4, variant="hierarchical", node_size=2),
-    "ep2_ckpt": EPOptions(ep=2, checkpoint=True),
+    "ep2_ckpt": EPOptions(ep=2),  # with recompute_experts
     "ep4_rbd": EPOptions(ep=4, variant="rbd", node_size=2),
     "ep2_overlap": EPOptions(ep=2, chunks=3),
     "ep4_overlap": EPOptions(ep=4, chunks=2),
@@ -25,6 +25,7 @@ def compile_builds(out: Path, names=tuple(EP_BUILDS)) -> dict:
     for name in names:
         dirs[name] = str(out / name)
         compile_model(CompileRequest(model=str(ROOT / "examples" / "llama.py"), out=dirs[name], overrides=TINY,
-                                     options=MoeOptions(experts=8, topk=2, upcycle_noise=0.5), verify=False,
+                                     options=MoeOptions(experts=8, topk=2, upcycle_noise=0.5,
+                                                        recompute_experts=name.endswith("_ckpt")), verify=False,
                                      ep=EP_BUILDS[name]), log=lambda s: None)
     return dirs

@@ -16,7 +16,9 @@ def _case(name: str, rank: int, E: int):
     """(experts of the used rows, sorted; unused tail rows) for this rank."""
     g = torch.Generator().manual_seed(rank)
     if name == "empty_rank":  # rank 0 sends nothing and has no rows at all
-        return (torch.randint(0, E, (5,), generator=g).sort().values, 2) if rank else (torch.zeros(0, dtype=torch.long), 0)
+        if rank == 0:
+            return torch.zeros(0, dtype=torch.long), 0
+        return torch.randint(0, E, (5,), generator=g).sort().values, 2
     if name == "empty_experts":  # only even experts get rows, and no rows go to the last rank's experts
         return (2 * torch.randint(0, E // 2 - 1, (6,), generator=g)).sort().values, 1
     if name == "one_remote_expert":  # the whole batch of every rank goes to the last expert
