@@ -138,3 +138,5 @@ def _backward(ctx, g_out, _g_rows, _g_counts):
 
 
 ep_experts.register_autograd(_backward, setup_context=_setup)
+# Under CUDA autocast the expert GEMMs run in bf16, as moec::experts does.
+torch.library.register_autocast("moec::ep_experts", "cuda", torch.bfloat16)

@@ -15,10 +15,12 @@ BF16_REL = 2e-2
 
 
 def test_ep_build_on_gpu_matches_cpu_reference(tmp_path):
-    builds = compile_builds(tmp_path / "builds", ["plain", "ep2", "ep4_hier"])
+    variants = ["ep2", "ep4_hier", "ep4_rbd", "ep2_overlap"]
+    builds = compile_builds(tmp_path / "builds", ["plain", *variants])
     reference = worker.train(builds["plain"], 10)
-    runs = [{"build": builds[b], "steps": 10, "name": b} for b in ("ep2", "ep4_hier")]
+    runs = [{"build": builds[b], "steps": 10, "name": b} for b in variants]
     got = torchrun(1, {"runs": runs, "device": "cuda"}, tmp_path)
-    for b in ("ep2", "ep4_hier"):
+    for b in variants:
+        print(b, "max relative loss difference", max(abs(a - w) / abs(w) for a, w in zip(got[b], reference)))
         for step, (a, want) in enumerate(zip(got[b], reference)):
             assert abs(a - want) <= BF16_REL * abs(want), f"{b} step {step}: {a} vs {want}"
