@@ -75,7 +75,8 @@ def main(args):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{{"params": decay, "weight_decay": args.weight_decay}},
-                                   {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95))
+                                   {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
+                                  fused=env.device.type == "cuda")  # one kernel for every parameter
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank)
     start = 0
