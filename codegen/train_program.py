@@ -13,7 +13,8 @@ from pathlib import Path
 TEMPLATE = '''"""Train {title}.
 
     python train.py --steps 200                  # one CPU or GPU
-    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2)
+    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or expert parallel
+                                                 # for a build compiled with --ep
     python train.py --steps 200 --resume         # continue from RUN_DIR/checkpoints
 
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
@@ -69,7 +70,8 @@ def main(args):
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * env.world, args.seq_len)
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    model = rt.wrap(model, env, fsdp=args.fsdp)
+    parallel = rt.parallelize(model, env, build.config, fsdp=args.fsdp)  # DDP/FSDP2, or expert parallel
+    model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -78,7 +80,7 @@ def main(args):
                                    {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=env.device.type == "cuda")  # one kernel for every parameter
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
-    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank)
+    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh)
     start = 0
     if args.resume:
         state = ckpt.load_latest(model, optimizer)
@@ -108,7 +110,7 @@ def main(args):
             rt.check_finite(loss, step + 1, ckpt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = parallel.clip_grad_norm_(args.grad_clip)
             optimizer.step()
             schedule.step()
             log.step(step + 1, lm, out, grad_norm, schedule.get_last_lr()[0])
@@ -126,8 +128,11 @@ def main(args):
                 return 128 + stop.signum
     if ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}":
         save(args.steps)
-    rt.export_weights(model, run_dir / "final.safetensors", env)
-    log.message(f"done: weights in {{run_dir / 'final.safetensors'}}, metrics in {{run_dir / 'metrics.jsonl'}}")
+    if parallel.expert_parallel:  # each rank holds a slice of the experts: the checkpoint has them all
+        log.message(f"done: checkpoint {{ckpt.latest()}}, metrics in {{run_dir / 'metrics.jsonl'}}")
+    else:
+        rt.export_weights(model, run_dir / "final.safetensors", env)
+        log.message(f"done: weights in {{run_dir / 'final.safetensors'}}, metrics in {{run_dir / 'metrics.jsonl'}}")
     rt.teardown()
     return 0
 

@@ -7,8 +7,8 @@ import moec.distributed  # noqa: F401  registers the EP collectives (moec::dispa
 import moec.moe  # noqa: F401  registers the moec:: ops the graph calls
 from moec.training.checkpoint import Checkpointer  # noqa: F401
 from moec.training.data import TokenData, load_tokens  # noqa: F401
-from moec.training.loop import (StopOnSignal, check_finite, export_weights, rng_state, run_main,  # noqa: F401
-                                set_rng_state, setup_distributed, teardown, wrap)
+from moec.training.loop import (StopOnSignal, check_finite, export_weights, parallelize, rng_state,  # noqa: F401
+                                run_main, set_rng_state, setup_distributed, teardown, wrap)
 from moec.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
 from moec.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
 

@@ -66,3 +66,18 @@ class GradSync:
             flat /= world
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ over the whole model: this rank holds only its experts, so their
+        squared norms are summed over the EP group before scaling (call after __call__)."""
+        sq = lambda ps: sum((p.grad.float().square().sum() for p in ps if p.grad is not None),
+                            torch.zeros((), device=(self.dense or self.expert)[0].device))
+        expert_sq = sq(self.expert)
+        if groups.get("ep") is not None:
+            dist.all_reduce(expert_sq, group=groups.get("ep"))
+        total = (sq(self.dense) + expert_sq).sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.dense + self.expert:
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        return total

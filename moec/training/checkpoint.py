@@ -63,8 +63,10 @@ def verify(path: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int = 3, rank: int = 0):
-        self.root, self.keep, self.rank = Path(root), keep, rank
+    def __init__(self, root: Path, keep: int = 3, rank: int = 0, mesh=None):
+        """mesh: the (dp, ep) DeviceMesh of an expert-parallel run, whose experts are
+        saved with their global shapes, so a run resumes at another EP size."""
+        self.root, self.keep, self.rank, self.mesh = Path(root), keep, rank, mesh
 
     def _complete(self) -> list[Path]:
         return sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
@@ -77,9 +79,14 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        torch.save({**extra, "step": step}, tmp / f"extra_rank{self.rank}.pt")
+        if self.mesh is not None:
+            from moec.distributed import checkpoint as ep_checkpoint
+            ep_checkpoint.save(tmp, model, optimizer, self.mesh)
+        else:
+            msd, osd = get_state_dict(model, optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        layout = "expert_parallel" if self.mesh is not None else "state_dict"
+        torch.save({**extra, "step": step, "layout": layout}, tmp / f"extra_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
             files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -114,12 +121,17 @@ class Checkpointer:
         path = choice[0]
         if path is None:
             return None
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         extra = path / f"extra_rank{self.rank}.pt"
-        return torch.load(extra if extra.exists() else path / "extra_rank0.pt", weights_only=True)
+        extra = torch.load(extra if extra.exists() else path / "extra_rank0.pt", weights_only=True)
+        if self.mesh is not None or extra.get("layout") == "expert_parallel":
+            from moec.distributed import checkpoint as ep_checkpoint
+            ep_checkpoint.load(path, model, optimizer, self.mesh)  # experts resharded to this run's EP
+        else:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return extra
 
     def latest(self) -> Path | None:
         done = self._complete()

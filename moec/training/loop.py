@@ -49,6 +49,35 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Modul
     return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 
+class Parallel:
+    """How a training loop drives the model it got from parallelize()."""
+
+    def __init__(self, model, mesh=None, grad_sync=None):
+        self.model, self.mesh, self.grad_sync = model, mesh, grad_sync
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.mesh is not None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Synchronise gradients where DDP/FSDP do not (expert parallel), then clip by the global norm."""
+        if self.grad_sync is None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.grad_sync()
+        return self.grad_sync.clip_grad_norm_(max_norm)
+
+
+def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = False) -> Parallel:
+    """An expert-parallel build (config.json's "ep" > 1) under torchrun: each rank keeps its
+    E/EP experts and gradients are reduced by moec.distributed; any other build: wrap()."""
+    if env.world > 1 and (config.get("ep") or {}).get("ep", 1) > 1:
+        from moec.distributed import setup
+
+        model, mesh, grad_sync = setup(model, config)
+        return Parallel(model, mesh, grad_sync)
+    return Parallel(wrap(model, env, fsdp))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 

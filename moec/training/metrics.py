@@ -39,12 +39,29 @@ def device_peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def attention_flops_per_step(model_cls, batch: int, seq_len: int) -> float:
+def fake_forward(model_cls, batch: int, seq_len: int, counter=None, ep: int = 1) -> dict:
+    """The model's outputs for a [batch, seq_len] step, on fake tensors: no memory, no
+    compute, and data-dependent shapes (expert-parallel dispatch) allowed. An EP build's
+    graph describes one rank (E/EP experts), so the model is given one rank's experts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()), torch.no_grad():
+        model = model_cls(device="meta")
+        if ep > 1:
+            from moec.distributed.params import shard_experts
+            shard_experts(model, ep, 0)
+        tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        if counter is None:
+            return model(tokens)
+        with counter:
+            return model(tokens)
+
+
+def attention_flops_per_step(model_cls, batch: int, seq_len: int, ep: int = 1) -> float:
     """Forward + backward FLOPs of scaled-dot-product attention for one [batch, seq_len] step."""
-    model = model_cls(device="meta")
-    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(tokens)
+    counter = FlopCounterMode(display=False)
+    fake_forward(model_cls, batch, seq_len, counter, ep)
     forward = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" in str(op))
     return 3.0 * forward
 

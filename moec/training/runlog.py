@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from moec import MoecError
-from moec.training.metrics import attention_flops_per_step, device_peak_flops, expert_load, load_summary, step_flops
+from moec.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
+                                   load_summary, step_flops)
 from moec.training.progress import MetricsFile, Progress
 
 
@@ -27,11 +28,10 @@ class BuildInfo:
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
         config = json.loads((Path(build_dir) / "config.json").read_text())
         moe = config.get("moe") or {}
-        model = model_cls(device="meta")
-        with torch.no_grad():
-            vocab = model(torch.zeros(1, 1, dtype=torch.long, device="meta"))["logits"].shape[-1]
+        ep = (config.get("ep") or {}).get("ep", 1)
+        vocab = fake_forward(model_cls, 1, 1, ep=ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
-        attention = attention_flops_per_step(model_cls, batch, seq_len)
+        attention = attention_flops_per_step(model_cls, batch, seq_len, ep)
         return cls(config, active, vocab, moe.get("topk", 0) * moe.get("granularity", 1),
                    moe.get("capacity_factor", 0.0), step_flops(active, batch * seq_len, attention))
 
