@@ -6,6 +6,7 @@ device, so the figures measure the compiler, not weight initialisation.
 
     python bench/compile.py            # prints a markdown table
 """
+import json
 import os
 import platform
 import subprocess
@@ -33,10 +34,10 @@ def measure(model, config, experts, topk):
         output = pid.stdout.read()
         _, status, usage = os.wait4(pid.pid, 0)
         seconds = time.perf_counter() - t
-    if status != 0:
-        raise SystemExit(f"{model} {config} failed:\n{output}")
-    params = next(line for line in output.splitlines() if "lower_moe" in line).split()[3]
-    return seconds, usage.ru_maxrss / 2**20, float(params) / 1e3  # s, GiB, B params
+        if status != 0:
+            raise SystemExit(f"{model} {config} failed:\n{output}")
+        params = json.loads(Path(f"{tmp}/out/config.json").read_text())["result"]["params"]
+    return seconds, usage.ru_maxrss / 2**20, params / 1e9  # s, GiB, B params
 
 
 def main():

@@ -2,7 +2,6 @@
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 
 def propagate_shapes(gm: torch.fx.GraphModule) -> None:
@@ -18,9 +17,7 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
         mode = gm.meta["fake_mode"] = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-        for node in gm.graph.nodes:  # values that are not tensors (devices, submodules) stay unset
-            node.meta.setdefault("val", None)
+            _ValuesOnly(gm).run(*inputs)
         return
     fetch = lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a
     with mode:
@@ -33,6 +30,16 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
             elif node.op == "call_function":
                 args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), fetch)
                 node.meta["val"] = node.target(*args, **kwargs)
+
+
+class _ValuesOnly(torch.fx.Interpreter):
+    """Records each node's fake value, nothing else (ShapeProp's tensor metadata costs
+    seconds on a 70B graph and nobody reads it); values that are not tensors stay None."""
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        node.meta["val"] = result if isinstance(result, (torch.Tensor, tuple, list)) else None
+        return result
 
 
 def get_param(gm: torch.nn.Module, fqn: str) -> torch.Tensor:
