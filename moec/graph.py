@@ -1,23 +1,30 @@
 """Graph helpers shared by capture and the passes."""
 import torch
 import torch.fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 def propagate_shapes(gm: torch.fx.GraphModule) -> None:
     """Set node.meta["val"] on every node by running the graph on fake tensors.
 
-    The first call runs the whole graph; later calls (after a pass added
+    The first call keeps the values torch.export left on the nodes (in its
+    fake mode, with symbolic batch and sequence sizes) or, when there are none,
+    runs the whole graph; later calls (after a pass added
     nodes) compute only the nodes that have no value yet, in the same fake
     mode, so a pass costs what it changed rather than the model's size.
     """
     mode = gm.meta.get("fake_mode")
     if mode is None:
-        device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
-        mode = gm.meta["fake_mode"] = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
-            _ValuesOnly(gm).run(*inputs)
+        mode = gm.meta["fake_mode"] = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes])
+        if mode is None:
+            device = next((t.device for t in gm.state_dict().values()), torch.device("cpu"))
+            mode = gm.meta["fake_mode"] = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                inputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in gm.meta["inputs"]]
+                _ValuesOnly(gm).run(*inputs)
+        for node in gm.graph.nodes:  # values that are not tensors (devices, submodules) stay None
+            node.meta.setdefault("val", None)
         return
     fetch = lambda a: a.meta["val"] if isinstance(a, torch.fx.Node) else a
     with mode:
@@ -26,7 +33,7 @@ def propagate_shapes(gm: torch.fx.GraphModule) -> None:
                 continue
             if node.op == "get_attr":
                 attr = get_param(gm, node.target)
-                node.meta["val"] = mode.from_tensor(attr) if isinstance(attr, torch.Tensor) else None
+                node.meta["val"] = mode.from_tensor(attr, static_shapes=True) if isinstance(attr, torch.Tensor) else None
             elif node.op == "call_function":
                 args, kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), fetch)
                 node.meta["val"] = node.target(*args, **kwargs)

@@ -62,7 +62,7 @@ def run_pipeline(gm: torch.fx.GraphModule, passes: list, ir_dir: Path | None = N
         log(f"  {i:02d} {p.name:<18} {stats['nodes']:>6} nodes  {stats['params'] / 1e6:>10.2f} M params  "
             f"{'changed' if result.modified else 'unchanged'}  {seconds:.1f} s")
         if ir_dir is not None:
-            after = readable(gm)
+            after = readable(gm) if result.modified else before
             (ir_dir / f"{i:02d}_{p.name}.py").write_text(after)
             diff = difflib.unified_diff(before.splitlines(True), after.splitlines(True),
                                         f"before/{p.name}.py", f"after/{p.name}.py", n=2)
