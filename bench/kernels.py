@@ -33,6 +33,8 @@ MODELS = {  # name: (D, E, K, score, bias, n_group, topk_group)
     "qwen3-30b-a3b": (2048, 128, 8, "softmax", False, 1, 1),
     "deepseek-v3": (7168, 256, 8, "sigmoid", True, 8, 4),
 }
+# the shape of the gating target in PERF_ANCHORS.md (softmax over 256 experts); gating rows only
+GATING_ONLY = {"softmax-e256": (7168, 256, 8, "softmax", False, 1, 1)}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 L2_BYTES = 50 * 2 ** 20
 
@@ -83,9 +85,11 @@ def native_gate(logits, k, score, renorm, bias, n_group, topk_group):
     return (w / w.sum(-1, keepdim=True) if renorm else w), idx
 
 
-def gating_rows(copy_tbs, Ts):
+def gating_rows(copy_tbs, Ts, names):
     compiled = torch.compile(native_gate, dynamic=True)
-    for name, (D, E, K, score, has_bias, G, TG) in MODELS.items():
+    for name, (D, E, K, score, has_bias, G, TG) in {**MODELS, **GATING_ONLY}.items():
+        if names and name not in names:
+            continue
         cfg = gating.config(torch.bfloat16, E, K, score, True, has_bias, G, TG)
         mod = gating.module(cfg)
         for T in Ts:
@@ -104,6 +108,11 @@ def gating_rows(copy_tbs, Ts):
                 row("gating fwd", shape, "torch.compile",
                     bench(lambda x, b: compiled(x, *args, b, G, TG), sets), fwd_bytes, copy_tbs)
                 row("gating fwd", shape, "moec", bench(lambda x, b: mod.forward(x, b), sets), fwd_bytes, copy_tbs)
+                if DEV == "cuda":  # the same calls replayed from a CUDA graph: kernel time without host launch cost
+                    x, b = sets[0]
+                    row("gating fwd", shape, "moec, CUDA graph replay",
+                        triton.testing.do_bench_cudagraph(lambda: mod.forward(x, b), return_mode="median"),
+                        fwd_bytes, copy_tbs)
             grads = []
             for x, b in sets:
                 w, idx = native_gate(x, *args, b, G, TG)
@@ -189,8 +198,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--only", choices=["gating", "permute"], default=None)
+    ap.add_argument("--models", nargs="*", default=None, help=f"a subset of {[*MODELS, *GATING_ONLY]}")
+    ap.add_argument("--tokens", nargs="*", type=int, default=None, help="T values (default 4096 16384 65536)")
     args = ap.parse_args()
-    Ts = [64] if SMOKE else [4096, 16384, 65536]
+    Ts = [64] if SMOKE else (args.tokens or [4096, 16384, 65536])
     copy_tbs = copy_bandwidth()
     dev = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
@@ -198,10 +209,11 @@ def main():
     print("| op | shape | impl | median ms | TB/s by byte model | share of copy |")
     print("| --- | --- | --- | --- | --- | --- |", flush=True)
     if args.only in (None, "gating"):
-        gating_rows(copy_tbs, Ts)
+        gating_rows(copy_tbs, Ts, args.models)
     if args.only in (None, "permute"):
-        cases = [(m, T, 0) for m in MODELS for T in Ts]
-        cases += [(m, Ts[min(1, len(Ts) - 1)], 1.2) for m in MODELS]
+        models = [m for m in MODELS if not args.models or m in args.models]
+        cases = [(m, T, 0) for m in models for T in Ts]
+        cases += [(m, Ts[min(1, len(Ts) - 1)], 1.2) for m in models]
         permute_rows(copy_tbs, cases)
 
 
