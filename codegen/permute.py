@@ -113,11 +113,6 @@ def backward(g_out: Tensor, row_map: Tensor) -> Tensor:
     return gather_sum(g_out, row_map, None)
 
 
-def _permute_backward_reference(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
-    """Permute's backward in moec:: ops: unpermute with unit weights."""
-    w = torch.ones(row_map.numel() // k, k, device=g_out.device, dtype=moec.ops.acc(g_out).dtype)
-    return torch.ops.moec.unpermute.default(g_out, row_map, w)
-
 
 def _register():
     @torch.library.custom_op(f"moec_kernels::{NAME}", mutates_args=(), device_types="cuda")
@@ -135,10 +130,10 @@ def _register():
     @torch.library.custom_op(f"moec_kernels::{NAME}_backward", mutates_args=(), device_types="cuda")
     def permute_backward(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
         if not _generated_for(k, g_out.dtype):
-            return _permute_backward_reference(g_out, row_map, k)
+            return moec.ops.permute_backward(g_out, row_map, k)
         return backward(g_out, row_map)
 
-    permute_backward.register_kernel("cpu")(_permute_backward_reference)
+    permute_backward.register_kernel("cpu")(moec.ops.permute_backward)
 
     permute_backward.register_fake(lambda g_out, row_map, k: g_out.new_empty(row_map.numel() // k, g_out.shape[1]))
 

@@ -192,11 +192,15 @@ def _permute_setup(ctx, inputs, output):
     ctx.k = k
 
 
+def permute_backward(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
+    """Gradient of permute: unpermute with every slot weight one."""
+    w = torch.ones(row_map.numel() // k, k, device=g_out.device, dtype=acc(g_out).dtype)
+    return unpermute(g_out, row_map, w)
+
+
 def _permute_bwd(ctx, g_out):
     (row_map,) = ctx.saved_tensors
-    # the slot weights are one: unpermute's forward is permute's backward
-    w = torch.ones(row_map.numel() // ctx.k, ctx.k, device=g_out.device, dtype=acc(g_out).dtype)
-    return unpermute(g_out, row_map, w), None, None
+    return permute_backward(g_out, row_map, ctx.k), None, None
 
 
 permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
