@@ -11,6 +11,7 @@ the device's bf16 peak (moec.training.metrics).
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,8 +34,6 @@ def compile_builds(out: Path, args) -> dict:
               "--max-weights-gb", "8"]
     builds = {"dense": out / "dense", "moe": out / "moe"}
     sh(*MOEC, "compile", model, *common, "--dense", "--set", f"ffn_dim={2 * args.ffn_dim}", "-o", builds["dense"])
-    # generated routing kernels are specialised to the graph's fp32 dtypes: under bf16 autocast the experts
-    # hand unpermute bf16 rows, and that op runs the moec:: reference
     sh(*MOEC, "compile", model, *common, "--set", f"ffn_dim={args.ffn_dim}", "--experts", 8, "--topk", 2,
        "-o", builds["moe"])
     return builds
@@ -56,9 +55,11 @@ def measure(build: Path, args) -> dict:
 
 def profile(build: Path, args) -> str:
     """Forward, backward and AdamW steps of the build under torch.profiler, op by op."""
-    sys.path.insert(0, str(build))
     rt = importlib.import_module("moec.runtime")
-    model = importlib.import_module("model").Model(device="cuda")
+    spec = importlib.util.spec_from_file_location(f"model_{build.name}", build / "model.py")
+    emitted = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emitted)
+    model = emitted.Model(device="cuda")
     rt.load_weights(model, build / "model.safetensors")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), device="cuda")
@@ -67,7 +68,7 @@ def profile(build: Path, args) -> str:
         with torch.autocast("cuda", torch.bfloat16):
             out = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(out["logits"].float().flatten(0, 1), tokens[:, 1:].flatten())
-        (loss + out["aux_loss"] + out["z_loss"]).backward()
+        (loss + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -78,7 +79,13 @@ def profile(build: Path, args) -> str:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows,
+                                      max_name_column_width=60)
+    # which tensors the casts move: weights (autocast), activations, or logits
+    copies = [e for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::copy_"]
+    copies.sort(key=lambda e: -e.device_time_total)
+    lines = [f"{e.device_time_total / 1e3:9.2f} ms  x{e.count:<4d} {e.input_shapes}" for e in copies[:12]]
+    return table + "\naten::copy_ by input shapes (CUDA time, 3 steps):\n" + "\n".join(lines)
 
 
 def main():
@@ -108,7 +115,8 @@ def main():
         backend = importlib.import_module("moec.experts").select_backend(
             torch.empty(1, device="cuda", dtype=torch.bfloat16))
         print(f"\nmoec::experts backend for bf16 on this GPU: {backend}")
-        print("\nMoE profile, 3 steps:\n" + profile(builds["moe"], args))
+        for name in ("dense", "moe"):
+            print(f"\n{name} profile, 3 steps:\n" + profile(builds[name], args))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from string import Template
 
 import moec
 from moec.codegen import arch
-from moec.codegen.source import (BY_NAME, DTYPES, REGISTER_GUARD, cast_helper, dtype_name, load, next_pow2,
+from moec.codegen.source import (BY_NAME, CAST_TO, DTYPES, REGISTER_GUARD, dtype_name, load, next_pow2,
                                  split_launch)
 from moec.ops import SCORES
 
@@ -252,7 +252,7 @@ $RENORM_BWD
     gp = tl.load(g_probs_sum_ptr + col, mask=col_ok, other=0.0)  # [1, G, S]
 $BACKWARD
     g += 2 * tl.load(g_zsum_ptr) * lse[:, None, None] * (ex / se[:, None, None])
-    tl.store(g_logits_ptr + at, _to_out(g), mask=(r3 < T) & col_ok)
+    tl.store(g_logits_ptr + at, cast_to(g, g_logits_ptr.dtype.element_ty), mask=(r3 < T) & col_ok)
 
 
 def _launch(kernel: str, t: Tensor):
@@ -375,7 +375,7 @@ def source(cfg: GateConfig) -> str:
     subs = dict(
         DESC=desc, NAME=cfg.name, E=E, K=K, G=G, S=S, GP=GP, SP=SP, KP=next_pow2(K), TOPK_GROUP=cfg.topk_group,
         B={"bf16": 2, "fp16": 2, "fp32": 4}[cfg.dtype], SCORE=cfg.score, RENORM_FLAG=cfg.renorm,
-        BIAS_FLAG=cfg.bias, CAST=cast_helper("_to_out", cfg.dtype), SCORES=_SCORES[cfg.score], PROBS=_PROBS[cfg.score],
+        BIAS_FLAG=cfg.bias, CAST=CAST_TO, SCORES=_SCORES[cfg.score], PROBS=_PROBS[cfg.score],
         LOAD_BIAS=("    bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0)  # [1, G, S] steers selection only"
                    if cfg.bias else ""),
         SELECT="scores + bias" if cfg.bias else "scores",

@@ -98,16 +98,16 @@ OP = getattr(torch.ops.moec_kernels, NAME).default
 '''
 
 
-def cast_helper(name: str, short: str) -> str:
-    """Source of a @triton.jit fp32 -> `short` cast. bf16 rounds to nearest even spelled out
-    in integer ops, so every backend (the CPU interpreter too, which truncates) rounds alike."""
-    if short != "bf16":
-        return f"\n@triton.jit\ndef {name}(x):\n    return x.to({tl_dtype(short)})\n"
-    return f'''
+# fp32 -> dtype inside a kernel, dtype being a pointer's element type. bf16
+# rounds to nearest even spelled out in integer ops, so every backend (the CPU
+# interpreter too, which truncates) rounds alike.
+CAST_TO = '''
 @triton.jit
-def {name}(x):
-    """fp32 -> bf16, round to nearest even (the low half is cleared, so the cast is exact)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+def cast_to(x, dtype: tl.constexpr):
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # low half cleared: the cast below is exact
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
 '''
