@@ -1,12 +1,14 @@
 """`moec calibrate`: measure this machine and write a hardware profile.
 
 GEMM throughput over row counts (the best rate, and m_half, the rows at which
-half of it is reached), and all-reduce / all-to-all times over
-message sizes across `procs` processes (gloo on CPU, NCCL/RCCL on GPUs),
-fitted to t = alpha + volume / beta with volume counted as comm.py counts it.
-With --base the profile keeps that machine's topology and takes the measured
-GEMM figures and latencies; without, it describes one node of `procs` devices
-joined by a switch of the measured all-to-all bandwidth, with no NICs.
+half of it is reached), the bandwidth of a large copy, and all-reduce /
+all-to-all times over message sizes across `procs` processes (gloo on CPU,
+NCCL/RCCL on GPUs), fitted to t = alpha + volume / beta with volume counted as
+comm.py counts it. With --base the profile keeps that machine's topology and
+takes the measured GEMM, copy and latency figures (a single device times no
+collectives and keeps the base's latencies); without, it describes one node of
+`procs` devices joined by a switch of the measured all-to-all bandwidth, with
+no NICs.
 """
 import json
 import os
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moec import MoecError
 from moec.cost_model.hardware import Hardware, load_hardware
 
 
@@ -51,6 +54,14 @@ def measure_gemm(device: torch.device, dim: int, rows=(32, 128, 512, 2048), reps
     halves = sorted(m * (peak / rate[m] - 1) for m in rows)
     return {"tflops": peak / 1e12, "half_rows": halves[len(halves) // 2],
             "by_rows": {str(m): r / 1e12 for m, r in rate.items()}}
+
+
+def measure_copy_bandwidth(device: torch.device, reps: int = 10) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of fp32 on a GPU, 64 MiB on a CPU
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    seconds = _median_time(lambda: (dst.copy_(src), _sync(device)), reps)
+    return 2 * n * 4 / seconds
 
 
 def _fit(xs, ys) -> tuple[float, float]:
@@ -114,7 +125,12 @@ def calibrate(out, base=None, sizes=(4096, 65536), procs: int = 0, gemm_dim: int
     device = torch.device("cuda" if gpu else "cpu")
     procs = procs or (torch.cuda.device_count() if gpu else 2)
     gemm = measure_gemm(device, gemm_dim or (4096 if gpu else 512))
-    coll = measure_collectives(procs, list(sizes))
+    copy_bw = measure_copy_bandwidth(device)
+    # one device has no collective to time: the base profile's (or a nominal) network stays
+    coll = measure_collectives(procs, list(sizes)) if procs > 1 else None
+    if coll is None and not base:
+        raise MoecError("calibrating a single device measures no collectives: pass --base NAME to keep that "
+                        "profile's network, or run with --procs 2 or more")
     name = torch.cuda.get_device_name(0) if gpu else "CPU"
     if base:
         hw: Hardware = load_hardware(base)
@@ -131,11 +147,14 @@ def calibrate(out, base=None, sizes=(4096, 65536), procs: int = 0, gemm_dim: int
         }
     profile["name"] = f"{hw.name}-calibrated" if base else f"calibrated-{name.replace(' ', '_')}"
     profile["gpu"]["gemm_half_rows"] = gemm["half_rows"]
-    alpha = coll["all_to_all"]["alpha_us"]
-    profile["latency_us"] = {"intra": alpha, "inter": profile.get("latency_us", {}).get("inter", alpha)}
+    profile["gpu"]["memory_GBps"] = copy_bw / 1e9
     profile["measured"] = {"gemm_tflops": gemm["tflops"], "gemm_half_rows": gemm["half_rows"],
-                           "gemm_tflops_by_rows": gemm["by_rows"], "all_reduce": coll["all_reduce"],
-                           "all_to_all": coll["all_to_all"], "processes": procs, "device": name}
+                           "gemm_tflops_by_rows": gemm["by_rows"], "copy_GBps": copy_bw / 1e9, "processes": procs,
+                           "device": name}
+    if coll is not None:
+        alpha = coll["all_to_all"]["alpha_us"]
+        profile["latency_us"] = {"intra": alpha, "inter": profile.get("latency_us", {}).get("inter", alpha)}
+        profile["measured"].update(all_reduce=coll["all_reduce"], all_to_all=coll["all_to_all"])
     profile.setdefault("sources", {})["measured"] = "moec calibrate on this machine"
     Path(out).write_text(json.dumps(profile, indent=1) + "\n")
     return profile

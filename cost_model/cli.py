@@ -111,6 +111,8 @@ def calibrate(out, base, sizes, procs, gemm_dim):
     profile = run_calibration(out, base=base, sizes=sizes_, procs=procs, gemm_dim=gemm_dim)
     m = profile["measured"]
     click.echo(f"GEMM {m['gemm_tflops']:.3g} TFLOP/s, m_half {m['gemm_half_rows']:.0f} rows; "
-               f"all-reduce alpha {m['all_reduce']['alpha_us']:.1f} us beta {m['all_reduce']['GBps']:.3g} GB/s; "
-               f"all-to-all alpha {m['all_to_all']['alpha_us']:.1f} us beta {m['all_to_all']['GBps']:.3g} GB/s")
+               f"copy {m['copy_GBps']:.4g} GB/s")
+    if "all_reduce" in m:
+        click.echo(f"all-reduce alpha {m['all_reduce']['alpha_us']:.1f} us beta {m['all_reduce']['GBps']:.3g} GB/s; "
+                   f"all-to-all alpha {m['all_to_all']['alpha_us']:.1f} us beta {m['all_to_all']['GBps']:.3g} GB/s")
     click.echo(f"wrote {out}")

@@ -1,7 +1,8 @@
 """Bytes each GPU sends per training step, per collective, and how many
 calls that takes (each call pays one alpha), as sympy expressions.
 
-Ring collectives send (n-1)/n of the buffer per pass. Gradients: with ZeRO
+Ring collectives send (n-1)/n of the buffer per pass. Gradients are fp32,
+like the parameters (memory.WEIGHT_BYTES); activations b bytes. With ZeRO
 0/1 one all-reduce (two passes) after accumulating all M micro-batches; with
 ZeRO-2 the sharded gradients are reduce-scattered every micro-batch and the
 updated parameters all-gathered once (M + 1 passes); with ZeRO-3 parameters
@@ -20,8 +21,8 @@ _moe_layers_local = f * L / PP
 a2a_calls = 4 * _moe_layers_local * M
 a2a_volume = a2a_calls * memory.tokens_local * K * G * D * b * (EP - 1) / EP
 
-grad_dense_volume = _passes * (DP_dense - 1) / DP_dense * b * memory.dense_local
-grad_experts_volume = _passes * (DP - 1) / DP * b * memory.experts_local
+grad_dense_volume = _passes * (DP_dense - 1) / DP_dense * memory.WEIGHT_BYTES * memory.dense_local
+grad_experts_volume = _passes * (DP - 1) / DP * memory.WEIGHT_BYTES * memory.experts_local
 
 # two all-reduces (or reduce-scatter + all-gather with sequence parallelism)
 # per layer forward and two backward, two more when the forward is recomputed

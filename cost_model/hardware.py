@@ -2,7 +2,7 @@
 file of the same form (what `moec calibrate` writes).
 
 A profile gives the GPU (peak bf16 TFLOP/s, the share of it a large GEMM
-reaches, memory) and one node's interconnect: GPU-GPU links, an optional
+reaches, memory and the bandwidth a copy reaches) and one node's interconnect: GPU-GPU links, an optional
 switch (NVSwitch), NICs and the GPUs they hang off, all in GB/s per direction.
 `cluster_graph` turns that into a networkx DiGraph of n nodes joined by a
 non-blocking network fabric; the collective costs are read off that graph.
@@ -27,6 +27,7 @@ class Hardware:
     gemm_efficiency: float
     gemm_half_rows: float
     memory_bytes: float  # usable per GPU
+    memory_bandwidth: float  # bytes/s a copy moves (read + write)
     gpus_per_node: int
     links: tuple  # (gpu, gpu, GB/s)
     switch_gbps: float  # per GPU into the switch; 0 without one
@@ -44,6 +45,7 @@ class Hardware:
                 name=d["name"], gpu_name=gpu["name"], peak_flops=gpu["peak_tflops_bf16"] * 1e12,
                 gemm_efficiency=gpu["gemm_efficiency"], gemm_half_rows=gpu["gemm_half_rows"],
                 memory_bytes=gpu["memory_gib"] * 2**30 * gpu["usable_memory_fraction"],
+                memory_bandwidth=gpu["memory_GBps"] * GB,
                 gpus_per_node=node["gpus"], links=tuple(tuple(x) for x in node.get("links", [])),
                 switch_gbps=node.get("switch_GBps", 0),
                 nics=tuple((tuple(n["gpus"]), n["GBps"], n["attach_GBps"]) for n in node["nics"]),

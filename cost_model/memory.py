@@ -1,26 +1,29 @@
 """Memory per GPU in bytes, as sympy expressions (symbols.py).
 
-Mixed-precision Adam: parameters and gradients in b bytes, optimizer state
-12 bytes per parameter (fp32 master copy, m, v). ZeRO stage Z shards the
-optimizer state (Z >= 1), gradients (Z >= 2) and parameters (Z = 3) over the
-data-parallel group: EP*DP for the dense part, DP for the routed experts.
+Mixed precision as the emitted train.py runs it: fp32 parameters and
+gradients, Adam's two fp32 moments (16 bytes per parameter), bf16 autocast
+activations (b bytes). ZeRO stage Z shards the optimizer state (Z >= 1),
+gradients (Z >= 2) and parameters (Z = 3) over the data-parallel group: EP*DP
+for the dense part, DP for the routed experts.
 
 Activations assume sequence parallelism with TP (every saved tensor is split
 by TP) and a fused attention kernel (no S x S scores kept). Per token and
 layer they are: attention, its norm input and output, Q, K, V and the
 attention output; a dense FFN, its norm input and output and n_W F-wide
 intermediates; an MoE layer, fp32 router logits, the K*G routed copies in and
-out, and n_W F_e-wide intermediates per routed and shared expert. 1F1B
+out, n_W - 1 F_e-wide pre-activations per routed expert slot (moec::experts
+keeps h1, and h3 when gated, unless R_x) and n_W per shared expert. 1F1B
 pipelining keeps min(PP, M) micro-batches in flight on the first stage.
 Full recompute (R = 1) keeps only each layer's input, plus one layer rebuilt.
 """
 import sympy as sp
 
 from moec.cost_model import params
-from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, R, S, TP,
+from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, R, R_x, S, TP,
                                      V, Z, b, define, f, n_W)
 
-OPTIMIZER_BYTES = 12
+WEIGHT_BYTES = 4  # fp32 parameters, and gradients of the same dtype
+OPTIMIZER_BYTES = 8  # Adam's m and v
 
 
 def _shard(group, stage):
@@ -32,13 +35,13 @@ P_x = define("P_x", params.experts, "routed-expert parameters")
 dense_local = P_d / (TP * PP)
 experts_local = P_x / (EP * TP * PP)
 
-parameters = b * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
-gradients = b * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
+parameters = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
+gradients = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
 optimizer = OPTIMIZER_BYTES * (dense_local / _shard(DP_dense, 1) + experts_local / _shard(DP, 1))
 
 act_attention = define("a_attn", b * D * (4 + 2 * H_kv / H), "attention activation bytes per token")
 act_ffn = define("a_ffn", b * (2 * D + n_W * F), "dense FFN activation bytes per token")
-act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + (K * G + N_s) * n_W * F_e) + 4 * E * G,
+act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + (K * G * (n_W - 1) * (1 - R_x) + N_s * n_W) * F_e) + 4 * E * G,
                  "MoE layer activation bytes per token")
 act_layer = act_attention + (1 - f) * act_ffn + f * act_moe
 act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))

@@ -57,6 +57,7 @@ class Plan:
     gpus: int
     hardware: str
     model: str
+    recompute_experts: bool = False  # `moec compile --recompute-experts`
     step_time_s: float = 0.0
     mfu: float = 0.0
     memory_bytes: dict = field(default_factory=dict)
@@ -85,6 +86,7 @@ def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware) -> 
     v = model_values(shape, moe)
     v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
               s.TP: plan.tp, s.PP: plan.pp, s.Z: plan.zero, s.R: int(plan.recompute),
+              s.R_x: int(plan.recompute_experts), time_model.bw: hw.memory_bandwidth,
               time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency,
               time_model.m_half: hw.gemm_half_rows, time_model.omega: hw.grad_overlap})
     for name, c in plan.collectives.items():
@@ -166,6 +168,15 @@ def best_plan(shape: ModelShape, moe_options: MoeOptions, gpus: int, hardware, g
               micro_batch: int = 1) -> Plan:
     """The fastest plan that fits: what `moec compile --gpus N --hardware NAME` uses."""
     return rank_plans(shape, moe_options, gpus, hardware, global_batch, micro_batch)[0][0]
+
+
+def single_gpu_prediction(shape: ModelShape, moe: MoeOptions, hardware, micro_batch: int,
+                          recompute_experts: bool = False) -> Plan:
+    """The prediction for the emitted training program on one GPU: what bench/planner.py checks."""
+    hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
+    plan = Plan(1, 1, 1, 1, 0, False, micro_batch, 1, 1, hw.name, shape.name, recompute_experts=recompute_experts)
+    layout = Layout(hw, 1, moe.topk * moe.granularity, moe.max_nodes_per_token)
+    return predict(plan, shape, moe, hw, layout.costs(1, 1, 1, 1))
 
 
 def _default_batch(gpus: int, seq_len: int) -> int:

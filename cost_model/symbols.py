@@ -11,7 +11,8 @@ of parameters and activations.
 Parallelism: N = EP*DP*TP*PP GPUs. Experts are split over EP and replicated
 over DP (DP is the expert-data-parallel degree); the dense part is
 data-parallel over EP*DP. Z is the ZeRO stage, R is 1 with full activation
-recompute.
+recompute, R_x is 1 when the routed experts recompute their pre-activations
+in backward (`moec compile --recompute-experts`).
 """
 import sympy as sp
 
@@ -19,7 +20,7 @@ L, D, F, F_e, H, H_kv, V, t, n_W = sp.symbols("L D F F_e H H_kv V t n_W", positi
 E, K, G, N_s, f = sp.symbols("E K G N_s f", nonnegative=True)
 S, B, M, b = sp.symbols("S B M b", positive=True)
 EP, DP, TP, PP = sp.symbols("EP DP TP PP", positive=True, integer=True)
-Z, R = sp.symbols("Z R", nonnegative=True, integer=True)
+Z, R, R_x = sp.symbols("Z R R_x", nonnegative=True, integer=True)
 
 # the data-parallel degree of the dense (non-expert) part
 DP_dense = EP * DP
@@ -32,6 +33,7 @@ MEANING = {
     M: "micro-batches per step", b: "bytes per parameter/activation element", EP: "expert parallel",
     DP: "expert data parallel (the dense part is data-parallel over EP*DP)", TP: "tensor parallel",
     PP: "pipeline stages", Z: "ZeRO stage", R: "full activation recompute (0/1)",
+    R_x: "routed experts recompute their pre-activations (0/1)",
 }
 
 # Named intermediate quantities: formulas refer to them by symbol so that they

@@ -8,6 +8,11 @@ they stretch with the pipeline bubble as compute does; gradient reduction
 (and ZeRO-3's parameter gathers) overlaps a share omega of backward compute
 (of all compute with ZeRO-3).
 
+Memory-bound work on the weights runs at the copy bandwidth beta_mem: per
+step the optimizer and clipping pass over the fp32 weights, gradients and
+moments, and in every micro-batch autocast makes the bf16 weight copies and
+casts their gradients back (bytes per parameter below).
+
 Expert GEMMs are short: each local expert sees S*B*EP*K/E rows per
 micro-batch, and a GEMM of m rows runs at eta * m / (m + m_half), m_half
 being the rows at which the hardware reaches half its large-GEMM efficiency.
@@ -15,10 +20,14 @@ Expert parallelism buys longer expert GEMMs; the all-to-all is its price.
 """
 import sympy as sp
 
-from moec.cost_model import comm, params
-from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, S, TP, Z, define, f
+from moec.cost_model import comm, memory, params
+from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, R_x, S, TP, Z, define, f, n_W
 
-peak, eta, omega, m_half = sp.symbols("Pi eta omega m_half", positive=True)
+peak, eta, omega, m_half, bw = sp.symbols("Pi eta omega m_half beta_mem", positive=True)
+# bytes moved per parameter: fused AdamW reads weight, gradient, m, v and writes weight, m, v (28);
+# clipping reads the gradient for its norm and scales it (12); autocast's bf16 copy of the weight
+# (6) and the gradient cast back to fp32 (6), every micro-batch
+OPTIMIZER_TRAFFIC, CLIP_TRAFFIC, CAST_TRAFFIC = 28, 12, 12
 COLLECTIVES = ("a2a", "grad_dense", "grad_experts", "tp", "pp")
 alpha = {c: sp.Symbol(f"alpha_{c}", nonnegative=True) for c in COLLECTIVES}
 beta = {c: sp.Symbol(f"beta_{c}", positive=True) for c in COLLECTIVES}
@@ -33,7 +42,9 @@ C_x = define("C_x", 2 * f * L * K * G * params.expert, "routed-expert FLOPs per 
 tokens_per_gpu = M * S * B / (TP * PP)
 expert_rows = S * B * EP * K / E
 eta_x = define("eta_x", eta * expert_rows / (expert_rows + m_half), "expert GEMM efficiency")
-compute = (3 + R) * tokens_per_gpu * ((C - C_x) / (eta * peak) + C_x / (eta_x * peak))
+# recomputed expert pre-activations: the first GEMM(s) again, (n_W - 1) of the n_W expert GEMMs
+C_rx = R_x * C_x * (n_W - 1) / n_W
+compute = tokens_per_gpu * ((3 + R) * (C - C_x) / (eta * peak) + ((3 + R) * C_x + C_rx) / (eta_x * peak))
 backward = compute * 2 / (3 + R)
 bubble = (M + PP - 1) / M
 
@@ -46,8 +57,15 @@ grad = define("T_sync", _cost("grad_dense", comm.grad_calls, comm.grad_dense_vol
 window = define("W", sp.Piecewise((compute, Z >= 3), (backward, True)), "compute time the sync can hide under")
 grad_exposed = sp.Max(0, grad - omega * window)
 
+weights_local = memory.parameters / memory.WEIGHT_BYTES
+sharded_state = memory.optimizer / memory.OPTIMIZER_BYTES
+weight_traffic = define("T_w", (OPTIMIZER_TRAFFIC * sharded_state + CLIP_TRAFFIC * weights_local
+                                + CAST_TRAFFIC * M * weights_local) / bw,
+                        "optimizer, clipping and autocast casts of the weights per step")
+
 TERMS = {
     "compute": define("T_comp", bubble * compute, "compute time per step, pipeline bubble included"),
+    "weight traffic": weight_traffic,
     "all-to-all": define("T_a2a", bubble * a2a, "dispatch/combine time per step"),
     "tensor parallel": define("T_tp", bubble * tp, "tensor-parallel collective time per step"),
     "pipeline sends": define("T_pp", pp, "pipeline send time per step"),

@@ -26,12 +26,14 @@ def _config_attr(model, names, default):
     return default
 
 
-def shape_from_model(path: str, config: str | None, seq_len: int | None, entry: str = "build_model") -> ModelShape:
-    """`moec plan`'s shape provider: a known model, a ModelShape JSON, or a model file to capture."""
+def shape_from_model(path: str, config: str | None, seq_len: int | None, entry: str = "build_model",
+                     overrides: dict | None = None) -> ModelShape:
+    """`moec plan`'s shape provider: a known model, a ModelShape JSON, or a model file to capture
+    (its config changed by overrides, as `moec compile --set` does)."""
     if path in KNOWN_MODELS or path.endswith(".json"):
         return known_or_json_shape(path, config, seq_len)
     mod = load_module(path)
-    model = build(mod, entry, config, {}, "meta")
+    model = build(mod, entry, config, overrides or {}, "meta")
     gm = capture(model, example_inputs(mod, model, 2, 16, "meta"))
     return shape_from_graph(gm, model, f"{path}:{config or 'default'}", seq_len)
 

@@ -91,9 +91,11 @@ class RunLog:
         mfu = self.build.flops_per_step * steps_per_s / self.peak if self.peak and steps_per_s else None
         self.window_time, self.window_steps = 0.0, 0
         layers = load_summary(load.cpu(), self.env.world)
+        # this rank's high-water mark of allocated memory since the start
+        peak_gib = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if self.env.device.type == "cuda" else None
         self.file.write({"kind": "train", "step": step, "loss": lm_mean + aux + z, "lm_loss": lm_mean,
                          "aux_loss": aux, "z_loss": z, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_s,
-                         "mfu": mfu, "expert_load": layers})
+                         "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers})
         drop = self.build.capacity_factor > 0
         load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f}" + (f" drop {r['dropped']:.1%}" if drop else "")
                              for i, r in enumerate(layers))
@@ -101,6 +103,7 @@ class RunLog:
                          + f" lr {lr:.2e}"
                          + (f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
                          + (f" MFU {mfu:.1%}" if mfu is not None else "")
+                         + (f" peak mem {peak_gib:.1f} GiB" if peak_gib is not None else "")
                          + (f" | expert load max/mean {load_text}" if layers else ""))
 
     def validation(self, step: int, losses: list[torch.Tensor]) -> None:

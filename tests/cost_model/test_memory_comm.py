@@ -11,13 +11,15 @@ MOE = MoeOptions(experts=16, topk=2)
 
 
 def evaluate(expr, ep=1, dp=1, tp=1, pp=1, zero=0, recompute=0, m=4, extra=None):
-    v = model_values(SHAPE, MOE) | (extra or {})
-    v.update({s.B: 1, s.M: m, s.b: 2, s.EP: ep, s.DP: dp, s.TP: tp, s.PP: pp, s.Z: zero, s.R: recompute})
+    v = model_values(SHAPE, MOE)
+    v.update({s.B: 1, s.M: m, s.b: 2, s.EP: ep, s.DP: dp, s.TP: tp, s.PP: pp, s.Z: zero, s.R: recompute,
+              s.R_x: 0})
+    v.update(extra or {})
     return float(s.expand(expr).xreplace(v))
 
 
 def test_model_states_by_hand():
-    """No sharding: 2 + 2 + 12 bytes per parameter."""
+    """No sharding: 4 + 4 + 8 bytes per parameter (fp32 weights, gradients, Adam's m and v)."""
     p_total = evaluate(memory.P_d + memory.P_x)
     states = evaluate(memory.parameters + memory.gradients + memory.optimizer)
     assert states == pytest.approx(16 * p_total)
@@ -26,9 +28,9 @@ def test_model_states_by_hand():
 def test_experts_divide_by_ep_and_their_optimizer_by_expert_dp():
     p_x = evaluate(memory.P_x)
     p_d = evaluate(memory.P_d)
-    assert evaluate(memory.parameters, ep=8, dp=2) == pytest.approx(2 * (p_d + p_x / 8))
+    assert evaluate(memory.parameters, ep=8, dp=2) == pytest.approx(4 * (p_d + p_x / 8))
     # ZeRO-1: the dense optimizer state shards over EP*DP = 16 ranks, the experts' over DP = 2
-    assert evaluate(memory.optimizer, ep=8, dp=2, zero=1) == pytest.approx(12 * (p_d / 16 + p_x / 8 / 2))
+    assert evaluate(memory.optimizer, ep=8, dp=2, zero=1) == pytest.approx(8 * (p_d / 16 + p_x / 8 / 2))
 
 
 @pytest.mark.parametrize("term,stage", [(memory.optimizer, 1), (memory.gradients, 2), (memory.parameters, 3)])
@@ -55,14 +57,15 @@ def test_all_to_all_volume():
 
 def test_gradient_volume_by_zero_stage():
     p_d = evaluate(memory.P_d)
-    ring = 2 * 3 / 4 * 2 * p_d
+    ring = 2 * 3 / 4 * 4 * p_d  # two passes of 3/4 of the fp32 gradients
     assert evaluate(comm.grad_dense_volume, ep=2, dp=2, zero=1) == pytest.approx(ring)
     assert evaluate(comm.grad_dense_volume, ep=2, dp=2, zero=2, m=4) == pytest.approx(ring * 5 / 2)
     assert evaluate(comm.grad_dense_volume, ep=2, dp=2, zero=3, m=4) == pytest.approx(ring * 12 / 2)
 
 
 def test_step_time_terms_add_up_and_bubble_grows_with_pp():
-    hw = {time_model.peak: 1e15, time_model.eta: 0.5, time_model.omega: 0.0, time_model.m_half: 0}
+    hw = {time_model.peak: 1e15, time_model.eta: 0.5, time_model.omega: 0.0, time_model.m_half: 0,
+          time_model.bw: 1e30}  # no weight traffic: EP's smaller expert share would hide the all-to-all
     hw.update({a: 1e-5 for a in time_model.alpha.values()})
     hw.update({b_: 1e11 for b_ in time_model.beta.values()})
 
@@ -76,3 +79,25 @@ def test_step_time_terms_add_up_and_bubble_grows_with_pp():
     assert half == pytest.approx(compute / 2 * 5 / 4)
     assert step(pp=2, m=4) > step(pp=1, m=4) / 2
     assert step(ep=4) > step(ep=1)  # the all-to-all is not free when GEMMs do not care
+
+
+def test_weight_traffic_per_parameter():
+    """One GPU, M micro-batches: AdamW 28 and clipping 12 bytes once, autocast's casts 12 bytes each micro-batch."""
+    p_total = evaluate(memory.P_d + memory.P_x)
+    got = evaluate(time_model.TERMS["weight traffic"], m=4, extra={time_model.bw: 1e12})
+    assert got == pytest.approx((28 + 12 + 12 * 4) * p_total / 1e12)
+    # ZeRO-1 over 4 ranks shards the optimizer's pass, not the casts or clipping
+    sharded = evaluate(time_model.TERMS["weight traffic"], dp=4, zero=1, m=4, extra={time_model.bw: 1e12})
+    assert sharded == pytest.approx((28 / 4 + 12 + 12 * 4) * p_total / 1e12)
+
+
+def test_expert_recompute_trades_activations_for_a_first_gemm_pass():
+    hw = {time_model.peak: 1e15, time_model.eta: 0.5, time_model.m_half: 0}
+    kept, dropped = (evaluate(memory.activations, extra={s.R_x: r}) for r in (0, 1))
+    # plain FFN (n_W = 2): one F_e-wide bf16 pre-activation per routed slot, K = 2 slots per token, every
+    # layer MoE; one micro-batch of S tokens in flight without pipelining
+    per_token = 2 * MOE.topk * SHAPE.ffn
+    assert kept - dropped == pytest.approx(SHAPE.seq_len * SHAPE.layers * per_token)
+    slow, fast = (evaluate(time_model.TERMS["compute"], extra=hw | {s.R_x: r}) for r in (1, 0))
+    first_gemm = 2 * SHAPE.hidden * SHAPE.ffn * MOE.topk * SHAPE.layers  # FLOPs per token, forward
+    assert slow - fast == pytest.approx(4 * SHAPE.seq_len * first_gemm / 0.5e15)
