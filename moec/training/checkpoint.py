@@ -1,6 +1,11 @@
 """Training checkpoints: model and optimizer through torch.distributed.checkpoint
-(each rank writes its own shards, so DDP and FSDP2 save the same way), plus a
-small per-rank file with the step, LR schedule and RNG states.
+(each rank writes its own shards), plus a small per-rank file with the step, LR
+schedule and RNG states. Two layouts, named in that file:
+  "state_dict"  torch's get_state_dict: one process, DDP and FSDP2
+  "by_name"     moec.distributed.checkpoint, each parameter's state under its
+                name: expert-parallel runs (every expert once, at its global
+                shape) and ZeRO-1 runs (each rank writes the state of the
+                parameters it updates). Any world size, EP or --zero resumes it.
 
 A checkpoint is written into a temporary directory, its files fsynced, a
 manifest (size and sha256 of every file) written last, and only then renamed
@@ -20,6 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from moec import MoecError
+from moec.distributed import checkpoint as by_name
+from moec.distributed.zero import ShardedOptimizer
+from moec.training.loop import unwrap
 
 MANIFEST = "manifest.json"
 # DCP warns on every single-process save/load that it assumes a single process; it is right.
@@ -79,14 +89,17 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        if self.mesh is not None:
-            from moec.distributed import checkpoint as ep_checkpoint
-            ep_checkpoint.save(tmp, model, optimizer, self.mesh)
+        if self.mesh is not None or isinstance(optimizer, ShardedOptimizer):
+            layout = "by_name"
+            by_name.save(tmp, unwrap(model), optimizer, self.mesh)
         else:
+            layout = "state_dict"
             msd, osd = get_state_dict(model, optimizer)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        layout = "expert_parallel" if self.mesh is not None else "state_dict"
-        torch.save({**extra, "step": step, "layout": layout}, tmp / f"extra_rank{self.rank}.pt")
+        # by_name keeps no optimizer settings: the LR a scheduler set for the next step goes here
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        torch.save({**extra, "step": step, "layout": layout, "param_groups": groups},
+                   tmp / f"extra_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
             files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -123,9 +136,13 @@ class Checkpointer:
             return None
         extra = path / f"extra_rank{self.rank}.pt"
         extra = torch.load(extra if extra.exists() else path / "extra_rank0.pt", weights_only=True)
-        if self.mesh is not None or extra.get("layout") == "expert_parallel":
-            from moec.distributed import checkpoint as ep_checkpoint
-            ep_checkpoint.load(path, model, optimizer, self.mesh)  # experts resharded to this run's EP
+        if self.mesh is not None or extra["layout"] == "by_name":
+            by_name.load(path, unwrap(model), optimizer, self.mesh)  # experts resharded to this run's EP
+            for group, saved in zip(optimizer.param_groups, extra["param_groups"], strict=True):
+                group.update(saved)
+        elif isinstance(optimizer, ShardedOptimizer):
+            raise MoecError(f"checkpoint {path} holds a whole optimizer state (written without --zero): "
+                            f"resume it without --zero")
         else:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
