@@ -14,7 +14,7 @@ TEMPLATE = '''"""Train {title}.
 
     python train.py --steps 200                  # one CPU or GPU
     torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or expert parallel
-                                                 # for a build compiled with --ep
+                                                 # for a build compiled with --ep; --zero shards the optimizer state
     python train.py --steps 200 --resume         # continue from RUN_DIR/checkpoints
 
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
@@ -56,6 +56,8 @@ def parse_args():
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
+    p.add_argument("--zero", action="store_true", help="shard the optimizer state over the data-parallel ranks "
+                   "(ZeRO-1) when distributed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
@@ -70,15 +72,16 @@ def main(args):
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * env.world, args.seq_len)
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    parallel = rt.parallelize(model, env, build.config, fsdp=args.fsdp)  # DDP/FSDP2, or expert parallel
+    parallel = rt.parallelize(model, env, build.config, fsdp=args.fsdp, zero=args.zero)  # DDP/FSDP2, or EP
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{{"params": decay, "weight_decay": args.weight_decay}},
-                                   {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=env.device.type == "cuda")  # one kernel for every parameter
+    optimizer = parallel.optimizer(torch.optim.AdamW,  # with --zero, each rank keeps the state of a shard
+                                   [{{"params": decay, "weight_decay": args.weight_decay}},
+                                    {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
+                                   fused=env.device.type == "cuda")  # one kernel for every parameter
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh)
     start = 0

@@ -52,12 +52,20 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Modul
 class Parallel:
     """How a training loop drives the model it got from parallelize()."""
 
-    def __init__(self, model, mesh=None, grad_sync=None):
-        self.model, self.mesh, self.grad_sync = model, mesh, grad_sync
+    def __init__(self, model, mesh=None, grad_sync=None, zero: bool = False):
+        self.model, self.mesh, self.grad_sync, self.zero = model, mesh, grad_sync, zero
 
     @property
     def expert_parallel(self) -> bool:
         return self.mesh is not None
+
+    def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
+        """optimizer_class over param_groups; with zero, its state sharded over the data-parallel ranks
+        (ZeRO-1: replicated parameters' over all ranks, experts' over the ranks holding the same experts)."""
+        if self.zero:
+            from moec.distributed.zero import make_optimizer
+            return make_optimizer(self.model, optimizer_class, param_groups, **defaults)
+        return optimizer_class(param_groups, **defaults)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Synchronise gradients where DDP/FSDP do not (expert parallel), then clip by the global norm."""
@@ -67,15 +75,19 @@ class Parallel:
         return self.grad_sync.clip_grad_norm_(max_norm)
 
 
-def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = False) -> Parallel:
+def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = False, zero: bool = False) -> Parallel:
     """An expert-parallel build (config.json's "ep" > 1) under torchrun: each rank keeps its
-    E/EP experts and gradients are reduced by moec.distributed; any other build: wrap()."""
+    E/EP experts and gradients are reduced by moec.distributed; any other build: wrap().
+    zero: the optimizer's state is sharded too (ZeRO-1); FSDP2 already shards it."""
+    if fsdp and zero:
+        raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
+                        "parameters and gradients: use one of them")
     if env.world > 1 and (config.get("ep") or {}).get("ep", 1) > 1:
         from moec.distributed import setup
 
         model, mesh, grad_sync = setup(model, config)
-        return Parallel(model, mesh, grad_sync)
-    return Parallel(wrap(model, env, fsdp))
+        return Parallel(model, mesh, grad_sync, zero)
+    return Parallel(wrap(model, env, fsdp), zero=zero)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,5 +1,6 @@
-"""A tiny MoE build (2 layers, 4 experts, top-2, capacity factor 1.25) shared by the
-train.py tests, and a helper to run its train.py as a user would."""
+"""Tiny MoE builds shared by the train.py tests (2 layers, 4 experts, top-2: one with
+capacity factor 1.25, one compiled for EP=2), and a helper to run a build's train.py
+as a user would, on one process or under torchrun (gloo)."""
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from moec.compiler import CompileRequest, compile_model
 from moec.passes.ffn_to_moe import MoeOptions
+from moec.passes.insert_collectives import EPOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -25,8 +27,20 @@ def moe_build(tmp_path_factory) -> Path:
     return out
 
 
-def run_train(build: Path, *args, run_dir: Path, background: bool = False, timeout: int = 120):
-    cmd = [sys.executable, str(build / "train.py"), *FAST, "--run-dir", str(run_dir), *map(str, args)]
+@pytest.fixture(scope="session")
+def ep2_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "gpt-moe-ep2"
+    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(out),
+                                 options=MoeOptions(experts=4, topk=2), overrides=TINY, verify=False,
+                                 ep=EPOptions(ep=2)), log=lambda *a: None)
+    return out
+
+
+def run_train(build: Path, *args, run_dir: Path, nproc: int = 1, background: bool = False, timeout: int = 120):
+    """train.py with FAST and args; nproc > 1: under torchrun, gloo on CPU."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                 if nproc > 1 else [])
+    cmd = [*launch, str(build / "train.py"), *FAST, "--run-dir", str(run_dir), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run: bitwise comparisons
     if background:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

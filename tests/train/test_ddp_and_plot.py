@@ -1,21 +1,15 @@
 """train.py under torchrun (DDP over gloo, 2 processes), and `moec plot` of its run."""
-import os
-import subprocess
-import sys
-
 from click.testing import CliRunner
 
 from moec.cli import main
 from moec.training.progress import read_metrics
-from tests.train.conftest import FAST
+from tests.train.conftest import run_train
 
 
 def test_torchrun_ddp_then_plot(moe_build, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(moe_build / "train.py"),
-           *FAST, "--steps", 4, "--log-every", 2, "--ckpt-every", 2, "--eval-every", 2, "--run-dir", run]
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_train(moe_build, "--steps", 4, "--log-every", 2, "--ckpt-every", 2, "--eval-every", 2, run_dir=run,
+                  nproc=2, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     records = read_metrics(run / "metrics.jsonl")
     train = [x for x in records if x["kind"] == "train"]

@@ -1,26 +1,13 @@
 """train.py of a build compiled with --ep 2: expert parallel under torchrun (gloo,
 2 processes), then resumed on one process from its checkpoint (experts resharded)."""
-import os
-import subprocess
-import sys
-
-from moec.compiler import CompileRequest, compile_model
-from moec.passes.ffn_to_moe import MoeOptions
-from moec.passes.insert_collectives import EPOptions
 from moec.training.progress import read_metrics
-from tests.train.conftest import FAST, ROOT, TINY, run_train
+from tests.train.conftest import run_train
 
 
-def test_ep2_trains_under_torchrun_and_resumes_on_one_process(tmp_path):
-    build = tmp_path / "ep2"
-    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(build),
-                                 options=MoeOptions(experts=4, topk=2), overrides=TINY, verify=False, ep=EPOptions(ep=2)),
-                  log=lambda *a: None)
+def test_ep2_trains_under_torchrun_and_resumes_on_one_process(ep2_build, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(build / "train.py"),
-           *FAST, "--steps", 4, "--log-every", 1, "--ckpt-every", 4, "--eval-every", 0, "--run-dir", run]
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=240,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_train(ep2_build, "--steps", 4, "--log-every", 1, "--ckpt-every", 4, "--eval-every", 0, run_dir=run, nproc=2,
+                  timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     train = [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
     assert [x["step"] for x in train] == [1, 2, 3, 4]
@@ -29,7 +16,7 @@ def test_ep2_trains_under_torchrun_and_resumes_on_one_process(tmp_path):
     assert all(layer["mean"] == 64 for x in train for layer in x["expert_load"])
     assert not (run / "final.safetensors").exists()  # experts are split over ranks: the checkpoint holds them
 
-    resumed = run_train(build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--resume", run_dir=run)
+    resumed = run_train(ep2_build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--resume", run_dir=run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [x["step"] for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
     assert steps[-2:] == [5, 6]

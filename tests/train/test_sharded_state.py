@@ -1,0 +1,98 @@
+"""Sharded training state in train.py under torchrun (gloo, 2 processes): --zero (ZeRO-1
+optimizer state) on a DDP build and on an EP=2 build, and --fsdp (FSDP2), each against
+the unsharded run's per-step losses, and each stopped mid-run and resumed against the
+uninterrupted run."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moec.training.progress import read_metrics
+from tests.train.conftest import run_train
+
+STEPS = 6
+ARGS = ("--steps", STEPS, "--ckpt-every", 3, "--log-every", 1, "--eval-every", 0)
+STOP_AT = 5  # a NaN loss at step 5 stops the run after step 4; the newest checkpoint is step 3
+
+
+@pytest.fixture(scope="module")
+def builds(moe_build, ep2_build):
+    return {"ddp": moe_build, "ep2": ep2_build}
+
+
+@pytest.fixture(scope="module")
+def trained(builds, tmp_path_factory):
+    """trained(build, *flags): the run dir of an uninterrupted 2-process run, made once per module."""
+    done = {}
+
+    def run(build, *flags):
+        if (build, flags) not in done:
+            run_dir = tmp_path_factory.mktemp(build)
+            r = run_train(builds[build], *ARGS, *flags, run_dir=run_dir, nproc=2, timeout=240)
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[build, flags] = run_dir
+        return done[build, flags]
+    return run
+
+
+def _losses(run_dir) -> list[tuple]:
+    """(kind, step, loss): every step's training loss (global batch) and the final validation loss."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return [(x["kind"], x["step"], x["loss"] if x["kind"] == "train" else x["val_loss"])
+            for x in records if x["kind"] in ("train", "val")]
+
+
+def _close(got, want):
+    assert [x[:2] for x in got] == [x[:2] for x in want]
+    for (kind, step, a), (_, _, b) in zip(got, want):
+        assert abs(a - b) <= 1e-5 * abs(b), f"{kind} loss at step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("build", ["ddp", "ep2"])
+def test_zero_matches_unsharded(trained, build):
+    _close(_losses(trained(build, "--zero")), _losses(trained(build)))
+    extra = trained(build, "--zero") / "checkpoints" / f"step_{STEPS:08d}" / "extra_rank1.pt"
+    assert torch.load(extra, weights_only=True)["layout"] == "by_name"  # the sharded optimizer's layout
+
+
+def test_fsdp_matches_ddp(trained):
+    _close(_losses(trained("ddp", "--fsdp")), _losses(trained("ddp")))
+
+
+@pytest.mark.parametrize("build,flag", [("ddp", "--zero"), ("ep2", "--zero"), ("ddp", "--fsdp")])
+def test_stopped_run_resumes_exactly(builds, trained, build, flag, tmp_path):
+    r = run_train(builds[build], *ARGS, flag, "--debug-nan-at-step", STOP_AT, run_dir=tmp_path, nproc=2, timeout=240)
+    assert r.returncode != 0 and f"loss is not finite at step {STOP_AT}" in r.stderr, r.stderr[-3000:]
+    r = run_train(builds[build], *ARGS, flag, "--resume", run_dir=tmp_path, nproc=2, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = trained(build, flag)
+    assert _losses(tmp_path) == _losses(reference)  # bitwise, the stopped run's step 4 counted once
+    if build == "ddp":  # an EP run's experts are split over ranks: it exports no weights
+        ours, theirs = load_file(str(tmp_path / "final.safetensors")), load_file(str(reference / "final.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _resume_from_step_3(build, source, tmp_path, *flags):
+    shutil.copytree(source / "checkpoints" / "step_00000003", tmp_path / "checkpoints" / "step_00000003")
+    return run_train(build, *ARGS, *flags, "--resume", run_dir=tmp_path, nproc=2, timeout=240)
+
+
+def test_zero_checkpoint_resumes_without_zero(builds, trained, tmp_path):
+    # the optimizer state is saved under parameter names, so an unsharded run reads all of it
+    r = _resume_from_step_3(builds["ddp"], trained("ddp", "--zero"), tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _close(_losses(tmp_path), [x for x in _losses(trained("ddp")) if x[1] > 3])
+
+
+def test_zero_refuses_a_whole_optimizer_state(builds, trained, tmp_path):
+    r = _resume_from_step_3(builds["ddp"], trained("ddp"), tmp_path, "--zero")
+    assert r.returncode != 0
+    assert "holds a whole optimizer state (written without --zero): resume it without --zero" in r.stderr
+
+
+def test_zero_with_fsdp_is_one_line_exit_2(moe_build, tmp_path):
+    r = run_train(moe_build, "--steps", 1, "--zero", "--fsdp", run_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --zero shards the optimizer state, which --fsdp (FSDP2) already "
+                                             "shards along with the parameters and gradients: use one of them"]
