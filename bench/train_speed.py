@@ -1,8 +1,10 @@
 """Training speed of the emitted program on one GPU: an upcycled Llama MoE
 (8 experts, top-2, about 1B parameters in all) against the dense Llama with
 the same active parameters (its FFN as wide as two experts), both run as the
-user would run them (`python BUILD/train.py`), then a torch.profiler
-breakdown by op of the MoE's steps.
+user would run them (`python BUILD/train.py`), once per --grad-accum value
+(micro-batches per optimizer step: the optimizer's pass over the weights is
+paid once per step), then a torch.profiler breakdown by op of one
+micro-batch step of each.
 
     python bench/train_speed.py --out build/speed
 
@@ -13,6 +15,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +42,13 @@ def compile_builds(out: Path, args) -> dict:
     return builds
 
 
-def measure(build: Path, args) -> dict:
-    run = build / "runs" / "speed"
-    sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", args.batch_size, "--seq-len",
-       args.seq_len, "--log-every", args.log_every, "--eval-every", 0, "--eval-batches", 1, "--ckpt-every", 0,
-       "--warmup", 5, "--run-dir", run)
+def measure(build: Path, args, accum: int) -> dict:
+    run = build / "runs" / f"speed_accum{accum}"
+    sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", args.batch_size, "--grad-accum",
+       accum, "--seq-len", args.seq_len, "--log-every", args.log_every, "--eval-every", 0, "--eval-batches", 1,
+       "--ckpt-every", 0, "--warmup", 5, "--run-dir", run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(run / "checkpoints")  # 16 bytes per parameter
     steady = [r for r in records if r["kind"] == "train"][1:]  # the first window holds the warm-up steps
     result = json.loads((build / "config.json").read_text())["result"]
     return {"params": result["params"], "active": result["active_params"],
@@ -75,7 +79,7 @@ def profile(build: Path, args) -> str:
     for _ in range(2):
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                                            torch.profiler.ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -98,19 +102,24 @@ def main():
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, nargs="+", default=[1, 4],
+                   help="micro-batches per optimizer step, one pair of runs each")
     p.add_argument("--profile-rows", type=int, default=20)
     args = p.parse_args()
     builds = compile_builds(Path(args.out), args)
-    rows = {name: measure(path, args) for name, path in builds.items()}
+    rows = {(name, a): measure(path, args, a) for a in args.grad_accum for name, path in builds.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n{device}; llama --config {args.config} n_layers={args.layers}; batch {args.batch_size} x "
+    print(f"\n{device}; llama --config {args.config} n_layers={args.layers}; micro-batch {args.batch_size} x "
           f"{args.seq_len} tokens; bf16 autocast; {args.steps} steps, the first {args.log_every} left out\n")
-    print("| model | params | active params | tokens/s | MFU |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    print("| model | params | active params | grad accum | tokens/s | MFU |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (name, a), r in rows.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['active'] / 1e9:.2f} B | {r['tokens_per_s']:,.0f} | {mfu} |")
-    print(f"\nMoE / dense tokens/s: {rows['moe']['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}")
+        print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['active'] / 1e9:.2f} B | {a} | {r['tokens_per_s']:,.0f} | "
+              f"{mfu} |")
+    for a in args.grad_accum:
+        ratio = rows[("moe", a)]["tokens_per_s"] / rows[("dense", a)]["tokens_per_s"]
+        print(f"\nMoE / dense tokens/s at grad accum {a}: {ratio:.2f}")
     if torch.cuda.is_available():
         backend = importlib.import_module("moec.experts").select_backend(
             torch.empty(1, device="cuda", dtype=torch.bfloat16))

@@ -37,7 +37,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default={seq_len})
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
@@ -61,7 +62,10 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.grad_accum < 1:
+        p.error("--grad-accum must be at least 1")
+    return args
 
 
 def main(args):
@@ -69,7 +73,7 @@ def main(args):
     run_dir = Path(args.run_dir)
     model = Model(device=env.device)
     rt.load_weights(model, HERE / "model.safetensors")
-    build = rt.BuildInfo.read(HERE, Model, args.batch_size * env.world, args.seq_len)
+    build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
     parallel = rt.parallelize(model, env, build.config, fsdp=args.fsdp, zero=args.zero)  # DDP/FSDP2, or EP
@@ -104,19 +108,23 @@ def main(args):
 
     with rt.StopOnSignal() as stop:
         for step in range(start, args.steps):
-            batch = data.batch("train", step, args.batch_size, env.rank, env.world)
-            inputs, targets = (t.to(env.device) for t in batch)
-            lm, out = loss_of(inputs, targets)
-            loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
-            if step + 1 == args.debug_nan_at_step:
-                loss = loss * float("nan")
-            rt.check_finite(loss, step + 1, ckpt)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            lm_sum = loss_sum = 0.0
+            batch = data.batch("train", step, args.batch_size * args.grad_accum, env.rank, env.world)
+            for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
+                # gradients add up over the step's micro-batches
+                lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
+                loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
+                if step + 1 == args.debug_nan_at_step:
+                    loss = loss * float("nan")
+                with parallel.accumulating(micro + 1 < args.grad_accum):
+                    (loss / args.grad_accum).backward()
+                lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
+            rt.check_finite(loss_sum, step + 1, ckpt)  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip)
             optimizer.step()
             schedule.step()
-            log.step(step + 1, lm, out, grad_norm, schedule.get_last_lr()[0])
+            log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 with torch.no_grad():
                     batches = (data.batch("val", i, args.batch_size, env.rank, env.world)

@@ -28,6 +28,7 @@ class Hardware:
     gemm_half_rows: float
     memory_bytes: float  # usable per GPU
     memory_bandwidth: float  # bytes/s a copy moves (read + write)
+    elementwise_passes: float  # memory-bound passes over the saved activations per step (time_model.kappa)
     gpus_per_node: int
     links: tuple  # (gpu, gpu, GB/s)
     switch_gbps: float  # per GPU into the switch; 0 without one
@@ -45,7 +46,7 @@ class Hardware:
                 name=d["name"], gpu_name=gpu["name"], peak_flops=gpu["peak_tflops_bf16"] * 1e12,
                 gemm_efficiency=gpu["gemm_efficiency"], gemm_half_rows=gpu["gemm_half_rows"],
                 memory_bytes=gpu["memory_gib"] * 2**30 * gpu["usable_memory_fraction"],
-                memory_bandwidth=gpu["memory_GBps"] * GB,
+                memory_bandwidth=gpu["memory_GBps"] * GB, elementwise_passes=gpu["elementwise_passes"],
                 gpus_per_node=node["gpus"], links=tuple(tuple(x) for x in node.get("links", [])),
                 switch_gbps=node.get("switch_GBps", 0),
                 nics=tuple((tuple(n["gpus"]), n["GBps"], n["attach_GBps"]) for n in node["nics"]),

@@ -50,8 +50,12 @@ tokens_local = S * B / TP
 in_flight = sp.Min(PP, M)
 activations = (in_flight * tokens_local * (L / PP) * (R * b * D + (1 - R) * act_layer)
                + R * tokens_local * act_rebuilt)
-# fp32 logits and their gradient on the last stage
-logits = 8 * tokens_local * V
+# autocast's bf16 copies of the weights, made in forward and kept for backward
+weight_copies = b * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
+# on the last stage, while the loss backpropagates: the bf16 logits (2 bytes), log-softmax's fp32
+# output (4), the gradient arriving at it (4) and the fp32 gradient it produces (4)
+LOGIT_BYTES = 14
+logits = LOGIT_BYTES * tokens_local * V
 # dispatch send and receive buffers of the layer in flight
 all_to_all_buffers = sp.Piecewise((2 * tokens_local * K * G * D * b, EP > 1), (0, True))
 
@@ -59,6 +63,7 @@ TERMS = {
     "parameters": parameters,
     "gradients": gradients,
     "optimizer state": optimizer,
+    "bf16 weight copies": weight_copies,
     "activations": activations,
     "logits": logits,
     "all-to-all buffers": all_to_all_buffers,

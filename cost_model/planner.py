@@ -87,6 +87,7 @@ def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware) -> 
     v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
               s.TP: plan.tp, s.PP: plan.pp, s.Z: plan.zero, s.R: int(plan.recompute),
               s.R_x: int(plan.recompute_experts), time_model.bw: hw.memory_bandwidth,
+              time_model.kappa: hw.elementwise_passes,
               time_model.peak: hw.peak_flops, time_model.eta: hw.gemm_efficiency,
               time_model.m_half: hw.gemm_half_rows, time_model.omega: hw.grad_overlap})
     for name, c in plan.collectives.items():

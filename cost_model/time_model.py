@@ -13,6 +13,14 @@ step the optimizer and clipping pass over the fp32 weights, gradients and
 moments, and in every micro-batch autocast makes the bf16 weight copies and
 casts their gradients back (bytes per parameter below).
 
+The elementwise work around the GEMMs (norms, casts, activations, the
+routing copies, the loss) is memory-bound too: kappa passes over the saved
+activations (at least 4: each byte written in forward, read in backward, its
+gradient written and read; eager PyTorch, one kernel per elementwise op,
+makes more, so the profile calibrates kappa), and the loss passes over the
+logits LOGIT_TRAFFIC bytes per element. Kernel launch cost is not modelled: runs whose GPU work per step is
+short are bound by the host and take longer than predicted.
+
 Expert GEMMs are short: each local expert sees S*B*EP*K/E rows per
 micro-batch, and a GEMM of m rows runs at eta * m / (m + m_half), m_half
 being the rows at which the hardware reaches half its large-GEMM efficiency.
@@ -21,13 +29,15 @@ Expert parallelism buys longer expert GEMMs; the all-to-all is its price.
 import sympy as sp
 
 from moec.cost_model import comm, memory, params
-from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, R_x, S, TP, Z, define, f, n_W
+from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, R_x, S, TP, V, Z, define, f, n_W
 
-peak, eta, omega, m_half, bw = sp.symbols("Pi eta omega m_half beta_mem", positive=True)
+peak, eta, omega, m_half, bw, kappa = sp.symbols("Pi eta omega m_half beta_mem kappa", positive=True)
 # bytes moved per parameter: fused AdamW reads weight, gradient, m, v and writes weight, m, v (28);
 # clipping reads the gradient for its norm and scales it (12); autocast's bf16 copy of the weight
 # (6) and the gradient cast back to fp32 (6), every micro-batch
 OPTIMIZER_TRAFFIC, CLIP_TRAFFIC, CAST_TRAFFIC = 28, 12, 12
+# bf16 logits written (2), cast to fp32 (6), log-softmax (8), its backward (12), cast back (6)
+LOGIT_TRAFFIC = 34
 COLLECTIVES = ("a2a", "grad_dense", "grad_experts", "tp", "pp")
 alpha = {c: sp.Symbol(f"alpha_{c}", nonnegative=True) for c in COLLECTIVES}
 beta = {c: sp.Symbol(f"beta_{c}", positive=True) for c in COLLECTIVES}
@@ -63,9 +73,14 @@ weight_traffic = define("T_w", (OPTIMIZER_TRAFFIC * sharded_state + CLIP_TRAFFIC
                                 + CAST_TRAFFIC * M * weights_local) / bw,
                         "optimizer, clipping and autocast casts of the weights per step")
 
+activation_traffic = define(
+    "T_act", M * (kappa * memory.activations / sp.Min(PP, M) + LOGIT_TRAFFIC * memory.tokens_local * V
+                  ) / bw, "memory-bound elementwise work per step")
+
 TERMS = {
     "compute": define("T_comp", bubble * compute, "compute time per step, pipeline bubble included"),
     "weight traffic": weight_traffic,
+    "activation traffic": activation_traffic,
     "all-to-all": define("T_a2a", bubble * a2a, "dispatch/combine time per step"),
     "tensor parallel": define("T_tp", bubble * tp, "tensor-parallel collective time per step"),
     "pipeline sends": define("T_pp", pp, "pipeline send time per step"),

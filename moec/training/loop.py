@@ -1,6 +1,7 @@
 """The pieces of train.py's loop that are not the recipe itself: process
 setup under torchrun, data-parallel wrapping, signals, the NaN stop, RNG
 state and the final export of the weights."""
+import contextlib
 import os
 import signal
 import sys
@@ -66,6 +67,13 @@ class Parallel:
             from moec.distributed.zero import make_optimizer
             return make_optimizer(self.model, optimizer_class, param_groups, **defaults)
         return optimizer_class(param_groups, **defaults)
+
+    def accumulating(self, more_to_come: bool):
+        """Context of one micro-batch's backward: DDP skips its gradient all-reduce while more
+        micro-batches of the step follow (the last one reduces the sum)."""
+        if more_to_come and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Synchronise gradients where DDP/FSDP do not (expert parallel), then clip by the global norm."""

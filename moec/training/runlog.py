@@ -53,7 +53,8 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
 class RunLog:
     def __init__(self, run_dir: Path, args, build: BuildInfo, env, start: int, resumed: bool):
         self.build, self.env, self.every = build, env, args.log_every
-        self.tokens_per_step = args.batch_size * args.seq_len * env.world
+        self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * env.world
+        self.micro_tokens = args.batch_size * args.seq_len  # per rank: what one forward routes
         self.peak = device_peak_flops(env.device)
         main = env.rank == 0
         if main:
@@ -80,7 +81,7 @@ class RunLog:
         if step % self.every:
             return
         counts = out.get("expert_counts", [])
-        load = expert_load(counts, self.tokens_per_step // self.env.world, self.build.topk,
+        load = expert_load(counts, self.micro_tokens, self.build.topk,
                            self.build.capacity_factor).to(self.env.device)
         if dist.is_initialized() and counts:
             dist.all_reduce(load)

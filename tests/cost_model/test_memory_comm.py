@@ -65,7 +65,7 @@ def test_gradient_volume_by_zero_stage():
 
 def test_step_time_terms_add_up_and_bubble_grows_with_pp():
     hw = {time_model.peak: 1e15, time_model.eta: 0.5, time_model.omega: 0.0, time_model.m_half: 0,
-          time_model.bw: 1e30}  # no weight traffic: EP's smaller expert share would hide the all-to-all
+          time_model.bw: 1e30, time_model.kappa: 4}  # no weight traffic: EP's smaller expert share would hide the all-to-all
     hw.update({a: 1e-5 for a in time_model.alpha.values()})
     hw.update({b_: 1e11 for b_ in time_model.beta.values()})
 

@@ -4,8 +4,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from moec.compiler import CompileRequest, compile_model
 from moec.training.progress import read_metrics
-from tests.train.conftest import run_train
+from tests.train.conftest import ROOT, TINY, run_train
 
 
 def test_trains_and_reports(moe_build, tmp_path):
@@ -23,6 +24,7 @@ def test_trains_and_reports(moe_build, tmp_path):
     for x in train:
         assert x["loss"] == x["lm_loss"] + x["aux_loss"] + x["z_loss"]
         assert x["aux_loss"] > 0 and x["z_loss"] > 0 and x["tokens_per_s"] > 0 and x["mfu"] is None
+        assert x["peak_memory_gib"] is None  # CUDA only
         assert len(x["expert_load"]) == 2  # one per MoE layer
         for layer in x["expert_load"]:
             # 4 x 32 tokens, top-2, 4 experts: 64 slots per expert on average
@@ -69,3 +71,21 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(moe_build, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
     assert max(x["step"] for x in read_metrics(run / "metrics.jsonl")) == 5
     assert not (run / "final.safetensors").exists()
+
+
+def test_grad_accum_splits_the_step_batch(tmp_path):
+    """--grad-accum 2 --batch-size 2 sees the same 4 sequences per step as --batch-size 4 and, on a dense
+    model (no per-micro-batch aux loss), takes the same steps: equal losses up to summation order."""
+    build = tmp_path / "dense"
+    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(build), overrides=TINY,
+                                 dense=True, verify=False), log=lambda *a: None)
+    losses = {}
+    for name, args in {"accum": ("--batch-size", 2, "--grad-accum", 2), "whole": ("--batch-size", 4)}.items():
+        r = run_train(build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--ckpt-every", 0, "--lr", 3e-3,
+                      *args, run_dir=tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        losses[name] = [x["lm_loss"] for x in read_metrics(tmp_path / name / "metrics.jsonl") if x["kind"] == "train"]
+    assert len(losses["accum"]) == 6
+    for a, w in zip(losses["accum"], losses["whole"]):
+        assert abs(a - w) <= 1e-5 * abs(w), (losses["accum"], losses["whole"])
+    assert losses["accum"][-1] < losses["accum"][0]
