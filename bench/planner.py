@@ -66,7 +66,7 @@ def sh(*cmd, capture=False):
 def measure(cfg: Config, out: Path, args) -> dict:
     build = out / cfg.name.replace(" ", "_")
     sh(*MOEC, "compile", MODEL, *cfg.sets(), "--experts", cfg.experts, "--topk", cfg.topk, "--no-verify",
-       "--force", *(["--recompute-experts"] if cfg.recompute else []), "-o", build)
+       "--force", "--max-weights-gb", 64, *(["--recompute-experts"] if cfg.recompute else []), "-o", build)
     run = build / "runs" / "bench"
     sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", cfg.batch, "--seq-len",
        BASE["max_seq_len"], "--log-every", args.log_every, "--eval-every", 0, "--ckpt-every", 0, "--warmup", 5,

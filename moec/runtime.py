@@ -1,10 +1,13 @@
 """What an emitted program needs at run time, and nothing of the compiler:
 the moec:: ops, building a model's parameters from a declaration, its weights,
 and (re-exported from moec.training) what train.py trains it with."""
+from pathlib import Path
+
 import torch
 
 import moec.distributed  # noqa: F401  registers the EP collectives (moec::dispatch, combine, ep_experts)
 import moec.moe  # noqa: F401  registers the moec:: ops the graph calls
+from moec import MoecError
 from moec.training.checkpoint import Checkpointer  # noqa: F401
 from moec.training.data import TokenData, load_tokens  # noqa: F401
 from moec.training.loop import (StopOnSignal, check_finite, export_weights, parallelize, rng_state,  # noqa: F401
@@ -43,6 +46,9 @@ def load_weights(model: torch.nn.Module, path) -> None:
     """Load a safetensors file written by `moec compile` or a training checkpoint export."""
     from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise MoecError(f"{path} does not exist: `moec compile` writes no weights above --max-weights-gb "
+                        f"(default 4); compile again with a larger --max-weights-gb")
     load_state(model, load_file(str(path)))
 
 

@@ -89,3 +89,13 @@ def test_grad_accum_splits_the_step_batch(tmp_path):
     for a, w in zip(losses["accum"], losses["whole"]):
         assert abs(a - w) <= 1e-5 * abs(w), (losses["accum"], losses["whole"])
     assert losses["accum"][-1] < losses["accum"][0]
+
+
+def test_build_without_weights_is_one_line_exit_2(tmp_path):
+    build = tmp_path / "no-weights"
+    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(build), overrides=TINY,
+                                 dense=True, verify=False, max_weights_gb=1e-6), log=lambda *a: None)
+    assert not (build / "model.safetensors").exists()
+    r = run_train(build, "--steps", 2, run_dir=tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--max-weights-gb" in r.stderr, r.stderr
