@@ -69,10 +69,10 @@ def measure(cfg: Config, out: Path, args) -> dict:
        "--force", "--max-weights-gb", 64, *(["--recompute-experts"] if cfg.recompute else []), "-o", build)
     run = build / "runs" / "bench"
     sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", cfg.batch, "--seq-len",
-       BASE["max_seq_len"], "--log-every", args.log_every, "--eval-every", 0, "--ckpt-every", 0, "--warmup", 5,
+       BASE["max_seq_len"], "--log-every", args.log_every, "--eval-every", 0, "--ckpt-every", -1, "--warmup", 5,
        "--run-dir", run)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(build)  # weights and the final checkpoint: gigabytes each
+    shutil.rmtree(build)  # its weights and final export: gigabytes
     steady = [r for r in records if r["kind"] == "train"][1:]
     tokens = cfg.batch * BASE["max_seq_len"]
     return {"step_s": sum(tokens / r["tokens_per_s"] for r in steady) / len(steady),

@@ -51,7 +51,8 @@ def parse_args():
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100, help="0: only at the end")
+    p.add_argument("--ckpt-every", type=int, default=100,
+                   help="0: only at the end; -1: never (a signal still saves one)")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--run-dir", default=str(HERE / "runs" / "latest"))
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
@@ -131,13 +132,13 @@ def main(args):
                                for i in range(args.eval_batches))
                     log.validation(step + 1, [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches])
             stopping = stop.requested(env)
-            if stopping or args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+            if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
                 log.message(f"checkpoint {{save(step + 1)}}")
             if stopping:
                 log.message(f"stopped by {{stop.signal_name}} after step {{step + 1}}; resume with --resume")
                 rt.teardown()
                 return 128 + stop.signum
-    if ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}":
+    if args.ckpt_every >= 0 and (ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}"):
         save(args.steps)
     if parallel.expert_parallel:  # each rank holds a slice of the experts: the checkpoint has them all
         log.message(f"done: checkpoint {{ckpt.latest()}}, metrics in {{run_dir / 'metrics.jsonl'}}")

@@ -81,9 +81,10 @@ def test_grad_accum_splits_the_step_batch(tmp_path):
                                  dense=True, verify=False), log=lambda *a: None)
     losses = {}
     for name, args in {"accum": ("--batch-size", 2, "--grad-accum", 2), "whole": ("--batch-size", 4)}.items():
-        r = run_train(build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--ckpt-every", 0, "--lr", 3e-3,
+        r = run_train(build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--lr", 3e-3,
                       *args, run_dir=tmp_path / name)
         assert r.returncode == 0, r.stderr
+        assert not (tmp_path / name / "checkpoints").exists()  # --ckpt-every -1: none
         losses[name] = [x["lm_loss"] for x in read_metrics(tmp_path / name / "metrics.jsonl") if x["kind"] == "train"]
     assert len(losses["accum"]) == 6
     for a, w in zip(losses["accum"], losses["whole"]):
