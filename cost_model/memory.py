@@ -59,6 +59,12 @@ logits = LOGIT_BYTES * tokens_local * V
 # dispatch send and receive buffers of the layer in flight
 all_to_all_buffers = sp.Piecewise((2 * tokens_local * K * G * D * b, EP > 1), (0, True))
 
+# The high-water mark. train.py drops the gradients before each forward, so when backward starts
+# every activation is alive and almost no gradient is; as backward goes on, gradients appear and
+# activations and the weight copies go. Either end can be the peak.
+transient = weight_copies + activations + logits + all_to_all_buffers
+peak = parameters + optimizer + sp.Max(gradients, transient)
+
 TERMS = {
     "parameters": parameters,
     "gradients": gradients,

@@ -30,7 +30,7 @@ def _compiled() -> dict:
     exprs = {**{f"mem:{k}": v for k, v in memory.TERMS.items()},
              **{f"time:{k}": v for k, v in time_model.TERMS.items()},
              **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
-             "step": time_model.step, "mfu": time_model.mfu}
+             "peak": memory.peak, "step": time_model.step, "mfu": time_model.mfu}
     out = {}
     for k, e in exprs.items():
         e = s.expand(e)
@@ -58,6 +58,7 @@ class Plan:
     hardware: str
     model: str
     recompute_experts: bool = False  # `moec compile --recompute-experts`
+    peak_memory_bytes: float = 0.0
     step_time_s: float = 0.0
     mfu: float = 0.0
     memory_bytes: dict = field(default_factory=dict)
@@ -68,7 +69,8 @@ class Plan:
 
     @property
     def memory_total(self) -> float:
-        return sum(self.memory_bytes.values())
+        """The predicted high-water mark (memory.peak): not every term of memory_bytes is alive at once."""
+        return self.peak_memory_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +138,7 @@ def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs:
     plan.memory_bytes = {k[4:]: _eval(k, v) for k in _compiled() if k.startswith("mem:")}
     plan.time_s = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("time:")}
     plan.comm_bytes = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("comm:")}
-    plan.step_time_s, plan.mfu = _eval("step", v), _eval("mfu", v)
+    plan.step_time_s, plan.mfu, plan.peak_memory_bytes = _eval("step", v), _eval("mfu", v), _eval("peak", v)
     return plan
 
 

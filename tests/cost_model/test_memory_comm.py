@@ -101,3 +101,13 @@ def test_expert_recompute_trades_activations_for_a_first_gemm_pass():
     slow, fast = (evaluate(time_model.TERMS["compute"], extra=hw | {s.R_x: r}) for r in (1, 0))
     first_gemm = 2 * SHAPE.hidden * SHAPE.ffn * MOE.topk * SHAPE.layers  # FLOPs per token, forward
     assert slow - fast == pytest.approx(4 * SHAPE.seq_len * first_gemm / 0.5e15)
+
+
+def test_peak_holds_gradients_or_activations_not_both():
+    states = evaluate(memory.parameters + memory.optimizer)
+    grads = evaluate(memory.gradients)
+    for batch in (1, 64):
+        transient = evaluate(memory.transient, extra={s.B: batch})
+        assert evaluate(memory.peak, extra={s.B: batch}) == pytest.approx(states + max(grads, transient))
+    # a long batch is activation-bound, a short one gradient-bound
+    assert evaluate(memory.transient, extra={s.B: 64}) > grads > evaluate(memory.transient, extra={s.B: 1, s.S: 8})
