@@ -37,8 +37,8 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 def _state(model, optimizer, mesh) -> dict:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise MoecError("checkpoint: only a plain torch optimizer's state is saved; ZeRO-sharded state "
-                        "(moec.distributed.zero) is not yet, so checkpoint with the optimizer unsharded")
+        raise MoecError(f"checkpoint: {type(optimizer).__name__} is not a torch.optim.Optimizer; its state "
+                        "cannot be saved by parameter name")
     names = {p: n for n, p in model.named_parameters()}
     state = {f"model.{n}": _wrap(n, p.detach(), mesh) for n, p in model.named_parameters()}
     if optimizer is not None:
