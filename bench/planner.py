@@ -17,6 +17,7 @@ that configuration is left out of the comparison. `--predict-only
 RESULTS` recomputes the predictions for a saved run (no GPU).
 """
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -79,17 +80,23 @@ def measure(cfg: Config, out: Path, args) -> dict:
             "peak_bytes": max(r["peak_memory_gib"] for r in steady) * 2**30}
 
 
+@functools.cache
+def _shape(dim: int, ffn_dim: int, layers: int):
+    """The captured model's shape (a capture per size, not per prediction)."""
+    from moec.model_shape import shape_from_model
+
+    return shape_from_model(str(MODEL), None, BASE["max_seq_len"],
+                            overrides=dict(BASE, dim=dim, ffn_dim=ffn_dim, n_layers=layers))
+
+
 def predict(cfg: Config, profile: dict, kappa: float | None = None) -> dict:
     from moec.cost_model import Hardware, MoeOptions, single_gpu_prediction
-    from moec.model_shape import shape_from_model
 
     if kappa is not None:
         profile = dict(profile, gpu=dict(profile["gpu"], elementwise_passes=kappa))
-    shape = shape_from_model(str(MODEL), None, BASE["max_seq_len"], overrides=dict(
-        BASE, dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_layers=cfg.layers))
-    plan = single_gpu_prediction(shape, MoeOptions(experts=cfg.experts, topk=cfg.topk), Hardware.from_dict(profile),
+    plan = single_gpu_prediction(_shape(cfg.dim, cfg.ffn_dim, cfg.layers), MoeOptions(experts=cfg.experts, topk=cfg.topk), Hardware.from_dict(profile),
                                  cfg.batch, cfg.recompute)
-    return {"step_s": plan.step_time_s, "peak_bytes": plan.memory_total, "memory": plan.memory_bytes,
+    return {"step_s": plan.step_time_s, "peak_bytes": plan.peak_memory_bytes, "memory": plan.memory_bytes,
             "time": plan.time_s}
 
 

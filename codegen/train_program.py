@@ -15,7 +15,7 @@ TEMPLATE = '''"""Train {title}.
     python train.py --steps 200                  # one CPU or GPU
     torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or expert parallel
                                                  # for a build compiled with --ep; --zero shards the optimizer state
-    python train.py --steps 200 --resume         # continue from RUN_DIR/checkpoints
+    python train.py --steps 200 --resume         # continue from the run's newest checkpoint
 
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
 """

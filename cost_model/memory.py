@@ -51,7 +51,7 @@ in_flight = sp.Min(PP, M)
 activations = (in_flight * tokens_local * (L / PP) * (R * b * D + (1 - R) * act_layer)
                + R * tokens_local * act_rebuilt)
 # autocast's bf16 copies of the weights, made in forward and kept for backward
-weight_copies = b * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
+weight_copies = parameters * b / WEIGHT_BYTES
 # on the last stage, while the loss backpropagates: the bf16 logits (2 bytes), log-softmax's fp32
 # output (4), the gradient arriving at it (4) and the fp32 gradient it produces (4)
 LOGIT_BYTES = 14

@@ -58,7 +58,7 @@ class Plan:
     hardware: str
     model: str
     recompute_experts: bool = False  # `moec compile --recompute-experts`
-    peak_memory_bytes: float = 0.0
+    peak_memory_bytes: float = 0.0  # memory.peak: not every term of memory_bytes is alive at once
     step_time_s: float = 0.0
     mfu: float = 0.0
     memory_bytes: dict = field(default_factory=dict)
@@ -66,11 +66,6 @@ class Plan:
     comm_bytes: dict = field(default_factory=dict)
     collectives: dict = field(default_factory=dict)
     why: str = ""
-
-    @property
-    def memory_total(self) -> float:
-        """The predicted high-water mark (memory.peak): not every term of memory_bytes is alive at once."""
-        return self.peak_memory_bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,13 +150,13 @@ def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_b
                         f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
                         f"the global batch of {global_batch}; change --gpus or --global-batch")
     plans = [predict(p, shape, moe, hw, c) for p, c in cands]
-    fit = sorted((p for p in plans if p.memory_total <= hw.memory_bytes),
-                 key=lambda p: (p.step_time_s, p.memory_total))
+    fit = sorted((p for p in plans if p.peak_memory_bytes <= hw.memory_bytes),
+                 key=lambda p: (p.step_time_s, p.peak_memory_bytes))
     if not fit:
-        least = min(plans, key=lambda p: p.memory_total)
+        least = min(plans, key=lambda p: p.peak_memory_bytes)
         raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "
                         f"({hw.memory_bytes / 2**30:.1f} GiB usable); the leanest needs "
-                        f"{least.memory_total / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch")
+                        f"{least.peak_memory_bytes / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch")
     for p in fit[:5]:
         p.why = _why(p, fit, len(plans), hw)
     return fit, len(plans)
@@ -190,7 +185,7 @@ def _default_batch(gpus: int, seq_len: int) -> int:
 def _why(p: Plan, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
     top = max(p.time_s, key=p.time_s.get)
     text = (f"{p.label()}: predicted {p.step_time_s * 1e3:.1f} ms/step, MFU {p.mfu:.1%}, "
-            f"{p.memory_total / 2**30:.1f} of {hw.memory_bytes / 2**30:.1f} GiB; rank {fit.index(p) + 1} of "
+            f"{p.peak_memory_bytes / 2**30:.1f} of {hw.memory_bytes / 2**30:.1f} GiB; rank {fit.index(p) + 1} of "
             f"{len(fit)} plans that fit ({enumerated} enumerated); largest term: {top}")
     if p is fit[0] and len(fit) > 1:
         nxt = fit[1]

@@ -15,7 +15,7 @@ def _row(i: int, p: Plan) -> tuple:
     m, t = p.memory_bytes, p.time_s
     states = m["parameters"] + m["gradients"] + m["optimizer state"]
     return (str(i), p.label(), str(p.micro_batches), f"{states / GiB:.1f}", f"{m['activations'] / GiB:.1f}",
-            f"{p.memory_total / GiB:.1f}", f"{t['compute'] * 1e3:.0f}", f"{t['all-to-all'] * 1e3:.0f}",
+            f"{p.peak_memory_bytes / GiB:.1f}", f"{t['compute'] * 1e3:.0f}", f"{t['all-to-all'] * 1e3:.0f}",
             f"{t['tensor parallel'] * 1e3:.0f}", f"{t['pipeline sends'] * 1e3:.0f}",
             f"{t['gradient sync (exposed)'] * 1e3:.0f}", f"{p.step_time_s * 1e3:.0f}", f"{p.mfu:.1%}")
 
@@ -32,7 +32,7 @@ def plan_record(ranked: list[Plan], enumerated: int, shape: ModelShape, moe: Moe
     """plan.json: the chosen plan, why, and the runners-up it beat."""
     return {"chosen": ranked[0].to_dict(), "why": ranked[0].why, "model": asdict(shape), "moe": asdict(moe),
             "candidates_enumerated": enumerated, "candidates_fit": len(ranked),
-            "runners_up": [{"plan": p.label(), "step_time_s": p.step_time_s, "memory_bytes": p.memory_total,
+            "runners_up": [{"plan": p.label(), "step_time_s": p.step_time_s, "memory_bytes": p.peak_memory_bytes,
                             "mfu": p.mfu} for p in ranked[1:6]]}
 
 
