@@ -26,7 +26,7 @@ def test_candidates_respect_constraints_and_memory(mixtral_64):
     for p in ranked:
         assert p.ep * p.dp * p.tp * p.pp == 64
         assert p.tp <= hw.gpus_per_node and 8 % p.ep == 0 and 32 % p.pp == 0
-        assert p.memory_total <= hw.memory_bytes
+        assert p.peak_memory_bytes <= hw.memory_bytes
         assert not (p.zero == 3 and p.pp > 1)
         assert p.step_time_s == pytest.approx(sum(p.time_s.values()))
         assert 0 < p.mfu < 1
