@@ -3,7 +3,9 @@
 model.py holds one nn.Module class: a table of parameter and buffer shapes,
 the names that share a parameter (tied embeddings), and the graph's forward
 as fx prints it. It imports torch and moec.runtime only, plus whatever the
-graph calls (generated kernel modules among them).
+graph calls: generated kernel modules, and, when the torch.fx.symbolic_trace
+front-end kept some of the model's own operators or functions opaque, the
+model file itself (copied into the build as source/).
 """
 import sys
 import textwrap
@@ -49,17 +51,31 @@ for _name in KERNELS:  # generated Triton kernels in kernels/ beside this file; 
 '''
 
 
-def model_source(gm: torch.fx.GraphModule, title: str, kernels=()) -> str:
+USER_LOADER = '''
+# the graph's opaque calls go to the original model file's operators and functions: load it
+_spec = importlib.util.spec_from_file_location({name!r}, Path(__file__).parent / {path!r})
+_user = sys.modules.get(_spec.name)
+if _user is None:
+    _user = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_user)
+'''
+
+
+def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[str, str] | None = None) -> str:
+    """`user`: (module name, path in the build) of the model file, for graphs that call into it."""
     code = gm.graph.python_code(root_module="self")
     imports = sorted({_format_import_statement(n, o, sys_importer) for n, o in code.globals.items()})
+    if user:
+        imports += ["import importlib.util", "import sys", "from pathlib import Path",
+                    USER_LOADER.format(name=user[0], path=user[1])]
     params, buffers, tied = _tables(gm)
     forward = textwrap.indent(code.src.strip("\n"), "    ")
     return "\n".join([
         HEADER.format(title=title),
         *imports,
         "import moec.runtime",
-        *(["import importlib.util", "from pathlib import Path", "", f"KERNELS = {list(kernels)!r}", KERNEL_LOADER]
-          if kernels else []),
+        *([*(["import importlib.util", "from pathlib import Path"] if not user else []), "",
+           f"KERNELS = {list(kernels)!r}", KERNEL_LOADER] if kernels else []),
         "\n",
         _table("PARAMS", params),
         _table("BUFFERS", buffers),

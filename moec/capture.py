@@ -1,13 +1,14 @@
 """Capture: a user's model.py -> a plain GraphModule with shapes on every node.
 
 The one entry point passes rely on is `capture(model, inputs)`: non-strict
-torch.export, recorded in gm.meta["frontend"]. The passes read ATen-level
-graphs with module provenance, which torch.fx.symbolic_trace does not give,
-so there is no second front-end: a model export rejects gets export's reason,
-with the user's line.
+torch.export, or, when export rejects the model, the torch.fx.symbolic_trace
+front-end (moec/fx_frontend.py), which gives the same ATen-level IR with module
+provenance; gm.meta["frontend"] says which ran. When both fail the error gives
+export's reason, with the user's line, and symbolic_trace's.
 After capture the graph takes the token ids and returns {"logits": ...};
 device arguments baked in at trace time follow the input's device instead.
 """
+import dataclasses
 import importlib.util
 import inspect
 import sys
@@ -30,9 +31,11 @@ def load_module(path: str):
     spec = importlib.util.spec_from_file_location(name, p)
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(p.parent.resolve()))
+    sys.modules[name] = mod  # what the model file defines can be found by name (pickling, emitted imports)
     try:
         spec.loader.exec_module(mod)
     except Exception as e:  # the user's code: report where it broke
+        del sys.modules[name]
         raise MoecError(f"{path}:{_user_line(e, p)}: importing it failed: {type(e).__name__}: {e}") from e
     finally:
         sys.path.pop(0)
@@ -108,19 +111,51 @@ def capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
         # batch and sequence stay symbolic, so the program trains and evaluates at any size
         dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)
         gm = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False).module()
-    except Exception as e:
-        raise MoecError(f"capture failed: {_capture_message(e)}") from e
+        frontend = "torch.export"
+    except Exception as export_error:
+        gm, frontend = _fallback(model, inputs, export_error), "torch.fx.symbolic_trace"
     _normalise(gm)
-    gm.meta["frontend"] = "torch.export"
+    gm.meta["frontend"] = frontend
     gm.meta["inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
     propagate_shapes(gm)
     return gm
 
 
+def logits_of(out) -> torch.Tensor:
+    """The first tensor in what a model returns (a tensor, a tuple, a dict, a dataclass or another object)."""
+    while not isinstance(out, torch.Tensor):
+        if dataclasses.is_dataclass(out):
+            out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+        elif isinstance(out, (tuple, list, dict)):
+            out = torch.utils._pytree.tree_leaves(out)
+        elif hasattr(out, "__dict__"):
+            out = list(vars(out).values())
+        else:
+            raise MoecError(f"the model returned a {type(out).__name__}, which holds no tensor")
+        out = next((o for o in out if isinstance(o, torch.Tensor) or _holds(o)), None)
+        if out is None:
+            raise MoecError("the model's output holds no tensor")
+    return out
+
+
+def _holds(o) -> bool:
+    return dataclasses.is_dataclass(o) or isinstance(o, (tuple, list, dict)) or hasattr(o, "__dict__")
+
+
+def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:
+    from moec.fx_frontend import symbolic_capture
+    try:
+        return symbolic_capture(model, inputs)
+    except Exception as e:
+        why = str(e) if isinstance(e, MoecError) else _capture_message(e)
+        raise MoecError(f"capture failed: torch.export: {_capture_message(export_error)}; "
+                        f"torch.fx.symbolic_trace: {why}") from e
+
+
 def _capture_message(e: Exception) -> str:
     """Name the user's line that made export fail."""
     user = [f for f in traceback.extract_tb(e.__traceback__)
-            if "site-packages" not in f.filename and "/torch/" not in f.filename and "moec" not in Path(f.filename).parts]
+            if "site-packages" not in f.filename and not f.filename.startswith("<") and "/torch/" not in f.filename and "moec" not in Path(f.filename).parts]
     where = f"{user[-1].filename}:{user[-1].lineno}: `{user[-1].line}`: " if user else ""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"{where}{type(e).__name__}: {first}"

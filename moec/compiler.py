@@ -17,7 +17,7 @@ import torch
 
 import moec
 from moec import MoecError
-from moec.capture import LogitsOnly, build, capture, example_inputs, load_module
+from moec.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
 from moec.codegen import source
 from moec.codegen.program import model_source, write_weights
 from moec.codegen.train_program import write_train_program
@@ -101,7 +101,7 @@ def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
         log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {req.max_weights_gb}; none written")
     if req.verify and not req.dense:
         report["verify_max_rel_error"] = _verify(req, mod, dense if real else None, log)
-    (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp)))
+    (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp), _user_code(gm, mod, tmp)))
     (tmp / "config.json").write_text(json.dumps(_config(req, report), indent=1, sort_keys=True) + "\n")
     write_train_program(tmp, _config(req, report))
     return report
@@ -121,6 +121,16 @@ def _plan(req: CompileRequest, gm, model, tmp: Path, log):
     write_plan_json(tmp, ranked, enumerated, shape, moe)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
+
+
+def _user_code(gm, mod, tmp: Path) -> tuple[str, str] | None:
+    """A graph with opaque calls into the model file needs that file beside it: copy it into source/."""
+    if not gm.meta.get("opaque"):
+        return None
+    src = Path(mod.__file__)
+    (tmp / "source").mkdir()
+    shutil.copyfile(src, tmp / "source" / src.name)
+    return mod.__name__, f"source/{src.name}"
 
 
 def _kernel_modules(gm, tmp: Path) -> list[str]:
@@ -160,7 +170,7 @@ def _verify(req: CompileRequest, mod, dense, log) -> float | None:
         opts = replace(opts, pyramid=(opts.pyramid[0], min(opts.pyramid[1], 1)))
     dense.eval()  # dropout off: compare the deterministic function
     with torch.no_grad():
-        ref = dense(*inputs)
+        ref = logits_of(dense(*inputs))
         gm, _ = run_pipeline(capture(dense, inputs), build_pipeline(opts))
         got = gm(*inputs)["logits"]
     err = ((got - ref).abs().max() / ref.abs().max()).item()
