@@ -147,7 +147,9 @@ def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:
     try:
         return symbolic_capture(model, inputs)
     except Exception as e:
-        why = str(e) if isinstance(e, MoecError) else _capture_message(e)
+        why = str(e).splitlines()[0] if isinstance(e, MoecError) else _capture_message(e)  # fx appends notes
+        if isinstance(e, torch.fx.proxy.TraceError):
+            why += " (move that code into a function the model file marks with torch.fx.wrap(\"name\"))"
         raise MoecError(f"capture failed: torch.export: {_capture_message(export_error)}; "
                         f"torch.fx.symbolic_trace: {why}") from e
 
