@@ -90,7 +90,11 @@ def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = Fal
     if fsdp and zero:
         raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
                         "parameters and gradients: use one of them")
-    if env.world > 1 and (config.get("ep") or {}).get("ep", 1) > 1:
+    ep = (config.get("ep") or {}).get("ep", 1)
+    if fsdp and ep > 1:
+        raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
+                        f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
+    if env.world > 1 and ep > 1:
         from moec.distributed import setup
 
         model, mesh, grad_sync = setup(model, config)

@@ -96,3 +96,11 @@ def test_zero_with_fsdp_is_one_line_exit_2(moe_build, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: --zero shards the optimizer state, which --fsdp (FSDP2) already "
                                              "shards along with the parameters and gradients: use one of them"]
+
+
+def test_fsdp_on_an_expert_parallel_build_is_one_line_exit_2(ep2_build, tmp_path):
+    r = run_train(ep2_build, "--steps", 1, "--fsdp", run_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --fsdp shards a data-parallel build, and this build is expert "
+                                             "parallel (EP=2): its experts are sharded over the ranks already; use "
+                                             "--zero to shard the optimizer state too"]
