@@ -88,7 +88,7 @@ def main(args):
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
-    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh)
+    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh, by_name=build.ep > 1)
     start = 0
     if args.resume:
         state = ckpt.load_latest(model, optimizer)

@@ -73,10 +73,13 @@ def verify(path: Path) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep: int = 3, rank: int = 0, mesh=None):
+    def __init__(self, root: Path, keep: int = 3, rank: int = 0, mesh=None, by_name: bool = False):
         """mesh: the (dp, ep) DeviceMesh of an expert-parallel run, whose experts are
-        saved with their global shapes, so a run resumes at another EP size."""
+        saved with their global shapes, so a run resumes at another EP size.
+        by_name: write the "by_name" layout without a mesh too (an expert-parallel
+        build on one process), so torchrun can resume it at its EP size."""
         self.root, self.keep, self.rank, self.mesh = Path(root), keep, rank, mesh
+        self.by_name = by_name or mesh is not None
 
     def _complete(self) -> list[Path]:
         return sorted(self.root.glob("step_*"), reverse=True) if self.root.is_dir() else []
@@ -89,7 +92,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        if self.mesh is not None or isinstance(optimizer, ShardedOptimizer):
+        if self.by_name or isinstance(optimizer, ShardedOptimizer):
             layout = "by_name"
             by_name.save(tmp, unwrap(model), optimizer, self.mesh)
         else:
@@ -136,10 +139,13 @@ class Checkpointer:
             return None
         extra = path / f"extra_rank{self.rank}.pt"
         extra = torch.load(extra if extra.exists() else path / "extra_rank0.pt", weights_only=True)
-        if self.mesh is not None or extra["layout"] == "by_name":
+        if extra["layout"] == "by_name":
             by_name.load(path, unwrap(model), optimizer, self.mesh)  # experts resharded to this run's EP
             for group, saved in zip(optimizer.param_groups, extra["param_groups"], strict=True):
                 group.update(saved)
+        elif self.mesh is not None:
+            raise MoecError(f"checkpoint {path} was written by one process in the whole-state layout, which an "
+                            f"expert-parallel run cannot reshard: resume it on one process")
         elif isinstance(optimizer, ShardedOptimizer):
             raise MoecError(f"checkpoint {path} holds a whole optimizer state (written without --zero): "
                             f"resume it without --zero")

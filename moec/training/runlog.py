@@ -24,6 +24,11 @@ class BuildInfo:
     capacity_factor: float
     flops_per_step: float  # per rank
 
+    @property
+    def ep(self) -> int:
+        """The expert-parallel size the build was compiled for (1: not expert parallel)."""
+        return (self.config.get("ep") or {}).get("ep", 1)
+
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
         config = json.loads((Path(build_dir) / "config.json").read_text())
