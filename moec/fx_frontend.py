@@ -7,9 +7,9 @@ runs nothing, so it gets past what export must execute or flatten:
   - operators and functions fake tensors cannot run: a torch.library op with
     no fake kernel, or a function the model file marks `torch.fx.wrap("name")`
     because it has data-dependent control flow or calls an extension. These
-    stay single opaque nodes; their output shapes come from running them once
-    on zeros on the CPU, and an output dimension that equals an input's keeps
-    that input's symbolic size.
+    stay single opaque nodes (moec.opaque); their output shapes come from
+    running them once on zeros on the CPU, and an output size equal to an
+    input's at the same position keeps that input's symbolic size.
 The traced graph is then replayed under make_fx (pre-dispatch, the level
 export works at) on fake tensors with symbolic batch and sequence sizes, each
 node keeping the module path symbolic_trace recorded. Modules symbolic_trace
@@ -51,7 +51,7 @@ def symbolic_capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphMod
 
     with mode:
         lowered = make_fx(run, pre_dispatch=True)(fake_state, *fake_inputs)
-    gm = _with_attrs(lowered, model, unique, names_of)
+    gm = _with_attrs(lowered, model, {n: names_of[id(t)] for n, t in state.items()}, unique)
     gm.meta["opaque"] = sorted(replay.opaque)
     return gm
 
@@ -119,22 +119,18 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
 
 
-def _with_attrs(gm: torch.fx.GraphModule, model, unique: dict, names_of: dict) -> torch.fx.GraphModule:
-    """Parameter inputs become get_attr nodes under their module paths, as torch.export leaves them; tied
-    names share one parameter."""
+def _with_attrs(gm: torch.fx.GraphModule, model, group: dict, unique: dict) -> torch.fx.GraphModule:
+    """Parameter inputs become get_attr nodes under their module paths, as torch.export leaves them;
+    group: every parameter and buffer name, in the model's order, with the names that share its tensor."""
     from moec.graph import get_param, set_param
 
     buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    group = {n: names for names in names_of.values() for n in names}
-    for name in group:  # the model's order
-        first = group[name][0]
-        if name == first:
-            set_param(gm, name, unique[name].detach(), buffer=name in buffers)
-            continue
-        *path, leaf = name.split(".")
-        set_param(gm, name, unique[first].detach(), buffer=name in buffers)
-        owner = get_param(gm, ".".join(path)) if path else gm
-        (owner._buffers if name in buffers else owner._parameters)[leaf] = get_param(gm, first)
+    for name, names in group.items():
+        set_param(gm, name, unique[names[0]].detach(), buffer=name in buffers)
+        if name != names[0]:  # tied: the same parameter object under both names
+            *path, leaf = name.split(".")
+            owner = get_param(gm, ".".join(path)) if path else gm
+            (owner._buffers if name in buffers else owner._parameters)[leaf] = get_param(gm, names[0])
     graph = gm.graph
     for node, name in zip([n for n in graph.nodes if n.op == "placeholder"], unique):
         with graph.inserting_before(node):
