@@ -65,17 +65,17 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     """`user`: (module name, path in the build) of the model file, for graphs that call into it."""
     code = gm.graph.python_code(root_module="self")
     imports = sorted({_format_import_statement(n, o, sys_importer) for n, o in code.globals.items()})
+    if kernels or user:  # both load files that sit beside model.py
+        imports += ["import importlib.util", *(["import sys"] if user else []), "from pathlib import Path"]
     if user:
-        imports += ["import importlib.util", "import sys", "from pathlib import Path",
-                    USER_LOADER.format(name=user[0], path=user[1])]
+        imports.append(USER_LOADER.format(name=user[0], path=user[1]))
     params, buffers, tied = _tables(gm)
     forward = textwrap.indent(code.src.strip("\n"), "    ")
     return "\n".join([
         HEADER.format(title=title),
         *imports,
         "import moec.runtime",
-        *([*(["import importlib.util", "from pathlib import Path"] if not user else []), "",
-           f"KERNELS = {list(kernels)!r}", KERNEL_LOADER] if kernels else []),
+        *(["", f"KERNELS = {list(kernels)!r}", KERNEL_LOADER] if kernels else []),
         "\n",
         _table("PARAMS", params),
         _table("BUFFERS", buffers),

@@ -123,27 +123,28 @@ def capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
 
 def logits_of(out) -> torch.Tensor:
     """The first tensor in what a model returns (a tensor, a tuple, a dict, a dataclass or another object)."""
-    while not isinstance(out, torch.Tensor):
-        if dataclasses.is_dataclass(out):
-            out = [getattr(out, f.name) for f in dataclasses.fields(out)]
-        elif isinstance(out, (tuple, list, dict)):
-            out = torch.utils._pytree.tree_leaves(out)
-        elif hasattr(out, "__dict__"):
-            out = list(vars(out).values())
-        else:
-            raise MoecError(f"the model returned a {type(out).__name__}, which holds no tensor")
-        out = next((o for o in out if isinstance(o, torch.Tensor) or _holds(o)), None)
-        if out is None:
-            raise MoecError("the model's output holds no tensor")
-    return out
+    found = _first_tensor(out)
+    if found is None:
+        raise MoecError(f"the model returned a {type(out).__name__}, which holds no tensor")
+    return found
 
 
-def _holds(o) -> bool:
-    return dataclasses.is_dataclass(o) or isinstance(o, (tuple, list, dict)) or hasattr(o, "__dict__")
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if dataclasses.is_dataclass(out):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif isinstance(out, (tuple, list, dict)):
+        items = torch.utils._pytree.tree_leaves(out)
+    elif hasattr(out, "__dict__"):
+        items = list(vars(out).values())
+    else:
+        return None
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
 
 
 def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:
-    from moec.fx_frontend import symbolic_capture
+    from moec.fx_frontend import symbolic_capture  # here: it imports logits_of from this module
     try:
         return symbolic_capture(model, inputs)
     except Exception as e:
@@ -154,10 +155,15 @@ def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:
                         f"torch.fx.symbolic_trace: {why}") from e
 
 
+def _is_user_frame(filename: str) -> bool:
+    """Not torch, moec, an installed package, or code made at run time (`<string>`)."""
+    parts = Path(filename).parts
+    return not filename.startswith("<") and not {"site-packages", "torch", "moec"} & set(parts)
+
+
 def _capture_message(e: Exception) -> str:
     """Name the user's line that made export fail."""
-    user = [f for f in traceback.extract_tb(e.__traceback__)
-            if "site-packages" not in f.filename and not f.filename.startswith("<") and "/torch/" not in f.filename and "moec" not in Path(f.filename).parts]
+    user = [f for f in traceback.extract_tb(e.__traceback__) if _is_user_frame(f.filename)]
     where = f"{user[-1].filename}:{user[-1].lineno}: `{user[-1].line}`: " if user else ""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return f"{where}{type(e).__name__}: {first}"

@@ -90,13 +90,13 @@ def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = Fal
     if fsdp and zero:
         raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
                         "parameters and gradients: use one of them")
-    ep = (config.get("ep") or {}).get("ep", 1)
+    from moec.distributed.setup import ep_options, setup
+
+    ep = ep_options(config)["ep"]
     if fsdp and ep > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
                         f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
     if env.world > 1 and ep > 1:
-        from moec.distributed import setup
-
         model, mesh, grad_sync = setup(model, config)
         return Parallel(model, mesh, grad_sync, zero)
     return Parallel(wrap(model, env, fsdp), zero=zero)

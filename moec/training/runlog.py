@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from moec import MoecError
+from moec.distributed.setup import ep_options
 from moec.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
                                    load_summary, step_flops)
 from moec.training.progress import MetricsFile, Progress
@@ -27,13 +28,13 @@ class BuildInfo:
     @property
     def ep(self) -> int:
         """The expert-parallel size the build was compiled for (1: not expert parallel)."""
-        return (self.config.get("ep") or {}).get("ep", 1)
+        return ep_options(self.config)["ep"]
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
         config = json.loads((Path(build_dir) / "config.json").read_text())
         moe = config.get("moe") or {}
-        ep = (config.get("ep") or {}).get("ep", 1)
+        ep = ep_options(config)["ep"]
         vocab = fake_forward(model_cls, 1, 1, ep=ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
         attention = attention_flops_per_step(model_cls, batch, seq_len, ep)
