@@ -6,7 +6,6 @@ named callable; on fake or meta tensors (capture, shape propagation, the
 training program's FLOP count) it returns empty tensors shaped by `rule`, which
 capture worked out by running the call once on zeros.
 """
-import functools
 import importlib
 
 import torch
@@ -21,8 +20,9 @@ def qualified_name(target) -> str:
     return f"{target.__module__}:{target.__qualname__}"
 
 
-@functools.cache
 def resolve(name: str):
+    """Looked up on every call, not cached: a model file loaded again in the same process defines its
+    operators again, and torch frees the old ones."""
     if name.startswith("torch.ops."):
         obj = torch.ops
         for part in name.removeprefix("torch.ops.").split("."):
