@@ -53,8 +53,8 @@ class Model(nn.Module):
 
 
 def one(size: str, how: str) -> None:
-    from moec.capture import capture
-    from moec.fx_frontend import symbolic_capture
+    from moec.driver.capture import capture
+    from moec.driver.fx_frontend import symbolic_capture
     with torch.device("meta"):
         model = Model(*SIZES[size], opaque=how == "opaque")
     ids = torch.zeros(2, 16, dtype=torch.long, device="meta")

@@ -27,7 +27,7 @@ CASES = [  # (model file, config, experts, topk)
 
 def measure(model, config, experts, topk):
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "moec.cli", "compile", str(ROOT / model), "--config", config,
+        cmd = [sys.executable, "-m", "moec.driver.cli", "compile", str(ROOT / model), "--config", config,
                "--experts", str(experts), "--topk", str(topk), "-o", f"{tmp}/out"]
         t = time.perf_counter()
         pid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

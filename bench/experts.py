@@ -8,7 +8,7 @@ gated SwiGLU experts over M = T*K routed rows, for the per-expert loop
 ("triton"). TFLOP/s count useful FLOPs only: forward 6*M*D*F (three GEMMs),
 forward+backward 18*M*D*F. Before timing, each fast backend's output and
 gradients are checked against the loop (relative L2 error). --sweep also times
-candidate Triton tile configurations per kernel (for codegen/arch.py's LAUNCH).
+candidate Triton tile configurations per kernel (for moec/runtime/kernels/launch.py's LAUNCH).
 """
 import argparse
 import sys
@@ -18,8 +18,8 @@ import triton
 from triton.testing import do_bench
 
 import moec
-from moec.codegen import arch, grouped_gemm as gg
-from moec.codegen.grouped_gemm_glu import glu_backward
+from moec.runtime.kernels import grouped_gemm as gg, launch
+from moec.runtime.kernels.grouped_gemm_glu import glu_backward
 
 # name: D, F, E, K, T
 SHAPES = {"mixtral": (4096, 14336, 8, 2, 16384), "qwen3": (2048, 768, 128, 8, 16384),
@@ -45,7 +45,7 @@ def tensors(D, F, E, M, gen):
 
 
 def call(t, offsets, backend):
-    return moec.experts.experts(t["x"], offsets, t["w1"], None, t["w3"], None, t["w2"], None, "silu",
+    return moec.runtime.ops.experts.experts(t["x"], offsets, t["w1"], None, t["w3"], None, t["w2"], None, "silu",
                                 backend=backend)
 
 
@@ -104,10 +104,10 @@ def sweep(t, offsets, D, F, E, M):
         "grouped_wgrad": [("wgrad w1", 2 * M * D * F, lambda: gg.grouped_wgrad(g_pre[:, :F], x, offsets)),
                           ("wgrad w2", 2 * M * D * F, lambda: gg.grouped_wgrad(g, h, offsets))],
     }
-    saved = {k: dict(arch.LAUNCH[k]["sm90"]) for k in cands}
+    saved = {k: dict(launch.LAUNCH[k]["sm90"]) for k in cands}
     for kernel, configs in cands.items():
         for bm, bn, bk, st, nw in configs:
-            arch.LAUNCH[kernel]["sm90"] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw,
+            launch.LAUNCH[kernel]["sm90"] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw,
                                                num_stages=st)
             cells = []
             for label, flops, fn in runs[kernel]:
@@ -117,7 +117,7 @@ def sweep(t, offsets, D, F, E, M):
                 except Exception as exc:  # a config that does not fit shared memory
                     cells.append(f"{label} failed ({type(exc).__name__})")
             print(f"  sweep {kernel} {bm}x{bn}x{bk} s{st} w{nw}: " + ", ".join(cells), flush=True)
-        arch.LAUNCH[kernel]["sm90"] = saved[kernel]
+        launch.LAUNCH[kernel]["sm90"] = saved[kernel]
 
 
 def main():

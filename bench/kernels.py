@@ -186,7 +186,7 @@ def permute_rows(copy_tbs, cases):
         row("unpermute bwd", shape, "moec", bench(lambda yg, wg, o, g, y, w: um.backward(g, y, row_map, w), bw),
             b_unperm_bwd, copy_tbs)
         rm = routing.module(routing.config(E, 0))
-        row("route", shape, "moec::route reference", bench(lambda: moec.ops.route(idx, E, 0), [()]), N * 8,
+        row("route", shape, "moec::route reference", bench(lambda: moec.runtime.ops.routing.route(idx, E, 0), [()]), N * 8,
             copy_tbs)
         row("route", shape, "moec", bench(lambda: rm.forward(idx), [()]), N * 8, copy_tbs)
         del bw, sets

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MOEC = (sys.executable, "-m", "moec.cli")
+MOEC = (sys.executable, "-m", "moec.driver.cli")
 MODEL = ROOT / "examples" / "llama.py"
 # GPU-bound sizes: with less work per step the host's kernel launches set the pace
 BASE = dict(vocab_size=32000, dim=2048, n_layers=2, n_heads=16, n_kv_heads=8, ffn_dim=5632, max_seq_len=2048)
@@ -83,7 +83,7 @@ def measure(cfg: Config, out: Path, args) -> dict:
 @functools.cache
 def _shape(dim: int, ffn_dim: int, layers: int):
     """The captured model's shape (a capture per size, not per prediction)."""
-    from moec.model_shape import shape_from_model
+    from moec.driver.model_shape import shape_from_model
 
     return shape_from_model(str(MODEL), None, BASE["max_seq_len"],
                             overrides=dict(BASE, dim=dim, ffn_dim=ffn_dim, n_layers=layers))

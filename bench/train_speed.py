@@ -9,7 +9,7 @@ micro-batch step of each.
     python bench/train_speed.py --out build/speed
 
 MFU counts the model's FLOPs (6 x active params per token + attention) over
-the device's bf16 peak (moec.training.metrics).
+the device's bf16 peak (moec.runtime.training.metrics).
 """
 import argparse
 import importlib
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-MOEC = (sys.executable, "-m", "moec.cli")  # the moec of this interpreter
+MOEC = (sys.executable, "-m", "moec.driver.cli")  # the moec of this interpreter
 
 
 def sh(*cmd):
@@ -119,7 +119,7 @@ def main():
         ratio = rows[("moe", a)]["tokens_per_s"] / rows[("dense", a)]["tokens_per_s"]
         print(f"\nMoE / dense tokens/s at grad accum {a}: {ratio:.2f}")
     if torch.cuda.is_available():
-        backend = importlib.import_module("moec.experts").select_backend(
+        backend = importlib.import_module("moec.runtime.ops.experts").select_backend(
             torch.empty(1, device="cuda", dtype=torch.bfloat16))
         print(f"\nmoec::experts backend for bf16 on this GPU: {backend}")
         for name in ("dense", "moe"):

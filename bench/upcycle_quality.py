@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MOEC = (sys.executable, "-m", "moec.cli")  # the moec of this interpreter
+MOEC = (sys.executable, "-m", "moec.driver.cli")  # the moec of this interpreter
 
 
 def sh(*cmd):

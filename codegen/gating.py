@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from string import Template
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import (BY_NAME, CAST_TO, DTYPES, REGISTER_GUARD, dtype_name, load, next_pow2,
-                                 split_launch)
-from moec.ops import SCORES
+from moec.runtime.kernels import launch
+from moec.codegen.source import (BY_NAME, CAST_TO, DTYPES, REGISTER_GUARD, dtype_name, load, next_pow2)
+from moec.runtime.ops.routing import SCORES
 
 
 @dataclass(frozen=True)
@@ -122,8 +121,7 @@ import triton.language as tl
 from torch import Tensor
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import split_launch
+from moec.runtime.kernels import launch
 
 NAME = "$NAME"
 E, K = $E, $K
@@ -255,9 +253,6 @@ $BACKWARD
     tl.store(g_logits_ptr + at, cast_to(g, g_logits_ptr.dtype.element_ty), mask=(r3 < T) & col_ok)
 
 
-def _launch(kernel: str, t: Tensor):
-    return split_launch(arch.launch(kernel, arch.device_arch(t.device.index or 0) if t.is_cuda else "sm90"))
-
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
@@ -274,7 +269,7 @@ def forward(logits: Tensor, bias: Optional[Tensor]):
     probs_sum, zsum = logits.new_zeros(E, dtype=f32), logits.new_zeros((), dtype=f32)
     if T == 0:
         return weights, indices, counts, probs_sum, zsum
-    sizes, opts = _launch("gate_fwd", logits)
+    sizes, opts = launch.for_tensor("gate_fwd", logits)
     block_t = max(1, min(sizes["TILE"] // ($GP * $SP), triton.next_power_of_2(T)))
     slots = _sm_count(logits.device.index or 0) if logits.is_cuda else 2
     P = min(triton.cdiv(T, block_t), slots * sizes["PROGRAMS_PER_SM"])
@@ -282,7 +277,7 @@ def forward(logits: Tensor, bias: Optional[Tensor]):
     prob_part, z_part = logits.new_empty(P, $GP * $SP, dtype=f32), logits.new_empty(P, dtype=f32)
     b = bias.to(f32).contiguous() if bias is not None else prob_part
     gate_fwd_kernel[(P,)](logits, b, weights, indices, cnt_part, prob_part, z_part, T, BLOCK_T=block_t, **opts)
-    sizes, opts = _launch("gate_stats", logits)
+    sizes, opts = launch.for_tensor("gate_stats", logits)
     gate_stats_kernel[(1,)](cnt_part, prob_part, z_part, counts, probs_sum, zsum, P, BLOCK_P=sizes["BLOCK_P"],
                             **opts)
     return weights, indices, counts, probs_sum, zsum
@@ -294,7 +289,7 @@ def backward(logits: Tensor, indices: Tensor, g_weights: Tensor, g_probs_sum: Te
     g_logits = torch.empty_like(logits)
     if T == 0:
         return g_logits
-    sizes, opts = _launch("gate_bwd", logits)
+    sizes, opts = launch.for_tensor("gate_bwd", logits)
     block_t = max(1, min(sizes["TILE"] // ($GP * $SP), triton.next_power_of_2(T)))
     f32 = torch.float32
     gate_bwd_kernel[(triton.cdiv(T, block_t),)](
@@ -405,7 +400,7 @@ PORTABLE = (
 
 def portable_specs(arch_name: str = "sm90") -> list:
     """(name, jit_fn, signature, constexprs, launch_options) of every kernel of PORTABLE, with arch_name's
-    launch settings, for cross-compiling with arch.compile_for."""
+    launch settings, for cross-compiling with cross_compile.compile_for."""
     specs = []
     for cfg in PORTABLE:
         mod = module(cfg)
@@ -416,7 +411,7 @@ def portable_specs(arch_name: str = "sm90") -> list:
             ("gate_stats", mod.gate_stats_kernel, ["*i32", "*fp32", "*fp32", "*i32", "*fp32", "*fp32", "i32"]),
             ("gate_bwd", mod.gate_bwd_kernel, [ptr, "*i32", "*fp32", "*fp32", "*fp32", ptr, "i32"]),
         ):
-            sizes, opts = split_launch(arch.launch(kernel, arch_name))
+            sizes, opts = launch.split(launch.launch(kernel, arch_name))
             const = ({"BLOCK_P": sizes["BLOCK_P"]} if kernel == "gate_stats" else
                      {"BLOCK_T": max(1, sizes["TILE"] // tile)})
             names = fn.arg_names

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from string import Template
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import (BY_NAME, CAST_TO, DTYPES, REGISTER_GUARD, dtype_name, load, next_pow2,
-                                 split_launch)
+from moec.runtime.kernels import launch
+from moec.codegen.source import (BY_NAME, CAST_TO, DTYPES, REGISTER_GUARD, dtype_name, load, next_pow2)
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def gather_sum(y: Tensor, row_map: Tensor, weights) -> Tensor:
     out = y.new_empty(T, D)
     if T == 0 or D == 0:
         return out.zero_()
-    sizes, opts = _launch("gather_sum", y)
+    sizes, opts = launch.for_tensor("gather_sum", y)
     bd = min(sizes["BLOCK_D"], triton.next_power_of_2(D))
     w = weights.contiguous() if weights is not None else row_map
     grid = (triton.cdiv(T, sizes["BLOCK_T"]), triton.cdiv(D, bd))
@@ -105,7 +104,7 @@ def forward(x: Tensor, row_map: Tensor) -> Tensor:
     out = $ALLOC(T * K, D)
     if T == 0 or D == 0:
         return out
-    sizes, opts = _launch("permute", x)
+    sizes, opts = launch.for_tensor("permute", x)
     bd = min(sizes["BLOCK_D"], triton.next_power_of_2(D))
     grid = (triton.cdiv(T, sizes["BLOCK_T"]), triton.cdiv(D, bd))
     permute_kernel[grid](x, row_map.contiguous(), out, T, D, BLOCK_T=sizes["BLOCK_T"], BLOCK_D=bd, **opts)
@@ -133,10 +132,10 @@ def _register():
     @torch.library.custom_op(f"moec_kernels::{NAME}_backward", mutates_args=(), device_types="cuda")
     def permute_backward(g_out: Tensor, row_map: Tensor, k: int) -> Tensor:
         if not _generated_for(k, g_out.dtype):
-            return moec.ops.permute_backward(g_out, row_map, k)
+            return moec.runtime.ops.routing.permute_backward(g_out, row_map, k)
         return backward(g_out, row_map)
 
-    permute_backward.register_kernel("cpu")(moec.ops.permute_backward)
+    permute_backward.register_kernel("cpu")(moec.runtime.ops.routing.permute_backward)
 
     permute_backward.register_fake(lambda g_out, row_map, k: g_out.new_empty(row_map.numel() // k, g_out.shape[1]))
 
@@ -187,7 +186,7 @@ def backward(g_out: Tensor, y: Tensor, row_map: Tensor, weights: Tensor):
         return g_y, g_w
     if D == 0:
         return g_y, g_w.zero_()
-    sizes, opts = _launch("unpermute_bwd", y)
+    sizes, opts = launch.for_tensor("unpermute_bwd", y)
     bd = min(sizes["BLOCK_D"], triton.next_power_of_2(D))
     unpermute_bwd_kernel[(triton.cdiv(T, sizes["BLOCK_T"]),)](
         g_out, y, row_map.contiguous(), weights.contiguous(), g_y, g_w, T, D, BLOCK_T=sizes["BLOCK_T"], BLOCK_D=bd,
@@ -247,15 +246,11 @@ import triton.language as tl
 from torch import Tensor
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import split_launch
+from moec.runtime.kernels import launch
 
 NAME = "$NAME"
 K = $K
 
-
-def _launch(kernel: str, t: Tensor):
-    return split_launch(arch.launch(kernel, arch.device_arch(t.device.index or 0) if t.is_cuda else "sm90"))
 
 
 def _generated_for(k: int, dtype: torch.dtype) -> bool:
@@ -297,7 +292,7 @@ PORTABLE = (
 
 
 def portable_specs(arch_name: str = "sm90") -> list:
-    """(name, jit_fn, signature, constexprs, launch_options) of every kernel of PORTABLE, for arch.compile_for."""
+    """(name, jit_fn, signature, constexprs, launch_options) of every kernel of PORTABLE, for cross_compile.compile_for."""
     specs = []
     for cfg, rows, weights in PORTABLE:
         mod = module(cfg)
@@ -306,7 +301,7 @@ def portable_specs(arch_name: str = "sm90") -> list:
         kernels += ([("permute", mod.permute_kernel, [p, "*i32", p, "i32", "i32"])] if cfg.op == "permute" else
                     [("unpermute_bwd", mod.unpermute_bwd_kernel, [p, p, "*i32", w, p, w, "i32", "i32"])])
         for kernel, fn, sig in kernels:
-            sizes, opts = split_launch(arch.launch(kernel, arch_name))
+            sizes, opts = launch.split(launch.launch(kernel, arch_name))
             names = fn.arg_names
             aligned = [n for n, t in zip(names, sig) if t.startswith("*")] + ["D"]
             specs.append((f"{cfg.name}_{rows}.{kernel}", fn, dict(zip(names, sig + ["constexpr"] * 2)),

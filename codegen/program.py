@@ -45,9 +45,8 @@ def _table(name, rows: dict) -> str:
 
 
 KERNEL_LOADER = '''
-for _name in KERNELS:  # generated Triton kernels in kernels/ beside this file; importing registers their ops
-    _spec = importlib.util.spec_from_file_location(f"kernels.{_name}", Path(__file__).parent / "kernels" / f"{_name}.py")
-    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+# generated Triton kernels in kernels/ beside this file; importing them registers their ops
+moec.runtime.load_kernels(Path(__file__).parent, KERNELS)
 '''
 
 
@@ -66,7 +65,7 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     code = gm.graph.python_code(root_module="self")
     imports = sorted({_format_import_statement(n, o, sys_importer) for n, o in code.globals.items()})
     if kernels or user:  # both load files that sit beside model.py
-        imports += ["import importlib.util", *(["import sys"] if user else []), "from pathlib import Path"]
+        imports += [*(["import importlib.util", "import sys"] if user else []), "from pathlib import Path"]
     if user:
         imports.append(USER_LOADER.format(name=user[0], path=user[1]))
     params, buffers, tied = _tables(gm)

@@ -1,14 +1,13 @@
 """`moec kernels report`: per generated kernel and target, registers, spills and
 shared memory (LDS on AMD), read from the compiled kernel; no GPU needed.
 
-Every codegen module with a `portable_specs(arch_name)` hook takes part; each
-spec is (name, jit_fn, signature, constexprs, launch_options) and is built with
-arch.compile_for. AMD figures come from the amdgcn assembly's resource notes;
+The kernel generators and the hand-written runtime kernels each have a
+`portable_specs(arch_name)` hook; each spec is (name, jit_fn, signature,
+constexprs, launch_options) and is built with cross_compile.compile_for. AMD figures come from the amdgcn assembly's resource notes;
 NVIDIA's from `ptxas -v` over the PTX Triton produced (the one it ships).
 """
 import importlib
 import json
-import pkgutil
 import re
 import shutil
 import subprocess
@@ -18,18 +17,13 @@ from pathlib import Path
 import click
 
 
-def spec_modules() -> list:
-    """The codegen modules that expose portable_specs, by name."""
-    import moec.codegen as pkg
+SPEC_MODULES = ("moec.codegen.gating", "moec.codegen.permute", "moec.codegen.routing",
+                "moec.runtime.kernels.grouped_gemm")
 
-    mods = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if info.name in ("report", "program"):
-            continue
-        mod = importlib.import_module(f"moec.codegen.{info.name}")
-        if hasattr(mod, "portable_specs"):
-            mods.append(mod)
-    return mods
+
+def spec_modules() -> list:
+    """The modules whose kernels every target must compile."""
+    return [importlib.import_module(name) for name in SPEC_MODULES]
 
 
 def _ptxas() -> str:
@@ -69,16 +63,17 @@ def _nvidia_resources(ptx: str) -> dict:
 
 def compile_all(archs) -> list[dict]:
     """One row per (kernel, target): registers, spills (bytes on NVIDIA, registers on AMD), scratch, shared."""
-    from moec.codegen import arch as arch_mod
+    from moec.codegen.cross_compile import compile_for
+    from moec.runtime.kernels.launch import LDS_LIMIT
 
     rows = []
     for mod in spec_modules():
         for arch in archs:
             for name, fn, signature, constexprs, options in mod.portable_specs(arch):
-                k = arch_mod.compile_for(fn, signature, constexprs, arch, options)
+                k = compile_for(fn, signature, constexprs, arch, options)
                 res = _amd_resources(k.asm["amdgcn"]) if arch.startswith("gfx") else _nvidia_resources(k.asm["ptx"])
                 rows.append(dict(module=mod.__name__.rsplit(".", 1)[-1], kernel=name, arch=arch,
-                                 shared=k.metadata.shared, shared_limit=arch_mod.LDS_LIMIT[arch], **res))
+                                 shared=k.metadata.shared, shared_limit=LDS_LIMIT[arch], **res))
     return rows
 
 
@@ -92,7 +87,7 @@ def kernels():
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 def report(archs, as_json):
     """Registers, spills and shared memory/LDS of every generated kernel, per target."""
-    from moec.codegen.arch import TARGETS
+    from moec.runtime.kernels.launch import TARGETS
 
     archs = archs or tuple(TARGETS)
     rows = compile_all(archs)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from string import Template
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import REGISTER_GUARD, load, next_pow2, split_launch
+from moec.runtime.kernels import launch
+from moec.codegen.source import REGISTER_GUARD, load, next_pow2
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ import triton.language as tl
 from torch import Tensor
 
 import moec
-from moec.codegen import arch
-from moec.codegen.source import split_launch
+from moec.runtime.kernels import launch
 
 NAME = "$NAME"
 E = $E
@@ -119,8 +118,7 @@ def forward(indices: Tensor):
     offsets = flat.new_zeros(E + 1, dtype=torch.int32)
     if N == 0:
         return row_map, offsets
-    row = arch.launch("route", arch.device_arch(flat.device.index or 0) if flat.is_cuda else "sm90")
-    sizes, opts = split_launch(row)
+    sizes, opts = launch.for_tensor("route", flat)
     block_n = max(8, min(sizes["BLOCK_N"], sizes["TILE"] // $EP, triton.next_power_of_2(N)))
     chunk = block_n * triton.cdiv(triton.cdiv(N, block_n), sizes["CHUNKS"])
     B = triton.cdiv(N, chunk)
@@ -173,8 +171,8 @@ PORTABLE = (RouteConfig(8, 0), RouteConfig(256, 0), RouteConfig(6, 5))
 
 
 def portable_specs(arch_name: str = "sm90") -> list:
-    """(name, jit_fn, signature, constexprs, launch_options) of every kernel of PORTABLE, for arch.compile_for."""
-    sizes, opts = split_launch(arch.launch("route", arch_name))
+    """(name, jit_fn, signature, constexprs, launch_options) of every kernel of PORTABLE, for cross_compile.compile_for."""
+    sizes, opts = launch.split(launch.launch("route", arch_name))
     specs = []
     for cfg in PORTABLE:
         mod, ep = module(cfg), next_pow2(cfg.num_experts)

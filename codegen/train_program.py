@@ -6,7 +6,7 @@
 It reads like a recipe (AdamW, warmup + cosine, clipping, bf16 autocast on
 GPU, MoE losses added to the LM loss) and imports only the build's model.py
 and moec.runtime; the machinery (data, checkpoints, metrics) lives in
-moec.training so the file stays short enough to edit.
+moec.runtime.training so the file stays short enough to edit.
 """
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The `moec plan` and `moec calibrate` commands.
+"""The `moec plan` command.
 
 `plan_command(provider)` builds `moec plan` around a function that turns the
 MODEL argument (and --config, --seq-len) into a ModelShape; moec/cli.py passes
@@ -12,8 +12,7 @@ from typing import Callable, Optional
 
 import click
 
-from moec import MoecError
-from moec.cost_model.calibrate import calibrate as run_calibration
+from moec.base.errors import MoecError
 from moec.cost_model.explain import explain
 from moec.cost_model.hardware import load_hardware
 from moec.cost_model.known_models import KNOWN_MODELS
@@ -96,23 +95,3 @@ def plan_command(provider: ShapeProvider) -> click.Command:
 
 
 plan = plan_command(known_or_json_shape)
-
-
-@click.command("calibrate")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), default="hardware-profile.json", show_default=True)
-@click.option("--base", default=None, help="built-in profile whose topology the measurements refine")
-@click.option("--sizes", default="4096,65536,1048576,16777216", show_default=True,
-              help="message sizes in bytes, comma separated")
-@click.option("--procs", type=int, default=0, help="processes for the collectives (default: GPUs, or 2 on CPU)")
-@click.option("--gemm-dim", type=int, default=0, help="K = N of the timed GEMMs (default: 4096 GPU, 512 CPU)")
-def calibrate(out, base, sizes, procs, gemm_dim):
-    """Measure GEMM throughput and collective times here; write a profile --hardware accepts."""
-    sizes_ = [int(x) for x in sizes.split(",") if x]
-    profile = run_calibration(out, base=base, sizes=sizes_, procs=procs, gemm_dim=gemm_dim)
-    m = profile["measured"]
-    click.echo(f"GEMM {m['gemm_tflops']:.3g} TFLOP/s, m_half {m['gemm_half_rows']:.0f} rows; "
-               f"copy {m['copy_GBps']:.4g} GB/s")
-    if "all_reduce" in m:
-        click.echo(f"all-reduce alpha {m['all_reduce']['alpha_us']:.1f} us beta {m['all_reduce']['GBps']:.3g} GB/s; "
-                   f"all-to-all alpha {m['all_to_all']['alpha_us']:.1f} us beta {m['all_to_all']['GBps']:.3g} GB/s")
-    click.echo(f"wrote {out}")

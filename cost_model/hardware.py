@@ -13,7 +13,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from moec import MoecError
+from moec.base.errors import MoecError
 
 HARDWARE_DIR = Path(__file__).parent / "hardware"
 GB = 1e9

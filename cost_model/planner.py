@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import sympy as sp
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model import comm, memory, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware, load_hardware

@@ -9,7 +9,7 @@ from typing import Optional
 
 import sympy as sp
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model import symbols as s
 
 

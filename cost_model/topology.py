@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model.hardware import Hardware, cluster_graph
 
 

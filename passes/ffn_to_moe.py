@@ -2,7 +2,7 @@
 
 Matches: gm.meta["ffns"]. Rewrites FFN i into an MoE layer when
 i >= first_dense and (i - first_dense) % moe_every == 0: a router
-linear(x, R) [T, E*M], one `moec.moe.moe_layer` node over E*M experts of
+linear(x, R) [T, E*M], one `moec.runtime.ops.moe.moe_layer` node over E*M experts of
 width F/M (granularity M, top K*M), optional shared experts always on, and
 adds "aux_loss", "z_loss" and "expert_counts" to the graph's output dict.
 The pyramid option gives the last few MoE layers another expert count.
@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.fx
 
-from moec import MoecError
-from moec.graph import delete_unused_attrs, propagate_shapes, set_param
-from moec.moe import load_balance_loss, moe_layer, z_loss
-from moec.passes_base import Pass, PassResult
+from moec.base.errors import MoecError
+from moec.base.graph import delete_unused_attrs, propagate_shapes, set_param
+from moec.runtime.ops.moe import load_balance_loss, moe_layer, z_loss
+from moec.passes.base import Pass, PassResult
 
 aten = torch.ops.aten
 ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from moec import MoecError
-from moec.passes_base import Pass, PassResult
+from moec.base.errors import MoecError
+from moec.passes.base import Pass, PassResult
 
 aten = torch.ops.aten
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
@@ -41,7 +41,7 @@ class WeightRef:
     transposed: bool = False
 
     def fetch(self, gm) -> torch.Tensor:
-        from moec.graph import get_param
+        from moec.base.graph import get_param
         w = get_param(gm, self.name)
         w = w.t() if self.transposed else w
         return w[self.start:self.stop]

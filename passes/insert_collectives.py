@@ -2,7 +2,7 @@
 
 Matches: call_function nodes targeting moec::experts (as lower_moe wrote
 them: x from moec::permute, offsets from moec::route), and calls of
-moec.moe.load_balance_loss.
+moec.runtime.ops.moe.load_balance_loss.
 Rewrites: with EP > 1 (the node's meta["ep_size"] from plan_sharding, else
 the pass's option), x and offsets go through moec::dispatch, which hands
 experts this rank's rows and local offsets, and the experts' output goes
@@ -33,12 +33,12 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from moec import MoecError
-from moec.distributed import ops as _ops, overlap as _overlap, rbd as _rbd  # noqa: F401  registers the ops
-from moec.distributed.params import is_expert
-from moec.graph import propagate_shapes
-from moec.moe import load_balance_loss
-from moec.passes_base import Pass, PassResult
+from moec.base.errors import MoecError
+from moec.runtime.distributed import ops as _ops, overlap as _overlap, rbd as _rbd  # noqa: F401  registers the ops
+from moec.runtime.distributed.params import is_expert
+from moec.base.graph import propagate_shapes
+from moec.runtime.ops.moe import load_balance_loss
+from moec.passes.base import Pass, PassResult
 
 ops = torch.ops.moec
 VARIANTS = ("flat", "hierarchical", "rbd")

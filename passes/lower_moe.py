@@ -1,6 +1,6 @@
 """lower_moe: each MoE layer node becomes the moec:: primitive ops.
 
-Matches: call_function nodes whose target is moec.moe.moe_layer.
+Matches: call_function nodes whose target is moec.runtime.ops.moe.moe_layer.
 Rewrites: gate -> route -> permute -> experts -> unpermute, the capacity
 (when a capacity factor is set) computed from the symbolic token count, and
 the layer's outputs taken from the primitives; the graph calls ops only.
@@ -12,9 +12,9 @@ import operator
 import torch
 import torch.fx
 
-from moec.graph import propagate_shapes
-from moec.moe import capacity, moe_layer
-from moec.passes_base import Pass, PassResult
+from moec.base.graph import propagate_shapes
+from moec.runtime.ops.moe import capacity, moe_layer
+from moec.passes.base import Pass, PassResult
 
 ops = torch.ops.moec
 

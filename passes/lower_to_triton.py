@@ -21,7 +21,7 @@ import torch.fx
 
 import moec
 from moec.codegen import gating, permute, routing
-from moec.passes_base import Pass, PassResult
+from moec.passes.base import Pass, PassResult
 
 ops = torch.ops.moec
 ALL = ("gate", "route", "permute", "unpermute")

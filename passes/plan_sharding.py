@@ -13,9 +13,9 @@ expert count is divisible by the plan's EP.
 import torch
 import torch.fx
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model.planner import Plan
-from moec.passes_base import Pass, PassResult
+from moec.passes.base import Pass, PassResult
 
 EXPERTS = torch.ops.moec.experts.default
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moec.capture import capture
+from moec.driver.capture import capture
 
 D, FW = 16, 32
 

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import moec.runtime
-from moec.cli import main
+from moec.driver.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import moec  # noqa: E402
-from moec.experts import choose_backend, experts  # noqa: E402
+from moec.runtime.ops.experts import choose_backend, experts  # noqa: E402
 
 PARAMS = ("w1", "b1", "w3", "b3", "w2", "b2")
 

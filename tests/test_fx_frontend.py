@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moec.capture import build, capture, load_module
+from moec.driver.capture import build, capture, load_module
 from moec.passes.find_ffn import FindFFN
 from tests.test_cli import load_build, run
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from moec.cli import main
+from moec.driver.cli import main
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_llama.py"
 

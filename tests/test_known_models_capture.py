@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from moec.capture import build, capture, example_inputs, load_module
+from moec.driver.capture import build, capture, example_inputs, load_module
 from moec.cost_model import params
 from moec.cost_model.known_models import KNOWN_MODELS
 from moec.cost_model.shape import model_values
 from moec.passes.ffn_to_moe import MoeOptions
-from moec.pipeline import build_pipeline, run_pipeline
-from moec.stats import summary
+from moec.driver.pipeline import build_pipeline, run_pipeline
+from moec.driver.stats import summary
 
 LLAMA = Path(__file__).resolve().parent.parent / "examples" / "llama.py"
 CASES = {  # known model -> (dense base config in examples/llama.py, moec compile options)

@@ -33,7 +33,7 @@ def _check(cfg, logits, bias, seed):
     mod = gating.module(cfg)
     args = (cfg.k, cfg.score, cfg.renorm, bias, cfg.n_group, cfg.topk_group)
     w, idx, counts, probs_sum, zsum = mod.forward(logits, bias)
-    rw, ridx, rcounts, rprobs, rz = (t.to(DEVICE) for t in moec.ops.gate(logits.cpu(), *args[:3],
+    rw, ridx, rcounts, rprobs, rz = (t.to(DEVICE) for t in moec.runtime.ops.routing.gate(logits.cpu(), *args[:3],
                                                                           None if bias is None else bias.cpu(),
                                                                           *args[4:]))
     T = logits.shape[0]
@@ -50,7 +50,7 @@ def _check(cfg, logits, bias, seed):
     g_z = torch.randn((), generator=g).to(DEVICE)
     got = mod.backward(logits, idx, g_w, g_p, g_z)
     # reference in fp32 from the same inputs: ours is that value rounded once to the logits' dtype
-    ref32 = moec.ops.gate_backward(logits.float().cpu(), ridx.cpu(), cfg.score, cfg.renorm, g_w.cpu(), g_p.cpu(),
+    ref32 = moec.runtime.ops.routing.gate_backward(logits.float().cpu(), ridx.cpu(), cfg.score, cfg.renorm, g_w.cpu(), g_p.cpu(),
                                    g_z.cpu()).to(DEVICE)
     half_ulp = {"bf16": 2.0 ** -8, "fp32": 0.0}[cfg.dtype]
     torch.testing.assert_close(got.float(), ref32, rtol=half_ulp + 4e-6, atol=1e-6)
@@ -108,7 +108,7 @@ def test_op_dispatches_to_reference_on_cpu_with_autograd():
     op = gating.module(cfg).OP
     x = torch.randn(9, 5, requires_grad=True)
     out = op(x, 2, "softmax", True, None, 1, 1)
-    ref = moec.ops.gate(x, 2, "softmax", True, None, 1, 1)
+    ref = moec.runtime.ops.routing.gate(x, 2, "softmax", True, None, 1, 1)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
     (out[0].sum() + out[3].square().sum() + out[4]).backward()

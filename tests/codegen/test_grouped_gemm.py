@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from moec.codegen import arch, grouped_gemm as gg  # noqa: E402
+from moec.runtime.kernels import grouped_gemm as gg, launch  # noqa: E402
 
 BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 
@@ -68,7 +68,7 @@ def test_fused_epilogues_forward_and_backward(gated, activation):
     x, w1, w3, w2, b1, b3, b2 = mk(N, D), mk(E, F, D), mk(E, F, D), mk(E, D, F), mk(E, F), mk(E, F), mk(E, D)
     if not gated:
         w3 = b3 = None
-    from moec.experts import experts_reference
+    from moec.runtime.ops.experts import experts_reference
 
     leaves = [t.requires_grad_() for t in (x, w1, b1, w3, b3, w2, b2) if t is not None]
     ref = experts_reference(x, offsets, w1, b1, w3, b3, w2, b2, activation)
@@ -94,9 +94,9 @@ def test_split_backward_and_glu_kernel(monkeypatch, split):
     E, D, F = 3, 16, 40
     mk = lambda *s: torch.randn(*s, generator=g) / 3
     x, w1, w3, w2, gy = mk(N, D), mk(E, F, D), mk(E, F, D), mk(E, D, F), mk(N, D)
-    from moec.experts import reference_backward
+    from moec.runtime.ops.experts import reference_backward
 
-    monkeypatch.setitem(arch.LAUNCH["grouped_mm_glu"], "sm90", dict(arch.LAUNCH["grouped_mm_glu"]["sm90"],
+    monkeypatch.setitem(launch.LAUNCH["grouped_mm_glu"], "sm90", dict(launch.LAUNCH["grouped_mm_glu"]["sm90"],
                                                                     split_bwd=split))
     assert gg.split_bwd(x.device) == split
     got = gg.experts_backward(gy, x, offsets, w1, None, w3, None, w2, None, "gelu", blocks=BLOCKS)
@@ -107,7 +107,7 @@ def test_split_backward_and_glu_kernel(monkeypatch, split):
 
 
 def test_glu_forward_kernel_zeroes_the_tail():
-    from moec.codegen.grouped_gemm_glu import glu_forward
+    from moec.runtime.kernels.grouped_gemm_glu import glu_forward
 
     g = torch.Generator().manual_seed(4)
     offsets, N = _offsets([5, 3], 7)

@@ -9,15 +9,16 @@ import sys
 
 import pytest
 
-from moec.codegen import arch
+from moec.runtime.kernels.launch import LDS_LIMIT
 
 SCRIPT = """
 import json, sys
-from moec.codegen import arch, grouped_gemm as gg
+from moec.codegen.cross_compile import compile_for
+from moec.runtime.kernels import grouped_gemm as gg
 target = sys.argv[1]
 out = []
 for name, fn, sig, consts, opts in gg.portable_specs(target):
-    k = arch.compile_for(fn, sig, consts, target, opts)
+    k = compile_for(fn, sig, consts, target, opts)
     asm = k.asm["amdgcn"] if target.startswith("gfx") else k.asm["ptx"]
     out.append([name, k.metadata.shared, ("mfma" if target.startswith("gfx") else "wgmma") in asm])
 print(json.dumps(out))
@@ -33,6 +34,6 @@ def test_cross_compiles_within_shared_memory(target):
     kernels = {name: (shared, mma) for name, shared, mma in json.loads(run.stdout.strip().splitlines()[-1])}
     assert {"grouped_mm_fwd_glu_silu", "grouped_mm_bwd_glu_silu", "grouped_wgrad", "glu_rows_bwd_silu"} <= set(kernels)
     for name, (shared, mma) in kernels.items():
-        assert shared <= arch.LDS_LIMIT[target], name
+        assert shared <= LDS_LIMIT[target], name
         if name.startswith("grouped_"):  # the GEMMs: pipelined through shared memory, on the matrix units
             assert shared > 0 and mma, name

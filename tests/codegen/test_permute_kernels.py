@@ -45,7 +45,7 @@ def test_route_permute_unpermute_match_reference(T, E, data, D, dtype, skew, see
     g = torch.Generator().manual_seed(seed)
     idx = _indices(T, K, E, skew, g)
     row_map, offsets = routing.module(routing.config(E, capacity)).forward(idx.to(DEVICE))
-    ref_rows, ref_offsets = moec.ops.route(idx, E, capacity)
+    ref_rows, ref_offsets = moec.runtime.ops.routing.route(idx, E, capacity)
     assert torch.equal(row_map.cpu(), ref_rows) and torch.equal(offsets.cpu(), ref_offsets)
 
     dt = DTYPES[dtype]
@@ -58,17 +58,17 @@ def test_route_permute_unpermute_match_reference(T, E, data, D, dtype, skew, see
     drop = capacity > 0
 
     pm = permute.module(permute.permute_config(dt, K, drop))
-    assert torch.equal(pm.forward(xd, rm).cpu(), moec.ops.permute(x, ref_rows, K))
+    assert torch.equal(pm.forward(xd, rm).cpu(), moec.runtime.ops.routing.permute(x, ref_rows, K))
     ones = torch.ones(T, K)
     atol = 4e-6 * K
-    _close(pm.backward(yd, rm).cpu(), moec.ops.unpermute(y.float(), ref_rows, ones), dtype, atol)
+    _close(pm.backward(yd, rm).cpu(), moec.runtime.ops.routing.unpermute(y.float(), ref_rows, ones), dtype, atol)
 
     um = permute.module(permute.unpermute_config(dt, torch.float32, K, drop))
-    _close(um.forward(yd, rm, wd).cpu(), moec.ops.unpermute(y.float(), ref_rows, w), dtype, atol)
+    _close(um.forward(yd, rm, wd).cpu(), moec.runtime.ops.routing.unpermute(y.float(), ref_rows, w), dtype, atol)
     g_y, g_w = um.backward(god, yd, rm, wd)
-    ref_gy, ref_gw = moec.ops.unpermute_backward(g_out, y, ref_rows, w)
+    ref_gy, ref_gw = moec.runtime.ops.routing.unpermute_backward(g_out, y, ref_rows, w)
     assert torch.equal(g_y.cpu(), ref_gy)  # one product rounded once, as the reference does
-    ref_gw32 = moec.ops.unpermute_backward(g_out.float(), y.float(), ref_rows, w)[1]
+    ref_gw32 = moec.runtime.ops.routing.unpermute_backward(g_out.float(), y.float(), ref_rows, w)[1]
     torch.testing.assert_close(g_w.cpu(), ref_gw32, rtol=4e-6, atol=4e-6 * D ** 0.5)
 
 
@@ -84,13 +84,13 @@ def test_ops_dispatch_to_reference_on_cpu_with_autograd():
     idx = _indices(T, K, E, "uniform", torch.Generator().manual_seed(0))
     r_op = routing.module(routing.config(E, 0)).OP
     row_map, offsets = r_op(idx, E, 0)
-    assert torch.equal(row_map, moec.ops.route(idx, E, 0)[0])
+    assert torch.equal(row_map, moec.runtime.ops.routing.route(idx, E, 0)[0])
     p_op = permute.module(permute.permute_config(torch.float32, K, False)).OP
     u_op = permute.module(permute.unpermute_config(torch.float32, torch.float32, K, False)).OP
     x = torch.randn(T, D, requires_grad=True)
     w = torch.rand(T, K, requires_grad=True)
     out = u_op(p_op(x, row_map, K) * 3, row_map, w)
-    ref = moec.ops.unpermute(moec.ops.permute(x, row_map, K) * 3, row_map, w)
+    ref = moec.runtime.ops.routing.unpermute(moec.runtime.ops.routing.permute(x, row_map, K) * 3, row_map, w)
     assert torch.equal(out, ref)
     gx, gw = torch.autograd.grad(out.square().sum(), (x, w))
     rx, rw = torch.autograd.grad(ref.square().sum(), (x, w))

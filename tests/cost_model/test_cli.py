@@ -3,7 +3,8 @@ import json
 
 from click.testing import CliRunner
 
-from moec.cost_model.cli import calibrate, known_or_json_shape, plan, plan_command
+from moec.cost_model.cli import known_or_json_shape, plan, plan_command
+from moec.driver.calibrate import calibrate
 from moec.cost_model.hardware import load_hardware
 from moec.cost_model.planner import best_plan
 from moec.cost_model.shape import ModelShape, MoeOptions

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import sympy as sp
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model import Plan, best_plan, load_hardware, params, rank_plans
 from moec.cost_model.known_models import DEEPSEEKMOE_16B, MIXTRAL_8X7B
 from moec.cost_model.report import plan_record, table

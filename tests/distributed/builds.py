@@ -1,7 +1,7 @@
 """Tiny EP builds of examples/llama.py, compiled once per test session."""
 from pathlib import Path
 
-from moec.compiler import CompileRequest, compile_model
+from moec.driver.compiler import CompileRequest, compile_model
 from moec.passes.ffn_to_moe import MoeOptions
 from moec.passes.insert_collectives import EPOptions
 

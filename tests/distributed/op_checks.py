@@ -5,8 +5,8 @@ and the same factor in the gradient."""
 import torch
 import torch.distributed as dist
 
-from moec.distributed import groups
-from moec.distributed.mesh import build_mesh
+from moec.runtime.distributed import groups
+from moec.runtime.distributed.mesh import build_mesh
 
 ops = torch.ops.moec
 D = 3

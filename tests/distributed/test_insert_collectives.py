@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from moec import MoecError
-from moec.capture import build, capture, example_inputs, load_module
+from moec.base.errors import MoecError
+from moec.driver.capture import build, capture, example_inputs, load_module
 from moec.passes.ffn_to_moe import MoeOptions
 from moec.passes.insert_collectives import EPOptions, InsertCollectives
-from moec.pipeline import build_pipeline, readable, run_pipeline
+from moec.driver.pipeline import build_pipeline, readable, run_pipeline
 from tests.distributed.builds import ROOT, TINY
 
 ops = torch.ops.moec

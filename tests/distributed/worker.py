@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import moec.distributed as md
-from moec.distributed import checkpoint, groups
-from moec.distributed.zero import make_optimizer
+import moec.runtime.distributed as md
+from moec.runtime.distributed import checkpoint, groups
+from moec.runtime.distributed.zero import make_optimizer
 from moec.runtime import load_weights
 
 BATCH, SEQ = 8, 12  # the global batch: every world size splits these rows

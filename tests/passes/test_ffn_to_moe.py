@@ -3,8 +3,8 @@ import itertools
 import pytest
 import torch
 
-from moec import MoecError
-from moec.moe import moe_layer
+from moec.base.errors import MoecError
+from moec.runtime.ops.moe import moe_layer
 from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
 from moec.passes.find_ffn import FindFFN
 from tests.models import captured

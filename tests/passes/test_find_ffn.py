@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from moec import MoecError
-from moec.capture import capture
+from moec.base.errors import MoecError
+from moec.driver.capture import capture
 from moec.passes.find_ffn import FindFFN
 from tests.models import EXPECTED, captured
 

@@ -1,6 +1,6 @@
 import torch
 
-from moec.moe import moe_layer
+from moec.runtime.ops.moe import moe_layer
 from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
 from moec.passes.find_ffn import FindFFN
 from moec.passes.lower_moe import LowerMoE

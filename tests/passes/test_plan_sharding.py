@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.fx
 
-from moec import MoecError
+from moec.base.errors import MoecError
 from moec.cost_model import Plan
 from moec.passes.plan_sharding import PlanSharding
 

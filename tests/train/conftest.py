@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moec.compiler import CompileRequest, compile_model
+from moec.driver.compiler import CompileRequest, compile_model
 from moec.passes.ffn_to_moe import MoeOptions
 from moec.passes.insert_collectives import EPOptions
 

@@ -1,8 +1,8 @@
 """train.py under torchrun (DDP over gloo, 2 processes), and `moec plot` of its run."""
 from click.testing import CliRunner
 
-from moec.cli import main
-from moec.training.progress import read_metrics
+from moec.driver.cli import main
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 

@@ -1,7 +1,7 @@
 """train.py of a build compiled with --ep 2: expert parallel under torchrun (gloo,
 2 processes), resumed on one process from its checkpoint (experts resharded), and
 that one process's checkpoint resumed under torchrun again."""
-from moec.training.progress import read_metrics
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moec.training.checkpoint import verify
-from moec.training.progress import read_metrics
+from moec.runtime.training.checkpoint import verify
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 STEPS = 16

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moec.training.progress import read_metrics
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 STEPS = 6

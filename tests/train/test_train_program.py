@@ -4,8 +4,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from moec.compiler import CompileRequest, compile_model
-from moec.training.progress import read_metrics
+from moec.driver.compiler import CompileRequest, compile_model
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, run_train
 
 
@@ -40,7 +40,7 @@ def test_trains_and_reports(moe_build, tmp_path):
 
 
 def test_dropped_share_follows_capacity():
-    from moec.training.metrics import expert_load, load_summary
+    from moec.runtime.training.metrics import expert_load, load_summary
     counts = [torch.tensor([100, 20, 8, 0], dtype=torch.int32)]  # 64 tokens, top-2
     row = load_summary(expert_load(counts, 64, 2, 1.25), 1)[0]  # capacity ceil(1.25 * 128 / 4) = 40
     assert row == {"max": 100.0, "mean": 32.0, "dropped": 60 / 128}

@@ -1,0 +1,194 @@
+"""Capture: a user's model.py -> a plain GraphModule with shapes on every node.
+
+The one entry point passes rely on is `capture(model, inputs)`: non-strict
+torch.export, or, when export rejects the model, the torch.fx.symbolic_trace
+front-end (moec/fx_frontend.py), which gives the same ATen-level IR with module
+provenance; gm.meta["frontend"] says which ran. When both fail the error gives
+export's reason, with the user's line, and symbolic_trace's.
+After capture the graph takes the token ids and returns {"logits": ...};
+device arguments baked in at trace time follow the input's device instead.
+"""
+import dataclasses
+import importlib.util
+import inspect
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from moec.base.errors import MoecError
+from moec.base.graph import propagate_shapes
+
+
+def load_module(path: str):
+    """Import a model file by path; errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise MoecError(f"{path}: no such file; give the path of a Python file that defines the model")
+    name = f"moec_user_{p.stem.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(name, p)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(p.parent.resolve()))
+    sys.modules[name] = mod  # what the model file defines can be found by name (pickling, emitted imports)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's code: report where it broke
+        del sys.modules[name]
+        raise MoecError(f"{path}:{_user_line(e, p)}: importing it failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.pop(0)
+    return mod
+
+
+def _user_line(exc: BaseException, path: Path) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return str(exc.lineno)
+    return str(frames[-1].lineno) if frames else "?"
+
+
+def build(mod, entry: str, config: str | None, overrides: dict, device: str) -> torch.nn.Module:
+    factory = getattr(mod, entry, None)
+    if not callable(factory):
+        raise MoecError(f"{mod.__file__}: defines no factory '{entry}'; add `def {entry}(config=None, **overrides)` "
+                        f"or name yours with --entry")
+    kwargs = dict(overrides)
+    if config is not None:
+        configs = getattr(mod, "CONFIGS", None)
+        if configs is not None and config not in configs:
+            raise MoecError(f"unknown --config '{config}'; this model defines: {', '.join(configs)}")
+        kwargs["config"] = config
+    with torch.device(device):
+        try:
+            model = factory(**kwargs)
+        except TypeError as e:
+            raise MoecError(f"{entry}({', '.join(kwargs)}) failed: {e}") from e
+    if not isinstance(model, torch.nn.Module):
+        raise MoecError(f"{entry}() returned {type(model).__name__}, not a torch.nn.Module")
+    return _logits_only(model)
+
+
+class LogitsOnly(torch.nn.Module):
+    """A Hugging Face causal LM with its KV cache off, returning logits alone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _logits_only(model):
+    cfg = getattr(model, "config", None)
+    return LogitsOnly(model) if hasattr(cfg, "use_cache") and hasattr(model, "generation_config") else model
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if emb is None:
+        raise MoecError("cannot tell the vocabulary size (no nn.Embedding); define example_inputs(batch, seq) "
+                        "in the model file")
+    return emb.num_embeddings
+
+
+def example_inputs(mod, model, batch: int, seq: int, device: str = "cpu") -> tuple:
+    """The model file's example_inputs(batch, seq), or token ids in [0, vocab)."""
+    fn = getattr(mod, "example_inputs", None)
+    if fn is not None:
+        params = inspect.signature(fn).parameters
+        kw = {"vocab_size": vocab_size(model)} if "vocab_size" in params else {}
+        inputs = tuple(fn(batch, seq, **kw))
+    else:
+        inputs = (torch.randint(0, vocab_size(model), (batch, seq)),)
+    return tuple(t.to(device) for t in inputs)
+
+
+def capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    try:
+        # batch and sequence stay symbolic, so the program trains and evaluates at any size
+        dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)
+        gm = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False).module()
+        frontend = "torch.export"
+    except Exception as export_error:
+        gm, frontend = _fallback(model, inputs, export_error), "torch.fx.symbolic_trace"
+    _normalise(gm)
+    gm.meta["frontend"] = frontend
+    gm.meta["inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
+    propagate_shapes(gm)
+    return gm
+
+
+def logits_of(out) -> torch.Tensor:
+    """The first tensor in what a model returns (a tensor, a tuple, a dict, a dataclass or another object)."""
+    found = _first_tensor(out)
+    if found is None:
+        raise MoecError(f"the model returned a {type(out).__name__}, which holds no tensor")
+    return found
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if dataclasses.is_dataclass(out):
+        items = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif isinstance(out, (tuple, list, dict)):
+        items = torch.utils._pytree.tree_leaves(out)
+    elif hasattr(out, "__dict__"):
+        items = list(vars(out).values())
+    else:
+        return None
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:
+    from moec.driver.fx_frontend import symbolic_capture  # here: it imports logits_of from this module
+    try:
+        return symbolic_capture(model, inputs)
+    except Exception as e:
+        why = str(e).splitlines()[0] if isinstance(e, MoecError) else _capture_message(e)  # fx appends notes
+        if isinstance(e, torch.fx.proxy.TraceError):
+            why += " (move that code into a function the model file marks with torch.fx.wrap(\"name\"))"
+        raise MoecError(f"capture failed: torch.export: {_capture_message(export_error)}; "
+                        f"torch.fx.symbolic_trace: {why}") from e
+
+
+def _is_user_frame(filename: str) -> bool:
+    """Not torch, moec, an installed package, or code made at run time (`<string>`)."""
+    parts = Path(filename).parts
+    return not filename.startswith("<") and not {"site-packages", "torch", "moec"} & set(parts)
+
+
+def _capture_message(e: Exception) -> str:
+    """Name the user's line that made export fail."""
+    user = [f for f in traceback.extract_tb(e.__traceback__) if _is_user_frame(f.filename)]
+    where = f"{user[-1].filename}:{user[-1].lineno}: `{user[-1].line}`: " if user else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{where}{type(e).__name__}: {first}"
+
+
+def _normalise(gm: torch.fx.GraphModule) -> None:
+    g = gm.graph
+    g._codegen = torch.fx.graph.CodeGen()  # flat inputs, whatever the output node holds
+    for n in list(g.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            g.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm._forward_pre_hooks.clear()  # export's input checks; the emitted program is shape-generic
+    first = next(n for n in g.nodes if n.op == "placeholder")
+    device = None
+    for n in list(g.nodes):
+        if isinstance(n.kwargs.get("device"), torch.device):
+            if device is None:
+                with g.inserting_after(first):
+                    device = g.call_function(getattr, (first, "device"))
+            n.kwargs = {**n.kwargs, "device": device}
+    out = next(n for n in g.nodes if n.op == "output")
+    flat = torch.utils._pytree.tree_leaves(out.args[0])
+    out.args = ({"logits": flat[0]},)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()

@@ -1,0 +1,159 @@
+"""The `moec` command line. User errors print one line and exit 2; --debug shows tracebacks."""
+import ast
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from moec.base.errors import MoecError
+
+
+class MoecGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MoecError as e:
+            if "--debug" in sys.argv:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            if "--debug" in sys.argv:
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MoecGroup)
+@click.version_option(package_name="moec")
+def main():
+    """moec: compile a dense PyTorch transformer into a Mixture-of-Experts training program."""
+
+
+def _overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise MoecError(f"--set {pair}: expected KEY=VALUE, e.g. --set n_layers=8")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def _pyramid(value):
+    if value is None:
+        return None
+    experts, sep, layers = value.partition(":")
+    if not sep or not experts.isdigit() or not layers.isdigit() or int(layers) < 1:
+        raise MoecError(f"--pyramid {value}: expected EXPERTS:LAYERS, e.g. 16:2 (the last 2 MoE layers get 16)")
+    return int(experts), int(layers)
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(), help="Build directory to write.")
+@click.option("--entry", default="build_model", show_default=True, help="Factory function in the model file.")
+@click.option("--config", default=None, help="Named configuration passed to the factory (e.g. 7b).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Factory keyword override; repeatable.")
+@click.option("--experts", default=8, show_default=True, help="Experts per MoE layer (before --granularity).")
+@click.option("--topk", default=2, show_default=True, help="Experts each token is routed to (before --granularity).")
+@click.option("--router", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True)
+@click.option("--shared-experts", default=0, show_default=True, help="Always-on experts, each F/granularity wide.")
+@click.option("--granularity", default=1, show_default=True,
+              help="Split each expert into M finer ones: E*M experts of width F/M, top K*M.")
+@click.option("--moe-every", default=1, show_default=True, help="Make every N-th FFN an MoE layer.")
+@click.option("--first-dense", default=0, show_default=True, help="Keep the first K FFNs dense.")
+@click.option("--pyramid", default=None, metavar="EXPERTS:LAYERS",
+              help="Give the last LAYERS MoE layers EXPERTS experts (PR-MoE).")
+@click.option("--upcycle-noise", default=0.0, show_default=True, help="Gaussian noise (x weight std) on experts.")
+@click.option("--capacity-factor", default=0.0, show_default=True, help="0 = dropless.")
+@click.option("--aux-loss", default=0.01, show_default=True, help="Load-balancing loss coefficient.")
+@click.option("--z-loss", default=0.001, show_default=True, help="Router z-loss coefficient.")
+@click.option("--recompute-experts", is_flag=True,
+              help="Recompute the experts' [T*K, F] activations in backward instead of storing them.")
+@click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
+@click.option("--gpus", default=0, help="Let the planner pick EP/DP/TP/PP/ZeRO for this many GPUs (plan.json).")
+@click.option("--hardware", default="dgx_h100", show_default=True, help="Hardware profile name or JSON for --gpus.")
+@click.option("--ep", default=0, help="Expert-parallel degree: shard the experts over N ranks (all-to-all).")
+@click.option("--ep-variant", type=click.Choice(["flat", "hierarchical", "rbd"]), default="flat", show_default=True,
+              help="hierarchical: all-to-all inside each node, then between nodes; rbd: each token crosses to a "
+                   "node once (both need --node-size).")
+@click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical or rbd.")
+@click.option("--ep-chunks", default=1, show_default=True,
+              help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
+@click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
+@click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
+@click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
+@click.option("--force", is_flag=True, help="Replace a non-empty build directory.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
+                first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, recompute_experts, weights, seed,
+                max_weights_gb, gpus, hardware, ep, ep_variant, node_size, ep_chunks, no_triton, dense, no_verify, force,
+                debug):
+    """Compile MODEL (a .py file with a model factory) into an MoE training program."""
+    from moec.driver.compiler import CompileRequest, compile_model
+    from moec.passes.ffn_to_moe import MoeOptions
+    from moec.passes.insert_collectives import EPOptions
+
+    options = MoeOptions(experts=experts, topk=topk, router=router, shared_experts=shared_experts,
+                         granularity=granularity, moe_every=moe_every, first_dense=first_dense,
+                         pyramid=_pyramid(pyramid), upcycle_noise=upcycle_noise, capacity_factor=capacity_factor,
+                         aux_loss=aux_loss, z_loss=z_loss, recompute_experts=recompute_experts, seed=seed)
+    compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
+                                 overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
+                                 seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,
+                                 hardware=hardware, triton=not no_triton,
+                                 ep=EPOptions(ep, ep_variant, node_size, ep_chunks) if ep else None),
+                  log=click.echo)
+
+
+@main.command("ir")
+@click.argument("build_dir", type=click.Path())
+@click.option("--pass", "pass_name", default=None, help="Show this pass's graph after it ran.")
+@click.option("--diff", is_flag=True, help="With --pass: show what the pass changed instead.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def ir_cmd(build_dir, pass_name, diff, debug):
+    """Summarise the passes of a build, or show one pass's IR."""
+    ir = Path(build_dir) / "ir"
+    if not (ir / "summary.json").is_file():
+        raise MoecError(f"{build_dir}: no ir/summary.json; is this a directory written by `moec compile`?")
+    rows = json.loads((ir / "summary.json").read_text())
+    if pass_name is None:
+        if diff:
+            raise MoecError("--diff needs --pass NAME")
+        click.echo(f"{'#':>2}  {'pass':<20}{'nodes':>7}{'params':>15}{'active/token':>15}{'MoE layers':>12}  changed")
+        for i, r in enumerate(rows):
+            click.echo(f"{i:02d}  {r['pass']:<20}{r['nodes']:>7}{r['params']:>15,}{r['active_params']:>15,}"
+                       f"{r['moe_layers']:>12}  {'yes' if r['modified'] else 'no'}")
+        return
+    names = [r["pass"] for r in rows]
+    if pass_name not in names:
+        raise MoecError(f"no pass '{pass_name}' in this build; passes: {', '.join(names)}")
+    i = names.index(pass_name)
+    path = ir / (f"{i:02d}_{pass_name}.diff" if diff and i else f"{i:02d}_{pass_name}.py")
+    click.echo(path.read_text(), nl=False)
+
+
+def _commands_beside_their_subsystems():
+    from moec.codegen.report import kernels
+    from moec.cost_model.cli import plan_command
+    from moec.driver.calibrate import calibrate
+    from moec.driver.model_shape import shape_from_model
+    from moec.runtime.training.plot import plot
+
+    for command in (kernels, plan_command(shape_from_model), calibrate, plot):
+        main.add_command(command)
+
+
+_commands_beside_their_subsystems()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""What an emitted program imports, and nothing of the compiler: the moec::
+ops (importing this package registers them), building a model's parameters
+from its declaration, its weights and generated kernels, and what train.py
+trains it with (moec.runtime.training, moec.runtime.distributed)."""
+from moec.runtime import distributed, ops  # noqa: F401  registers the moec:: ops the graph calls
+from moec.runtime.kernels.generated import load_build as load_kernels  # noqa: F401
+from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
+from moec.runtime.training.data import TokenData, load_tokens  # noqa: F401
+from moec.runtime.training.loop import (StopOnSignal, check_finite, export_weights, parallelize, rng_state,  # noqa: F401
+                                        run_main, set_rng_state, setup_distributed, teardown, wrap)
+from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
+from moec.runtime.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
+from moec.runtime.weights import declare, load_state, load_weights  # noqa: F401

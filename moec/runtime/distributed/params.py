@@ -1,0 +1,83 @@
+"""Which parameters are experts, keeping this rank's slice of them, and the gradient reduction.
+
+Expert weights are named `<layer>.experts.{w1,w3,w2,b1,b3,b2}` (ffn_to_moe's
+layout, [E, ...]); insert_collectives checks that every expert weight its
+experts ops read is named so. A rank of EP index j keeps experts
+j*E/EP .. (j+1)*E/EP - 1.
+
+Gradients: every rank's loss is the mean over its own tokens, the global
+loss the mean over ranks, so a replicated parameter's gradient is the mean
+over "data". An expert's gradient on rank (d, j) already sums the
+contributions of all tokens of replica d (the combine's backward brought
+them back), so it is summed over "ep_dp" and divided by the world size.
+"""
+import re
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moec.runtime.distributed import groups
+
+EXPERT_PARAM = re.compile(r"(^|\.)experts\.(w1|w3|w2|b1|b3|b2)$")
+
+
+def is_expert(name: str) -> bool:
+    return bool(EXPERT_PARAM.search(name))
+
+
+def expert_slice(num_experts: int, ep: int, j: int) -> slice:
+    local = num_experts // ep
+    return slice(j * local, (j + 1) * local)
+
+
+def shard_experts(model: torch.nn.Module, ep: int, j: int) -> list[str]:
+    """Replace each expert parameter by this rank's slice; the names replaced."""
+    names = []
+    for name, p in list(model.named_parameters()):
+        if not is_expert(name):
+            continue
+        *path, leaf = name.split(".")
+        owner = model.get_submodule(".".join(path))
+        local = p.detach()[expert_slice(p.shape[0], ep, j)].clone()
+        owner.register_parameter(leaf, torch.nn.Parameter(local, requires_grad=p.requires_grad))
+        names.append(name)
+    return names
+
+
+class GradSync:
+    """Call after backward, before the optimizer step: one flat all-reduce per group."""
+
+    def __init__(self, model: torch.nn.Module):
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.expert = [p for n, p in params if is_expert(n)]
+        self.dense = [p for n, p in params if not is_expert(n)]
+
+    def __call__(self) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world == 1:
+            return
+        for params, group in ((self.dense, groups.get("data")), (self.expert, groups.get("ep_dp"))):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if not grads:
+                continue
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            flat /= world
+            for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+                p.grad = g
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ over the whole model: this rank holds only its experts, so their
+        squared norms are summed over the EP group before scaling (call after __call__)."""
+        sq = lambda ps: sum((p.grad.float().square().sum() for p in ps if p.grad is not None),
+                            torch.zeros((), device=(self.dense or self.expert)[0].device))
+        expert_sq = sq(self.expert)
+        if groups.get("ep") is not None:
+            dist.all_reduce(expert_sq, group=groups.get("ep"))
+        total = (sq(self.dense) + expert_sq).sqrt()
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in self.dense + self.expert:
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.dtype))
+        return total

@@ -1,0 +1,201 @@
+"""The pieces of train.py's loop that are not the recipe itself: process
+setup under torchrun, data-parallel wrapping, signals, the NaN stop, RNG
+state and the final export of the weights."""
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moec.base.errors import MoecError
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_distributed(seed: int) -> Env:
+    """One process: CPU or the first GPU. Under torchrun (WORLD_SIZE > 1): a process group,
+    NCCL on GPUs (RCCL on ROCm builds answers to the same name), gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    torch.manual_seed(seed)
+    return Env(rank, world, local, device)
+
+
+def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Module:
+    """DDP (or FSDP2) when there is more than one process; the model itself otherwise."""
+    if env.world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        # One unit for the whole model: the emitted forward reads every parameter
+        # from the root module instead of calling submodules, so per-block units
+        # would never see a forward call to gather on.
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+
+class Parallel:
+    """How a training loop drives the model it got from parallelize()."""
+
+    def __init__(self, model, mesh=None, grad_sync=None, zero: bool = False):
+        self.model, self.mesh, self.grad_sync, self.zero = model, mesh, grad_sync, zero
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.mesh is not None
+
+    def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
+        """optimizer_class over param_groups; with zero, its state sharded over the data-parallel ranks
+        (ZeRO-1: replicated parameters' over all ranks, experts' over the ranks holding the same experts)."""
+        if self.zero:
+            from moec.runtime.distributed.zero import make_optimizer
+            return make_optimizer(self.model, optimizer_class, param_groups, **defaults)
+        return optimizer_class(param_groups, **defaults)
+
+    def accumulating(self, more_to_come: bool):
+        """Context of one micro-batch's backward: DDP skips its gradient all-reduce while more
+        micro-batches of the step follow (the last one reduces the sum)."""
+        if more_to_come and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Synchronise gradients where DDP/FSDP do not (expert parallel), then clip by the global norm."""
+        if self.grad_sync is None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.grad_sync()
+        return self.grad_sync.clip_grad_norm_(max_norm)
+
+
+def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = False, zero: bool = False) -> Parallel:
+    """An expert-parallel build (config.json's "ep" > 1) under torchrun: each rank keeps its
+    E/EP experts and gradients are reduced by moec.runtime.distributed; any other build: wrap().
+    zero: the optimizer's state is sharded too (ZeRO-1); FSDP2 already shards it."""
+    if fsdp and zero:
+        raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
+                        "parameters and gradients: use one of them")
+    from moec.runtime.distributed.setup import ep_options, setup
+
+    ep = ep_options(config)["ep"]
+    if fsdp and ep > 1:
+        raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
+                        f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
+    if env.world > 1 and ep > 1:
+        model, mesh, grad_sync = setup(model, config)
+        return Parallel(model, mesh, grad_sync, zero)
+    return Parallel(wrap(model, env, fsdp), zero=zero)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_main(main, args) -> int:
+    """Run train.py's main; a user's mistake (bad --data, ...) prints one line and exits 2."""
+    try:
+        return main(args)
+    except MoecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        teardown()
+        return 2
+
+
+def _any_rank(flag: bool, device) -> bool:
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop after the step in flight.
+    Ranks agree on it (one all-reduce a step) so all of them save the same step."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def requested(self, env: Env) -> bool:
+        stop = _any_rank(self.signum is not None, env.device)
+        if stop and self.signum is None:
+            self.signum = signal.SIGTERM  # another rank was signalled
+        return stop
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def check_finite(loss: torch.Tensor, step: int, checkpointer) -> None:
+    """Stop the run at the first NaN/inf loss, before it reaches the weights or a checkpoint."""
+    bad = not torch.isfinite(loss.detach()).item()
+    if _any_rank(bad, loss.device):
+        last = checkpointer.latest()
+        raise MoecError(f"loss is not finite at step {step}; stopped before updating the weights. "
+                        + (f"The last good checkpoint is {last}: lower --lr or raise --warmup and rerun "
+                           f"with --resume" if last else "No checkpoint was written yet: lower --lr or raise "
+                           f"--warmup and rerun"))
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_weights(model: torch.nn.Module, path, env: Env) -> None:
+    """The full weights under the build's parameter names, each tied parameter once:
+    the file `moec.runtime.load_weights` and `moec compile --weights` read."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.rank != 0:
+        return
+    seen, keep = set(), []
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(name)
+    keep += [n for n in state if n not in dict(unwrap(model).named_parameters(remove_duplicate=False))]
+    save_file({n: state[n].detach().contiguous() for n in keep if n in state}, str(path))

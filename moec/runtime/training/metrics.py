@@ -1,0 +1,89 @@
+"""What a training step reports: expert load per MoE layer, and model FLOPs
+utilisation (MFU) against the device's peak.
+
+Dropped tokens follow the capacity rule of moec.runtime.ops.moe.capacity: with a capacity
+factor f, each expert takes at most capacity(T, k, E, f) of the slots routed to
+it on one rank and the rest are dropped.
+
+FLOPs count what the model needs, not what ran (the PaLM convention):
+6 * active_params per token for the matrix work, forward and backward, plus
+attention's score and value products, 3x their forward FLOPs. The attention
+part is measured once by running the model's forward on the meta device
+under FlopCounterMode, so it holds for any attention shape the graph has.
+"""
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from moec.runtime.ops.moe import capacity
+
+# Dense bf16 tensor-core peak, TFLOP/s per device torch sees (an MI250X shows
+# as two devices, one per GCD). Vendors' datasheets.
+PEAK_TFLOPS_BF16 = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "MI250X": 191.5,
+    "MI300X": 1307.0,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 peak in FLOP/s, or None for a CPU or a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS_BF16.items():  # longest names first where they share a prefix
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def fake_forward(model_cls, batch: int, seq_len: int, counter=None, ep: int = 1) -> dict:
+    """The model's outputs for a [batch, seq_len] step, on fake tensors: no memory, no
+    compute, and data-dependent shapes (expert-parallel dispatch) allowed. An EP build's
+    graph describes one rank (E/EP experts), so the model is given one rank's experts."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()), torch.no_grad():
+        model = model_cls(device="meta")
+        if ep > 1:
+            from moec.runtime.distributed.params import shard_experts
+            shard_experts(model, ep, 0)
+        tokens = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        if counter is None:
+            return model(tokens)
+        with counter:
+            return model(tokens)
+
+
+def attention_flops_per_step(model_cls, batch: int, seq_len: int, ep: int = 1) -> float:
+    """Forward + backward FLOPs of scaled-dot-product attention for one [batch, seq_len] step."""
+    counter = FlopCounterMode(display=False)
+    fake_forward(model_cls, batch, seq_len, counter, ep)
+    forward = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" in str(op))
+    return 3.0 * forward
+
+
+def step_flops(active_params: int, tokens: int, attention_flops: float) -> float:
+    return 6.0 * active_params * tokens + attention_flops
+
+
+def expert_load(counts: list, tokens: int, k: int, capacity_factor: float) -> torch.Tensor:
+    """Per MoE layer: [slots routed to the busiest expert, slots per expert on average, slots dropped],
+    as a float tensor [L, 3] on the counts' device (sum it over ranks to get the global step)."""
+    rows = []
+    for c in counts:
+        c = c.detach().float()
+        dropped = torch.zeros((), device=c.device)
+        if capacity_factor > 0:
+            dropped = (c - capacity(tokens, k, c.numel(), capacity_factor)).clamp(min=0).sum()
+        rows.append(torch.stack([c.max(), c.mean(), dropped, c.sum()]))
+    return torch.stack(rows) if rows else torch.zeros(0, 4)
+
+
+def load_summary(load: torch.Tensor, ranks: int) -> list[dict]:
+    """The [L, 4] sums over ranks of expert_load, as one dict per layer (tokens per expert per rank)."""
+    return [{"max": mx / ranks, "mean": mean / ranks, "dropped": dr / max(total, 1)}
+            for mx, mean, dr, total in load.tolist()]

@@ -1,0 +1,125 @@
+"""Everything train.py reports: the progress bar every step, a metrics line and
+a metrics.jsonl record every --log-every steps, validation loss, and what the
+run needs to know about its build (active parameters, MoE options, FLOPs)."""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moec.base.errors import MoecError
+from moec.runtime.distributed.setup import ep_options
+from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
+                                   load_summary, step_flops)
+from moec.runtime.training.progress import MetricsFile, Progress
+
+
+@dataclass
+class BuildInfo:
+    config: dict
+    active_params: int
+    vocab: int
+    topk: int  # slots per token after --granularity
+    capacity_factor: float
+    flops_per_step: float  # per rank
+
+    @property
+    def ep(self) -> int:
+        """The expert-parallel size the build was compiled for (1: not expert parallel)."""
+        return ep_options(self.config)["ep"]
+
+    @classmethod
+    def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
+        config = json.loads((Path(build_dir) / "config.json").read_text())
+        moe = config.get("moe") or {}
+        ep = ep_options(config)["ep"]
+        vocab = fake_forward(model_cls, 1, 1, ep=ep)["logits"].shape[-1]
+        active = config["result"]["active_params"]
+        attention = attention_flops_per_step(model_cls, batch, seq_len, ep)
+        return cls(config, active, vocab, moe.get("topk", 0) * moe.get("granularity", 1),
+                   moe.get("capacity_factor", 0.0), step_flops(active, batch * seq_len, attention))
+
+
+def check_vocab(data, build: BuildInfo) -> None:
+    if data.max_token >= build.vocab:
+        raise MoecError(f"the data has token id {data.max_token} but the model's vocabulary is {build.vocab}; "
+                        f"check --data and --data-dtype")
+
+
+def _mean_over_ranks(values: list[float], device) -> list[float]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, args, build: BuildInfo, env, start: int, resumed: bool):
+        self.build, self.env, self.every = build, env, args.log_every
+        self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * env.world
+        self.micro_tokens = args.batch_size * args.seq_len  # per rank: what one forward routes
+        self.peak = device_peak_flops(env.device)
+        main = env.rank == 0
+        if main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        self.file = MetricsFile(Path(run_dir) / "metrics.jsonl", start if resumed else None, enabled=main)
+        self.bar = Progress(args.steps, start, args.log_every, enabled=main)
+        self.first = start + 1
+        self.window_time, self.window_steps = 0.0, 0
+        self._prev = time.perf_counter()
+
+    def _clock(self, step: int) -> float:
+        """Seconds of this step; the first step of a process (warm-up, compilation) is left out of rates."""
+        now = time.perf_counter()
+        dt, self._prev = now - self._prev, now
+        if step > self.first:
+            self.window_time += dt
+            self.window_steps += 1
+        return dt
+
+    def step(self, step: int, lm: torch.Tensor, out: dict, grad_norm: torch.Tensor, lr: float) -> None:
+        lm_value = lm.item()
+        dt = self._clock(step)
+        self.bar.update(step - 1, lm_value, self.tokens_per_step / dt)
+        if step % self.every:
+            return
+        counts = out.get("expert_counts", [])
+        load = expert_load(counts, self.micro_tokens, self.build.topk,
+                           self.build.capacity_factor).to(self.env.device)
+        if dist.is_initialized() and counts:
+            dist.all_reduce(load)
+        aux, z = (float(out[k].detach()) if k in out else 0.0 for k in ("aux_loss", "z_loss"))
+        lm_mean, aux, z, norm = _mean_over_ranks([lm_value, aux, z, float(grad_norm)], self.env.device)
+        steps_per_s = self.window_steps / self.window_time if self.window_steps else None
+        tokens_per_s = self.tokens_per_step * steps_per_s if steps_per_s else None
+        mfu = self.build.flops_per_step * steps_per_s / self.peak if self.peak and steps_per_s else None
+        self.window_time, self.window_steps = 0.0, 0
+        layers = load_summary(load.cpu(), self.env.world)
+        # this rank's high-water mark of allocated memory since the start
+        peak_gib = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if self.env.device.type == "cuda" else None
+        self.file.write({"kind": "train", "step": step, "loss": lm_mean + aux + z, "lm_loss": lm_mean,
+                         "aux_loss": aux, "z_loss": z, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_s,
+                         "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers})
+        drop = self.build.capacity_factor > 0
+        load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f}" + (f" drop {r['dropped']:.1%}" if drop else "")
+                             for i, r in enumerate(layers))
+        self.bar.message(f"step {step}: lm {lm_mean:.4f}" + (f" aux {aux:.4f} z {z:.4f}" if "aux_loss" in out else "")
+                         + f" lr {lr:.2e}"
+                         + (f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
+                         + (f" MFU {mfu:.1%}" if mfu is not None else "")
+                         + (f" peak mem {peak_gib:.1f} GiB" if peak_gib is not None else "")
+                         + (f" | expert load max/mean {load_text}" if layers else ""))
+
+    def validation(self, step: int, losses: list[torch.Tensor]) -> None:
+        (value,) = _mean_over_ranks([sum(float(v) for v in losses) / max(len(losses), 1)], self.env.device)
+        self.file.write({"kind": "val", "step": step, "val_loss": value})
+        self.bar.message(f"step {step}: validation loss {value:.4f}")
+        self._prev = time.perf_counter()  # evaluation is not training time
+
+    def message(self, text: str) -> None:
+        """A line of its own; also used after a checkpoint, whose time is not training time either."""
+        self.bar.message(text)
+        self._prev = time.perf_counter()
