@@ -90,11 +90,12 @@ def _shape(dim: int, ffn_dim: int, layers: int):
 
 
 def predict(cfg: Config, profile: dict, kappa: float | None = None) -> dict:
-    from moec.cost_model import Hardware, MoeOptions, single_gpu_prediction
+    from moec.base.options import Options
+    from moec.cost_model import Hardware, single_gpu_prediction
 
     if kappa is not None:
         profile = dict(profile, gpu=dict(profile["gpu"], elementwise_passes=kappa))
-    plan = single_gpu_prediction(_shape(cfg.dim, cfg.ffn_dim, cfg.layers), MoeOptions(experts=cfg.experts, topk=cfg.topk), Hardware.from_dict(profile),
+    plan = single_gpu_prediction(_shape(cfg.dim, cfg.ffn_dim, cfg.layers), Options(experts=cfg.experts, topk=cfg.topk), Hardware.from_dict(profile),
                                  cfg.batch, cfg.recompute)
     return {"step_s": plan.step_time_s, "peak_bytes": plan.peak_memory_bytes, "memory": plan.memory_bytes,
             "time": plan.time_s}

@@ -77,7 +77,8 @@ def main(args):
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    parallel = rt.parallelize(model, env, build.config, fsdp=args.fsdp, zero=args.zero)  # DDP/FSDP2, or EP
+    # the build's plan: DDP/FSDP2, or EP; ZeRO-1 when the plan chose it or --zero asks
+    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero or build.options.zero == 1)
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
@@ -88,7 +89,7 @@ def main(args):
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
-    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh, by_name=build.ep > 1)
+    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh, by_name=build.options.ep > 1)
     start = 0
     if args.resume:
         state = ckpt.load_latest(model, optimizer)
@@ -127,10 +128,12 @@ def main(args):
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                model.eval()  # dropout off for the held-out loss
                 with torch.no_grad():
                     batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
                                for i in range(args.eval_batches))
                     log.validation(step + 1, [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches])
+                model.train()
             stopping = stop.requested(env)
             if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
                 log.message(f"checkpoint {{save(step + 1)}}")
@@ -156,7 +159,7 @@ if __name__ == "__main__":
 
 def write_train_program(build_dir: Path, config: dict) -> None:
     """Write build_dir/train.py for the build described by config (config.json's contents)."""
-    moe = config.get("moe")
-    kind = f"the MoE model ({moe['experts']} experts, top-{moe['topk']})" if moe else "the dense model"
-    title = f"{kind} built from {config.get('model', 'a model file')}"
+    o = config["options"]
+    kind = "the dense model" if o["dense"] else f"the MoE model ({o['experts']} experts, top-{o['topk']})"
+    title = f"{kind} built from {config['model']}"
     (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=128))

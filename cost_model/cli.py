@@ -18,7 +18,8 @@ from moec.cost_model.hardware import load_hardware
 from moec.cost_model.known_models import KNOWN_MODELS
 from moec.cost_model.planner import rank_plans
 from moec.cost_model.report import table, write_plan_json
-from moec.cost_model.shape import ModelShape, MoeOptions
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape
 
 ShapeProvider = Callable[[str, Optional[str], Optional[int]], ModelShape]
 
@@ -43,15 +44,15 @@ def known_or_json_shape(model: str, config: Optional[str], seq_len: Optional[int
     return shape
 
 
-def _moe_options(model: str, experts, topk, granularity, shared, first_dense, every, max_nodes) -> MoeOptions:
+def _moe_options(model: str, experts, topk, granularity, shared, first_dense, every, max_nodes) -> Options:
     if experts is None:
         if model in KNOWN_MODELS:
             return KNOWN_MODELS[model].moe
         raise MoecError("--experts is required (and --topk): how many experts each MoE layer gets")
     if topk is None:
         raise MoecError("--topk is required with --experts: how many experts each token is routed to")
-    return MoeOptions(experts=experts, topk=topk, granularity=granularity, shared_experts=shared,
-                      first_dense=first_dense, moe_every=every, max_nodes_per_token=max_nodes)
+    return Options(experts=experts, topk=topk, granularity=granularity, shared_experts=shared,
+                   first_dense=first_dense, moe_every=every, max_nodes_per_token=max_nodes).validate()
 
 
 def plan_command(provider: ShapeProvider) -> click.Command:

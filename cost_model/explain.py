@@ -6,7 +6,8 @@ from moec.cost_model import comm, memory, params, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware
 from moec.cost_model.planner import Plan, values_for
-from moec.cost_model.shape import ModelShape, MoeOptions
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape
 
 SECTIONS = (
     ("Parameters and FLOPs", params.FORMULAS, "count"),
@@ -35,7 +36,7 @@ def _value(expr, values: dict) -> float:
     return float(s.expand(expr).xreplace(values).evalf())
 
 
-def explain(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, latex: bool = False) -> str:
+def explain(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, latex: bool = False) -> str:
     values = values_for(plan, shape, moe, hw)
     out = [f"Plan {plan.label()} for {shape.name} on {plan.gpus} x {hw.gpu_name} ({hw.name})", "",
            "Where (symbols and the numbers substituted):"]

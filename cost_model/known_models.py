@@ -5,7 +5,8 @@ formula checks and capture checks read the same ones.
 """
 from dataclasses import dataclass
 
-from moec.cost_model.shape import ModelShape, MoeOptions
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,7 @@ class KnownModel:
     name: str
     example: str  # the examples/ file whose build_model takes `base`
     base: dict  # dense-base config: LlamaConfig fields
-    moe: MoeOptions
+    moe: Options
     tied_embeddings: bool
     published_total: float
     published_active: float
@@ -31,7 +32,7 @@ MIXTRAL_8X7B = KnownModel(
     example="examples/llama.py",
     base=dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
               max_seq_len=4096, rope_theta=1e6),  # Mistral-7B
-    moe=MoeOptions(experts=8, topk=2),
+    moe=Options(experts=8, topk=2),
     tied_embeddings=False,
     published_total=46.7e9,
     published_active=12.9e9,
@@ -46,7 +47,7 @@ DEEPSEEKMOE_16B = KnownModel(
     example="examples/llama.py",
     base=dict(vocab_size=102400, dim=2048, n_layers=28, n_heads=16, n_kv_heads=16, ffn_dim=10944,
               max_seq_len=4096, rope_theta=1e4),
-    moe=MoeOptions(experts=64, topk=6, shared_experts=2, first_dense=1, expert_ffn=1408),
+    moe=Options(experts=64, topk=6, shared_experts=2, first_dense=1, expert_ffn=1408),
     tied_embeddings=False,
     published_total=16.4e9,
     published_active=2.8e9,

@@ -19,7 +19,8 @@ from moec.cost_model import comm, memory, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware, load_hardware
 from moec.cost_model.layout import Layout
-from moec.cost_model.shape import ModelShape, MoeOptions, model_values
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape, model_values
 
 DTYPE_BYTES = 2  # bf16
 
@@ -78,7 +79,7 @@ class Plan:
                 f"{' recompute' if self.recompute else ''}")
 
 
-def values_for(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware) -> dict:
+def values_for(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> dict:
     """Every symbol of every formula, for this plan (its collectives already costed)."""
     v = model_values(shape, moe)
     v.update({s.B: plan.micro_batch, s.M: plan.micro_batches, s.b: DTYPE_BYTES, s.EP: plan.ep, s.DP: plan.dp,
@@ -97,11 +98,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def enumerate_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hw: Hardware, global_batch: int,
+def enumerate_plans(shape: ModelShape, moe: Options, gpus: int, hw: Hardware, global_batch: int,
                     micro_batch: int = 1) -> list[tuple[Plan, dict]]:
     """Every candidate that satisfies the structural constraints, with its costs."""
     routed = moe.experts * moe.granularity
-    layout = Layout(hw, gpus, moe.topk * moe.granularity, moe.max_nodes_per_token)
+    layout = Layout(hw, gpus, moe.routed_topk, moe.max_nodes_per_token)
     out = []
     for tp in _divisors(gpus):
         if tp > hw.gpus_per_node or shape.heads % tp or shape.kv_heads % tp:
@@ -126,7 +127,7 @@ def enumerate_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hw: Hardware,
     return out
 
 
-def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs: dict) -> Plan:
+def predict(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, costs: dict) -> Plan:
     plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
                             "bottleneck": c.bottleneck} for n, c in costs.items()}
     v = values_for(plan, shape, moe, hw)
@@ -137,14 +138,16 @@ def predict(plan: Plan, shape: ModelShape, moe: MoeOptions, hw: Hardware, costs:
     return plan
 
 
-def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_batch: int = 0,
-               micro_batch: int = 1) -> tuple[list[Plan], int]:
-    """Plans that fit, fastest first, and how many candidates were enumerated."""
+def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batch: int = 0,
+               micro_batch: int = 1, allowed=None) -> tuple[list[Plan], int]:
+    """Plans that fit, fastest first, and how many candidates were enumerated. allowed(plan): whether a
+    candidate may be chosen at all (the compiler passes what its training program carries out)."""
     if gpus < 1 or micro_batch < 1 or global_batch < 0:
         raise MoecError("--gpus and --micro-batch must be at least 1, --global-batch at least 0 (0: default)")
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     global_batch = global_batch or _default_batch(gpus, shape.seq_len)
-    cands = enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+    cands = [(p, c) for p, c in enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+             if allowed is None or allowed(p)]
     if not cands:
         raise MoecError(f"no EP x DP x TP x PP split of {gpus} GPUs suits {shape.name}: EP must divide "
                         f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
@@ -162,18 +165,18 @@ def rank_plans(shape: ModelShape, moe: MoeOptions, gpus: int, hardware, global_b
     return fit, len(plans)
 
 
-def best_plan(shape: ModelShape, moe_options: MoeOptions, gpus: int, hardware, global_batch: int = 0,
+def best_plan(shape: ModelShape, moe_options: Options, gpus: int, hardware, global_batch: int = 0,
               micro_batch: int = 1) -> Plan:
     """The fastest plan that fits: what `moec compile --gpus N --hardware NAME` uses."""
     return rank_plans(shape, moe_options, gpus, hardware, global_batch, micro_batch)[0][0]
 
 
-def single_gpu_prediction(shape: ModelShape, moe: MoeOptions, hardware, micro_batch: int,
+def single_gpu_prediction(shape: ModelShape, moe: Options, hardware, micro_batch: int,
                           recompute_experts: bool = False) -> Plan:
     """The prediction for the emitted training program on one GPU: what bench/planner.py checks."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     plan = Plan(1, 1, 1, 1, 0, False, micro_batch, 1, 1, hw.name, shape.name, recompute_experts=recompute_experts)
-    layout = Layout(hw, 1, moe.topk * moe.granularity, moe.max_nodes_per_token)
+    layout = Layout(hw, 1, moe.routed_topk, moe.max_nodes_per_token)
     return predict(plan, shape, moe, hw, layout.costs(1, 1, 1, 1))
 
 

@@ -4,7 +4,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moec.cost_model.planner import Plan
-from moec.cost_model.shape import ModelShape, MoeOptions
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape
 
 GiB = 2**30
 COLUMNS = ("rank", "plan", "M", "weights+opt GiB", "act GiB", "total GiB", "compute ms", "a2a ms", "tp ms",
@@ -28,7 +29,7 @@ def table(plans: list[Plan], top: int) -> str:
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
 
 
-def plan_record(ranked: list[Plan], enumerated: int, shape: ModelShape, moe: MoeOptions) -> dict:
+def plan_record(ranked: list[Plan], enumerated: int, shape: ModelShape, moe: Options) -> dict:
     """plan.json: the chosen plan, why, and the runners-up it beat."""
     return {"chosen": ranked[0].to_dict(), "why": ranked[0].why, "model": asdict(shape), "moe": asdict(moe),
             "candidates_enumerated": enumerated, "candidates_fit": len(ranked),
@@ -36,7 +37,7 @@ def plan_record(ranked: list[Plan], enumerated: int, shape: ModelShape, moe: Moe
                             "mfu": p.mfu} for p in ranked[1:6]]}
 
 
-def write_plan_json(build_dir, ranked: list[Plan], enumerated: int, shape: ModelShape, moe: MoeOptions) -> Path:
+def write_plan_json(build_dir, ranked: list[Plan], enumerated: int, shape: ModelShape, moe: Options) -> Path:
     path = Path(build_dir) / "plan.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plan_record(ranked, enumerated, shape, moe), indent=1) + "\n")

@@ -1,11 +1,27 @@
-"""What every pass is: a named callable GraphModule -> PassResult.
+"""What every pass is, and the contract the pass manager (moec.driver.pipeline) holds it to.
 
-A pass reads only its own options (given at construction), never global
-state, and raises MoecError naming itself for input it cannot handle.
+A pass is a named callable GraphModule -> PassResult that reads only its own
+options (given at construction), never global state. It declares the facts it
+reads and writes: `requires` and `provides` name entries of gm.meta (FACTS
+below says what each holds); the manager checks both, so passes cannot depend
+on an order nobody wrote down. The manager, not the pass, lints, recompiles
+and propagates shapes after it, and names it in any failure. An analysis (a
+pass that rewrites nothing) says what it found in `report`, which the IR dump
+prints. Nodes a pass creates carry the provenance (module path, source line)
+of the nodes they replace: create them inside `inherit_provenance`.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch.fx
+
+# gm.meta entries passes share: name -> what it holds
+FACTS = {
+    "ffns": "find_ffn.FFN records of the dense FFN blocks, in graph order",
+    "moe_layers": "module paths of the FFNs ffn_to_moe turned into MoE layers",
+    "kernels": "{module name: source} of the generated Triton kernels the graph calls",
+}
+PROVENANCE = ("nn_module_stack", "stack_trace")
 
 
 @dataclass
@@ -16,6 +32,38 @@ class PassResult:
 
 class Pass:
     name = "pass"
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError
+
+    def report(self, gm: torch.fx.GraphModule) -> list[str]:
+        """Lines saying what the pass found or decided, for the IR dump (analyses)."""
+        return []
+
+
+def _within(stack: dict, module: str | None) -> dict:
+    """The nn_module_stack entries down to `module` (all of them when module is None or absent)."""
+    if module is None or not any(path == module for path, _ in stack.values()):
+        return dict(stack)
+    out = {}
+    for key, (path, kind) in stack.items():
+        out[key] = (path, kind)
+        if path == module:
+            break
+    return out
+
+
+@contextlib.contextmanager
+def inherit_provenance(graph: torch.fx.Graph, source: torch.fx.Node | None, module: str | None = None):
+    """Nodes created in the block take source's provenance, its module stack cut at `module` (the
+    module the new nodes stand for, e.g. the FFN an MoE layer replaces); source None: the model's root."""
+    before = set(graph.nodes)
+    yield
+    meta = {} if source is None else source.meta
+    for node in graph.nodes:
+        if node not in before:
+            node.meta.setdefault("nn_module_stack", _within(meta.get("nn_module_stack", {}), module))
+            if meta.get("stack_trace"):
+                node.meta.setdefault("stack_trace", meta["stack_trace"])

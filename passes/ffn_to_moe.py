@@ -19,66 +19,19 @@ Invariant after the pass, with no noise and no capacity: the model computes
 the dense model's logits.
 """
 import operator
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.fx
 
 from moec.base.errors import MoecError
-from moec.base.graph import delete_unused_attrs, propagate_shapes, set_param
+from moec.base.options import Options
+from moec.base.graph import delete_unused_attrs, set_param
 from moec.runtime.ops.moe import load_balance_loss, moe_layer, z_loss
-from moec.passes.base import Pass, PassResult
+from moec.passes.base import Pass, PassResult, inherit_provenance
 
 aten = torch.ops.aten
 ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
             "relu": (aten.relu.default, {}), "silu": (aten.silu.default, {})}
-
-
-@dataclass
-class MoeOptions:
-    experts: int = 8
-    topk: int = 2
-    router: str = "softmax"
-    shared_experts: int = 0
-    granularity: int = 1
-    moe_every: int = 1
-    first_dense: int = 0
-    pyramid: tuple | None = None  # (experts, last MoE layers that get them)
-    upcycle_noise: float = 0.0
-    capacity_factor: float = 0.0
-    aux_loss: float = 0.01
-    z_loss: float = 0.001
-    recompute_experts: bool = False
-    seed: int = 0
-
-    def check(self, ffn_width: int) -> None:
-        fail = lambda msg: (_ for _ in ()).throw(MoecError(msg))
-        if self.experts < 1:
-            fail(f"--experts must be at least 1 (got {self.experts})")
-        if self.topk < 1:
-            fail(f"--topk must be at least 1 (got {self.topk})")
-        for e in [self.experts] + ([self.pyramid[0]] if self.pyramid else []):
-            if self.topk > e:
-                fail(f"--topk {self.topk} is more than the {e} experts a layer has; lower --topk or add experts")
-        if self.router not in ("softmax", "sigmoid"):
-            fail(f"--router must be softmax or sigmoid (got {self.router})")
-        if self.granularity < 1 or ffn_width % self.granularity:
-            fail(f"--granularity {self.granularity} does not divide the FFN width {ffn_width}; "
-                 f"pick a divisor of {ffn_width}")
-        if self.shared_experts < 0 or self.shared_experts >= self.experts * self.granularity:
-            fail(f"--shared-experts {self.shared_experts} must be less than the {self.experts * self.granularity} "
-                 f"routed experts")
-        if self.moe_every < 1 or self.first_dense < 0:
-            fail("--moe-every must be >= 1 and --first-dense >= 0")
-        if self.capacity_factor < 0 or self.upcycle_noise < 0:
-            fail("--capacity-factor and --upcycle-noise must be >= 0")
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def moe_layer_indices(n_ffn: int, o: MoeOptions) -> list[int]:
-    return [i for i in range(n_ffn) if i >= o.first_dense and (i - o.first_dense) % o.moe_every == 0]
 
 
 def _segments(w, M, E):
@@ -95,8 +48,10 @@ def _noisy(w, sigma, gen):
 
 class FFNToMoE(Pass):
     name = "ffn_to_moe"
+    requires = ("ffns",)
+    provides = ("moe_layers",)
 
-    def __init__(self, options: MoeOptions):
+    def __init__(self, options: Options):
         self.o = options
 
     def _weights(self, gm, ffn, E, gen):
@@ -127,10 +82,9 @@ class FFNToMoE(Pass):
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         o, g = self.o, gm.graph
         ffns = gm.meta["ffns"]
-        o.check(ffns[0].w1.fetch(gm).shape[0])
-        for f in ffns[1:]:
-            o.check(f.w1.fetch(gm).shape[0])
-        layers = moe_layer_indices(len(ffns), o)
+        for f in ffns:
+            o.check_ffn_width(f.w1.fetch(gm).shape[0])
+        layers = o.moe_layer_indices(len(ffns))
         if not layers:
             raise MoecError(f"ffn_to_moe: --first-dense {o.first_dense} leaves no FFN of {len(ffns)} to convert")
         pyramid_from = len(layers) - o.pyramid[1] if o.pyramid else len(layers)
@@ -143,15 +97,13 @@ class FFNToMoE(Pass):
             weights = {n: t for n, t in self._weights(gm, ffn, E, gen).items() if t is not None}
             for name, t in weights.items():
                 set_param(gm, f"{prefix}.{name}", t.detach().clone())
-            with g.inserting_before(ffn.out):
+            with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
                 stats.append(self._rewrite(g, ffn, prefix, set(weights)))
-        self._outputs(g, stats)
+        with inherit_provenance(g, None):
+            self._outputs(g, stats)
         g.eliminate_dead_code()
         delete_unused_attrs(gm)
-        g.lint()
-        gm.recompile()
         gm.meta["moe_layers"] = [ffns[i].module for i in layers]
-        propagate_shapes(gm)
         return PassResult(gm, True)
 
     def _rewrite(self, g, ffn, prefix, present):

@@ -234,6 +234,7 @@ def _module(nodes) -> str:
 
 class FindFFN(Pass):
     name = "find_ffn"
+    provides = ("ffns",)
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         ffns, seen = [], set()
@@ -248,3 +249,12 @@ class FindFFN(Pass):
                             "gated or not); is this a transformer with dense FFNs?")
         gm.meta["ffns"] = ffns
         return PassResult(gm, False)
+
+    def report(self, gm: torch.fx.GraphModule) -> list[str]:
+        lines = [f"{len(gm.meta['ffns'])} dense FFN blocks:"]
+        for f in gm.meta["ffns"]:
+            w1 = f.w1.fetch(gm)
+            kind = "gated" if f.gated else "plain"
+            lines.append(f"  {f.module or '<root>'}: {kind} {f.activation}, D={w1.shape[1]} F={w1.shape[0]}, "
+                         f"W1 {f.w1.name}" + (f", W3 {f.w3.name}" if f.w3 else "") + f", W2 {f.w2.name}")
+        return lines

@@ -27,44 +27,19 @@ concatenated batch. Every rank runs this same graph, so the sequence of
 collectives is the same on all of them.
 """
 import operator
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from moec.base.errors import MoecError
+from moec.base.options import Options
 from moec.runtime.distributed import ops as _ops, overlap as _overlap, rbd as _rbd  # noqa: F401  registers the ops
 from moec.runtime.distributed.params import is_expert
-from moec.base.graph import propagate_shapes
 from moec.runtime.ops.moe import load_balance_loss
-from moec.passes.base import Pass, PassResult
+from moec.passes.base import Pass, PassResult, inherit_provenance
 
 ops = torch.ops.moec
-VARIANTS = ("flat", "hierarchical", "rbd")
-
-
-@dataclass
-class EPOptions:
-    ep: int = 1
-    variant: str = "flat"
-    node_size: int = 0  # ranks per node, for hierarchical and rbd
-    chunks: int = 1  # > 1: moec::ep_experts, all-to-all of one chunk of experts overlapping another's compute
-
-    def validate(self) -> "EPOptions":
-        if self.ep < 1:
-            raise MoecError(f"--ep must be at least 1 (got {self.ep})")
-        if self.variant not in VARIANTS:
-            raise MoecError(f"--ep-variant {self.variant!r}: use one of {', '.join(VARIANTS)}")
-        if self.variant != "flat" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
-            raise MoecError(f"--ep-variant {self.variant} needs --node-size G with 1 < G < EP={self.ep} dividing "
-                            f"it (got {self.node_size})")
-        if self.chunks < 1 or (self.chunks > 1 and self.variant != "flat"):
-            raise MoecError(f"--ep-chunks {self.chunks}: use 1, or more with the flat variant")
-        return self
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _bytes(x: torch.fx.Node, ep: int):
@@ -79,8 +54,8 @@ def _bytes(x: torch.fx.Node, ep: int):
 class InsertCollectives(Pass):
     name = "insert_collectives"
 
-    def __init__(self, options: EPOptions = EPOptions()):
-        self.o = options.validate()
+    def __init__(self, options: Options):
+        self.o = options
 
     def _check_weights(self, node: torch.fx.Node) -> None:
         for w in node.args[2:8]:
@@ -89,7 +64,7 @@ class InsertCollectives(Pass):
                                 "'<layer>.experts.<w1|w3|w2|b1|b3|b2>'; the runtime cannot shard them")
 
     def _dispatch(self, g, node: torch.fx.Node, x, offsets, ep: int, node_size: int) -> torch.fx.Node:
-        if self.o.variant != "rbd":
+        if self.o.ep_variant != "rbd":
             return g.call_function(ops.dispatch.default, (x, offsets, ep, node_size))
         if not (isinstance(x, torch.fx.Node) and x.target is ops.permute.default):
             raise MoecError(f"{node.name}: the rbd variant reads the tokens before moec::permute, and {x} is not "
@@ -99,17 +74,17 @@ class InsertCollectives(Pass):
 
     def _overlap(self, g, node: torch.fx.Node, ep: int, comm: dict) -> None:
         """experts -> ep_experts (dispatch, experts and combine in overlapped chunks)."""
-        with g.inserting_before(node):
-            fused = g.call_function(ops.ep_experts.default, (*node.args[:9], ep, self.o.chunks))
+        with g.inserting_before(node), inherit_provenance(g, node):
+            fused = g.call_function(ops.ep_experts.default, (*node.args[:9], ep, self.o.ep_chunks))
             out = g.call_function(operator.getitem, (fused, 0))
         node.replace_all_uses_with(out)
         g.erase_node(node)
         fused.meta["comm"] = comm
-        fused.meta["custom"] = {**comm, "chunks": self.o.chunks}
+        fused.meta["custom"] = {**comm, "chunks": self.o.ep_chunks}
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         g, changed = gm.graph, False
-        node_size = self.o.node_size if self.o.variant != "flat" else 0
+        node_size = self.o.node_size if self.o.ep_variant != "flat" else 0
         for node in [n for n in g.nodes if n.op == "call_function" and n.target is ops.experts.default]:
             ep = node.meta.get("ep_size", self.o.ep)
             if ep == 1:
@@ -123,17 +98,17 @@ class InsertCollectives(Pass):
                 if isinstance(w, torch.fx.Node):  # a rank's view: its E/EP experts (the module keeps all E)
                     w.meta["val"] = w.meta["val"][:E // ep]
             comm = {"group": "ep", "ep": ep, "node_size": node_size, "bytes": _bytes(x, ep)}
-            if self.o.chunks > 1:
+            if self.o.ep_chunks > 1:
                 self._overlap(g, node, ep, comm)
                 changed = True
                 continue
-            with g.inserting_before(node):
+            with g.inserting_before(node), inherit_provenance(g, node):
                 d = self._dispatch(g, node, x, offsets, ep, node_size)
                 rows, local, counts = (g.call_function(operator.getitem, (d, i)) for i in range(3))
                 n_rows = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
             node.args = (rows, local, *node.args[2:])  # recompute, if set, stays
             node.meta.pop("val", None)  # its rows are now the dispatched ones
-            with g.inserting_after(node):
+            with g.inserting_after(node), inherit_provenance(g, node):
                 c = g.call_function(ops.combine.default, (node, counts, n_rows, ep, node_size))
             node.replace_all_uses_with(c, delete_user_cb=lambda u: u is not c)
             if not x.users:  # rbd reads the tokens, not permute's rows
@@ -143,15 +118,12 @@ class InsertCollectives(Pass):
                 n.meta["custom"] = dict(comm)
             changed = True
         for node in [n for n in g.nodes if n.op == "call_function" and n.target is load_balance_loss]:
-            with g.inserting_before(node):
+            with g.inserting_before(node), inherit_provenance(g, node):
                 shares = g.call_function(ops.balance_counts.default, (node.args[0],))
             node.args = (shares, *node.args[1:])
             shares.meta["custom"] = {"group": "data"}
             changed = True
-        g.lint()
-        gm.recompile()
         mode = gm.meta.get("fake_mode")
         if changed and mode is not None and mode.shape_env is None:
             mode.shape_env = ShapeEnv()  # dispatch's row count is data dependent: an unbacked size
-        propagate_shapes(gm)
         return PassResult(gm, changed)

@@ -12,9 +12,8 @@ import operator
 import torch
 import torch.fx
 
-from moec.base.graph import propagate_shapes
 from moec.runtime.ops.moe import capacity, moe_layer
-from moec.passes.base import Pass, PassResult
+from moec.passes.base import Pass, PassResult, inherit_provenance
 
 ops = torch.ops.moec
 
@@ -29,7 +28,7 @@ class LowerMoE(Pass):
             x, logits, w1, b1, w3, b3, w2, b2 = node.args
             kw = node.kwargs
             k = kw["k"]
-            with g.inserting_before(node):
+            with g.inserting_before(node), inherit_provenance(g, node):
                 gate = g.call_function(ops.gate.default, (logits, k, kw["score"], kw["renorm"], None, 1, 1))
                 weights, indices, counts, probs_sum, zsum = (
                     g.call_function(operator.getitem, (gate, i)) for i in range(5))
@@ -49,7 +48,4 @@ class LowerMoE(Pass):
                 user.replace_all_uses_with(results[user.args[1]])
                 g.erase_node(user)
             g.erase_node(node)
-        g.lint()
-        gm.recompile()
-        propagate_shapes(gm)
         return PassResult(gm, bool(layers))

@@ -2,11 +2,11 @@
 
 Matches: call_function nodes whose target is torch.ops.moec.experts.default
 (the expert FFNs that lower_moe produced).
-Rewrites: nothing in the computation. Records the plan (a
-moec.cost_model.Plan: EP, DP, TP, PP, ZeRO stage, recompute, micro-batches)
-in gm.meta["plan"], and tags every experts node with meta["ep_size"] (the
-expert-parallel degree) and meta["local_experts"] (experts per EP rank), which
-insert_collectives reads to place the dispatch/combine all-to-all.
+Rewrites: nothing in the computation. Tags every experts node with
+meta["ep_size"] (the expert-parallel degree) and meta["local_experts"]
+(experts per EP rank), which insert_collectives reads to place the
+dispatch/combine all-to-all; the IR dump shows the plan (a
+moec.cost_model.Plan: EP, DP, TP, PP, ZeRO stage, recompute, micro-batches).
 Invariant: the graph computes what it computed before; every experts node's
 expert count is divisible by the plan's EP.
 """
@@ -42,5 +42,10 @@ class PlanSharding(Pass):
                                 f"EP={ep}; plan with an EP that divides {experts}")
             node.meta["ep_size"] = ep
             node.meta["local_experts"] = experts // ep
-        gm.meta["plan"] = self.plan
         return PassResult(gm, True)
+
+    def report(self, gm: torch.fx.GraphModule) -> list[str]:
+        p = self.plan
+        tagged = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is EXPERTS)
+        return [f"plan: {p.label()}, {p.micro_batches} micro-batches of {p.micro_batch} on {p.gpus} GPUs "
+                f"({p.hardware})", f"{tagged} expert layers sharded EP={p.ep}", p.why]

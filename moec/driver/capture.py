@@ -169,6 +169,19 @@ def _capture_message(e: Exception) -> str:
     return f"{where}{type(e).__name__}: {first}"
 
 
+def _dropout_follows_mode(g: torch.fx.Graph) -> None:
+    """Tracing bakes the model's mode into dropout (train=True); read the module's `training` flag
+    instead, so model.eval() turns dropout off in the graph and in the emitted model."""
+    dropouts = [n for n in g.nodes if n.op == "call_function" and n.target == torch.ops.aten.dropout.default]
+    if not dropouts:
+        return
+    with g.inserting_before(dropouts[0]):
+        training = g.create_node("get_attr", "training", name="training")
+    training.meta.update(val=None, nn_module_stack={})
+    for n in dropouts:
+        n.args = (n.args[0], n.args[1], training)
+
+
 def _normalise(gm: torch.fx.GraphModule) -> None:
     g = gm.graph
     g._codegen = torch.fx.graph.CodeGen()  # flat inputs, whatever the output node holds
@@ -178,6 +191,8 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     gm._forward_pre_hooks.clear()  # export's input checks; the emitted program is shape-generic
+    for name in ("train", "eval"):  # export forbids switching modes; dropout reads the mode (below)
+        gm.__dict__.pop(name, None)
     first = next(n for n in g.nodes if n.op == "placeholder")
     device = None
     for n in list(g.nodes):
@@ -186,6 +201,7 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
                 with g.inserting_after(first):
                     device = g.call_function(getattr, (first, "device"))
             n.kwargs = {**n.kwargs, "device": device}
+    _dropout_follows_mode(g)
     out = next(n for n in g.nodes if n.op == "output")
     flat = torch.utils._pytree.tree_leaves(out.args[0])
     out.args = ({"logits": flat[0]},)

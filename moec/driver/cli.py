@@ -1,28 +1,38 @@
-"""The `moec` command line. User errors print one line and exit 2; --debug shows tracebacks."""
+"""The `moec` command line. User errors print one line and exit 2; every command's --debug shows tracebacks."""
 import ast
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from moec.base.errors import MoecError
+from moec.base.options import EP_VARIANTS, ROUTERS, Options
+
+
+def _set_debug(ctx, _param, value):
+    if value:
+        ctx.meta["moec.debug"] = True
+
+
+DEBUG = dict(is_flag=True, expose_value=False, callback=_set_debug, help="Show tracebacks.")
 
 
 class MoecGroup(click.Group):
+    def add_command(self, cmd, name=None):
+        cmd.params.append(click.Option(["--debug"], **DEBUG))  # every command, wherever it is defined
+        super().add_command(cmd, name)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except MoecError as e:
-            if "--debug" in sys.argv:
-                raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as e:
-            if "--debug" in sys.argv:
+            if ctx.meta.get("moec.debug"):
                 raise
+            if isinstance(e, MoecError):
+                click.echo(f"error: {e}", err=True)
+                ctx.exit(2)
             click.echo(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
             ctx.exit(1)
 
@@ -63,7 +73,7 @@ def _pyramid(value):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Factory keyword override; repeatable.")
 @click.option("--experts", default=8, show_default=True, help="Experts per MoE layer (before --granularity).")
 @click.option("--topk", default=2, show_default=True, help="Experts each token is routed to (before --granularity).")
-@click.option("--router", type=click.Choice(["softmax", "sigmoid"]), default="softmax", show_default=True)
+@click.option("--router", type=click.Choice(ROUTERS), default="softmax", show_default=True)
 @click.option("--shared-experts", default=0, show_default=True, help="Always-on experts, each F/granularity wide.")
 @click.option("--granularity", default=1, show_default=True,
               help="Split each expert into M finer ones: E*M experts of width F/M, top K*M.")
@@ -80,47 +90,36 @@ def _pyramid(value):
 @click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
-@click.option("--gpus", default=0, help="Let the planner pick EP/DP/TP/PP/ZeRO for this many GPUs (plan.json).")
-@click.option("--hardware", default="dgx_h100", show_default=True, help="Hardware profile name or JSON for --gpus.")
-@click.option("--ep", default=0, help="Expert-parallel degree: shard the experts over N ranks (all-to-all).")
-@click.option("--ep-variant", type=click.Choice(["flat", "hierarchical", "rbd"]), default="flat", show_default=True,
+@click.option("--gpus", default=0, help="Let the planner pick the parallel plan for this many GPUs (plan.json).")
+@click.option("--hardware", default=None, help="Hardware profile name or JSON for --gpus [dgx_h100].")
+@click.option("--ep", default=1, show_default=True,
+              help="Expert-parallel degree: shard the experts over N ranks (all-to-all).")
+@click.option("--ep-variant", type=click.Choice(EP_VARIANTS), default="flat", show_default=True,
               help="hierarchical: all-to-all inside each node, then between nodes; rbd: each token crosses to a "
-                   "node once (both need --node-size).")
+                   "node once (both need --node-size; with --ep).")
 @click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical or rbd.")
 @click.option("--ep-chunks", default=1, show_default=True,
               help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
 @click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
 @click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
+@click.option("--stop-after", default=None, metavar="PASS",
+              help="Run the pipeline up to this pass and write only ir/ and config.json.")
 @click.option("--force", is_flag=True, help="Replace a non-empty build directory.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compile_cmd(model, out, entry, config, sets, experts, topk, router, shared_experts, granularity, moe_every,
-                first_dense, pyramid, upcycle_noise, capacity_factor, aux_loss, z_loss, recompute_experts, weights, seed,
-                max_weights_gb, gpus, hardware, ep, ep_variant, node_size, ep_chunks, no_triton, dense, no_verify, force,
-                debug):
+def compile_cmd(model, out, sets, pyramid, no_triton, no_verify, stop_after, force, **chosen):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
-    from moec.driver.compiler import CompileRequest, compile_model
-    from moec.passes.ffn_to_moe import MoeOptions
-    from moec.passes.insert_collectives import EPOptions
+    from moec.driver.compiler import compile_model
 
-    options = MoeOptions(experts=experts, topk=topk, router=router, shared_experts=shared_experts,
-                         granularity=granularity, moe_every=moe_every, first_dense=first_dense,
-                         pyramid=_pyramid(pyramid), upcycle_noise=upcycle_noise, capacity_factor=capacity_factor,
-                         aux_loss=aux_loss, z_loss=z_loss, recompute_experts=recompute_experts, seed=seed)
-    compile_model(CompileRequest(model=model, out=out, options=options, entry=entry, config=config,
-                                 overrides=_overrides(sets), weights=weights, verify=not no_verify, force=force,
-                                 seed=seed, max_weights_gb=max_weights_gb, dense=dense, gpus=gpus,
-                                 hardware=hardware, triton=not no_triton,
-                                 ep=EPOptions(ep, ep_variant, node_size, ep_chunks) if ep else None),
-                  log=click.echo)
+    options = Options(**chosen, overrides=_overrides(sets), pyramid=_pyramid(pyramid), triton=not no_triton,
+                      verify=not no_verify).validate()
+    compile_model(model, out, options, force=force, stop_after=stop_after, log=click.echo)
 
 
 @main.command("ir")
 @click.argument("build_dir", type=click.Path())
 @click.option("--pass", "pass_name", default=None, help="Show this pass's graph after it ran.")
 @click.option("--diff", is_flag=True, help="With --pass: show what the pass changed instead.")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def ir_cmd(build_dir, pass_name, diff, debug):
+def ir_cmd(build_dir, pass_name, diff):
     """Summarise the passes of a build, or show one pass's IR."""
     ir = Path(build_dir) / "ir"
     if not (ir / "summary.json").is_file():

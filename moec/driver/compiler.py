@@ -10,56 +10,37 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 import moec
 from moec.base.errors import MoecError
-from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
+from moec.base.options import Options
 from moec.codegen import source
 from moec.codegen.program import model_source, write_weights
 from moec.codegen.train_program import write_train_program
-from moec.passes.ffn_to_moe import MoeOptions
-from moec.passes.insert_collectives import EPOptions
-from moec.driver.pipeline import build_pipeline, run_pipeline
+from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
+from moec.driver.pipeline import passes_for, run_pipeline
 from moec.runtime import load_state
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
+BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
 
 
-@dataclass
-class CompileRequest:
-    model: str
-    out: str
-    options: MoeOptions = field(default_factory=MoeOptions)
-    entry: str = "build_model"
-    config: str | None = None
-    overrides: dict = field(default_factory=dict)
-    weights: str | None = None
-    verify: bool = True
-    force: bool = False
-    batch: int = 2
-    seq: int = 16
-    seed: int = 0
-    max_weights_gb: float = 4.0
-    dense: bool = False
-    gpus: int = 0  # > 0: let the planner choose the parallel plan for this many GPUs
-    hardware: str = "dgx_h100"
-    triton: bool = True  # lower routing to generated Triton kernels (they fall back to torch on CPU)
-    ep: EPOptions | None = None  # expert parallelism (insert_collectives); a --gpus plan sets its EP
-
-
-def compile_model(req: CompileRequest, log=print) -> dict:
-    out = Path(req.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not req.force:
+def compile_model(model: str, out: str, options: Options, force: bool = False, stop_after: str | None = None,
+                  log=print) -> dict:
+    """Compile the model file into the build dir `out`; stop_after: write only ir/ and config.json, up to
+    that pass."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise MoecError(f"{out} exists and is not empty; pass --force to replace it")
-    mod = load_module(req.model)
+    mod = load_module(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        report = _compile_into(req, mod, tmp, log)
+        report = _compile_into(model, options, mod, tmp, stop_after, log)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -70,55 +51,62 @@ def compile_model(req: CompileRequest, log=print) -> dict:
     return report
 
 
-def _compile_into(req: CompileRequest, mod, tmp: Path, log) -> dict:
+def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> dict:
     t0 = time.perf_counter()
-    meta_model = build(mod, req.entry, req.config, req.overrides, "meta")
-    inputs = example_inputs(mod, meta_model, req.batch, req.seq, "meta")
-    gm = capture(meta_model, inputs)
+    meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
+    gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
-    plan = _plan(req, gm, meta_model, tmp, log) if req.gpus and not req.dense else None
+    plan = _plan(model, o, gm, meta_model, tmp, log) if o.gpus else None
     if plan is not None:
-        req = replace(req, ep=replace(req.ep or EPOptions(), ep=plan.ep))
-    gm, rows = run_pipeline(gm, build_pipeline(req.options, req.dense, plan, req.triton, req.ep), tmp / "ir", log)
-    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
-    real = nbytes <= req.max_weights_gb * 2**30
+        o = o.with_plan(ep=plan.ep, zero=plan.zero)
+    gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
-              "moe_layers": rows[-1]["moe_layers"], "weights_written": real}
-    if req.weights and not real:
+              "moe_layers": rows[-1]["moe_layers"]}
+    if stop_after is not None:
+        _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False})
+        return report
+    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
+    real = nbytes <= o.max_weights_gb * 2**30
+    report["weights_written"] = real
+    if o.weights and not real:
         raise MoecError(f"the MoE model's weights would take {nbytes / 2**30:.1f} GiB, over --max-weights-gb "
-                        f"{req.max_weights_gb}; raise it to upcycle --weights")
+                        f"{o.max_weights_gb}; raise it to upcycle --weights")
+    dense = None
     if real:
-        torch.manual_seed(req.seed)
-        dense = build(mod, req.entry, req.config, req.overrides, "cpu")
-        if req.weights:
-            load_dense(dense, req.weights)
-        real_inputs = example_inputs(mod, dense, req.batch, req.seq)
-        gm, _ = run_pipeline(capture(dense, real_inputs),
-                             build_pipeline(req.options, req.dense, plan, req.triton, req.ep))
+        torch.manual_seed(o.seed)
+        dense = build(mod, o.entry, o.config, o.overrides, "cpu")
+        if o.weights:
+            load_dense(dense, o.weights)
+        gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
-        log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {req.max_weights_gb}; none written")
-    if req.verify and not req.dense:
-        report["verify_max_rel_error"] = _verify(req, mod, dense if real else None, log)
-    (tmp / "model.py").write_text(model_source(gm, _title(req), _kernel_modules(gm, tmp), _user_code(gm, mod, tmp)))
-    (tmp / "config.json").write_text(json.dumps(_config(req, report), indent=1, sort_keys=True) + "\n")
-    write_train_program(tmp, _config(req, report))
+        log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
+    if o.verify and not o.dense:
+        report["verify_max_rel_error"] = _verify(o, mod, dense, gm if real else None, log)
+    (tmp / "model.py").write_text(model_source(gm, _title(model, o), _kernel_modules(gm, tmp),
+                                               _user_code(gm, mod, tmp)))
+    config = _write_config(tmp, model, o, report)
+    write_train_program(tmp, config)
     return report
 
 
-def _plan(req: CompileRequest, gm, model, tmp: Path, log):
-    """The planner's best plan for --gpus on --hardware; plan.json records it and the runners-up."""
-    from moec.cost_model import MoeOptions as PlanMoe, rank_plans
+def runnable(plan) -> bool:
+    """Whether the emitted training program carries a plan out: expert and data parallelism with ZeRO-1 or
+    none (tensor and pipeline parallelism, ZeRO-2/3 and full recomputation it does not run yet)."""
+    return plan.tp == 1 and plan.pp == 1 and plan.zero <= 1 and not plan.recompute
+
+
+def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log):
+    """The planner's best plan for --gpus on --hardware among those train.py carries out; plan.json records
+    it and the runners-up."""
+    from moec.cost_model import rank_plans
     from moec.cost_model.report import write_plan_json
     from moec.driver.model_shape import shape_from_graph
 
-    o = req.options
-    shape = shape_from_graph(gm, model, f"{Path(req.model).name}:{req.config or 'default'}", None)
-    moe = PlanMoe(experts=o.experts, topk=o.topk, granularity=o.granularity, shared_experts=o.shared_experts,
-                  first_dense=o.first_dense, moe_every=o.moe_every)
-    ranked, enumerated = rank_plans(shape, moe, req.gpus, req.hardware)
-    write_plan_json(tmp, ranked, enumerated, shape, moe)
+    shape = shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
+    ranked, enumerated = rank_plans(shape, o, o.gpus, o.hardware or "dgx_h100", allowed=runnable)
+    write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
 
@@ -139,40 +127,44 @@ def _kernel_modules(gm, tmp: Path) -> list[str]:
     return sorted(kernels)
 
 
-def _title(req: CompileRequest) -> str:
-    o = req.options
-    if req.dense:
-        return f"{Path(req.model).name} ({req.config or 'default config'}), dense"
-    return (f"{Path(req.model).name} ({req.config or 'default config'}) upcycled to {o.experts} experts, "
-            f"top-{o.topk}")
+def _title(model: str, o: Options) -> str:
+    if o.dense:
+        return f"{Path(model).name} ({o.config or 'default config'}), dense"
+    return f"{Path(model).name} ({o.config or 'default config'}) upcycled to {o.experts} experts, top-{o.topk}"
 
 
-def _config(req: CompileRequest, report: dict) -> dict:
-    return {"moec_version": moec.__version__, "model": Path(req.model).name, "entry": req.entry,
-            "config": req.config, "overrides": req.overrides, "weights": req.weights and Path(req.weights).name,
-            "seed": req.seed, "moe": None if req.dense else req.options.to_json(), "result": report,
-            "ep": req.ep and req.ep.to_json()}
+def _write_config(tmp: Path, model: str, o: Options, report: dict) -> dict:
+    """config.json: the options (paths by file name), what the compile found, the moec version."""
+    o = replace(o, weights=o.weights and Path(o.weights).name)
+    config = {"moec_version": moec.__version__, "model": Path(model).name, "options": o.to_json(),
+              "result": report}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    return config
 
 
-def _verify(req: CompileRequest, mod, dense, log) -> float | None:
-    """Max relative error between the dense model and its upcycled copy (no noise, no capacity)."""
+def _verify(o: Options, mod, dense, upcycled, log) -> float | None:
+    """Max relative error between the dense model and its upcycled copy (no noise, no capacity). upcycled:
+    the build's graph when it holds real weights made that way, else None (a copy is made for the check,
+    on a shrunk config when the weights were too large)."""
     shrunk = dense is None
     if shrunk:
         shrink = getattr(mod, "VERIFY_OVERRIDES", None)
         if shrink is None:
             log("verify: skipped (weights too large and the model file defines no VERIFY_OVERRIDES)")
             return None
-        torch.manual_seed(req.seed)
-        dense = build(mod, req.entry, req.config, {**req.overrides, **shrink}, "cpu")
-    inputs = example_inputs(mod, dense, req.batch, req.seq)
-    opts = replace(req.options, upcycle_noise=0.0, capacity_factor=0.0)
-    if opts.pyramid:
-        opts = replace(opts, pyramid=(opts.pyramid[0], min(opts.pyramid[1], 1)))
+        torch.manual_seed(o.seed)
+        dense = build(mod, o.entry, o.config, {**o.overrides, **shrink}, "cpu")
+    inputs = example_inputs(mod, dense, BATCH, SEQ)
+    exact = replace(o, upcycle_noise=0.0, capacity_factor=0.0, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
+                    pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
     dense.eval()  # dropout off: compare the deterministic function
     with torch.no_grad():
         ref = logits_of(dense(*inputs))
-        gm, _ = run_pipeline(capture(dense, inputs), build_pipeline(opts))
-        got = gm(*inputs)["logits"]
+        if upcycled is None or exact != replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1):
+            upcycled, _ = run_pipeline(capture(dense, inputs), passes_for(exact))
+        upcycled.eval()
+        got = upcycled(*inputs)["logits"]
+        upcycled.train()
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     log(f"verify: upcycled vs dense logits, max relative error {err:.2e}{' (on a shrunk config)' if shrunk else ''}")
     if not err <= VERIFY_TOLERANCE:

@@ -6,7 +6,7 @@ What a training loop does with an EP build (`moec compile --ep N`):
 
     dist.init_process_group("nccl" or "gloo")            # under torchrun
     model = Model(device); moec.runtime.load_weights(model, "model.safetensors")  # all E experts
-    model, mesh, grad_sync = moec.runtime.distributed.setup(model, json.load(open("config.json")))
+    model, mesh, grad_sync = moec.runtime.distributed.setup(model, options)  # Options.from_json(config.json's "options")
     optimizer = moec.runtime.distributed.zero.make_optimizer(model, torch.optim.AdamW, lr=...)  # or any optimizer
     for each step: loss = mean over this rank's tokens; loss.backward(); grad_sync(); optimizer.step()
     moec.runtime.distributed.checkpoint.save(path, model, optimizer, mesh) / .load(...)  # any EP on resume

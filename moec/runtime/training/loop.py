@@ -83,21 +83,21 @@ class Parallel:
         return self.grad_sync.clip_grad_norm_(max_norm)
 
 
-def parallelize(model: torch.nn.Module, env: Env, config: dict, fsdp: bool = False, zero: bool = False) -> Parallel:
-    """An expert-parallel build (config.json's "ep" > 1) under torchrun: each rank keeps its
-    E/EP experts and gradients are reduced by moec.runtime.distributed; any other build: wrap().
+def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, zero: bool = False) -> Parallel:
+    """Apply the build's parallel plan (its Options): an expert-parallel build (ep > 1) under torchrun keeps
+    E/EP experts on each rank, its gradients reduced by moec.runtime.distributed; any other build: wrap().
     zero: the optimizer's state is sharded too (ZeRO-1); FSDP2 already shards it."""
     if fsdp and zero:
         raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
                         "parameters and gradients: use one of them")
-    from moec.runtime.distributed.setup import ep_options, setup
+    from moec.runtime.distributed.setup import setup
 
-    ep = ep_options(config)["ep"]
+    ep = options.ep
     if fsdp and ep > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
                         f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
     if env.world > 1 and ep > 1:
-        model, mesh, grad_sync = setup(model, config)
+        model, mesh, grad_sync = setup(model, options)
         return Parallel(model, mesh, grad_sync, zero)
     return Parallel(wrap(model, env, fsdp), zero=zero)
 

@@ -56,8 +56,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
 @click.command("plot")
 @click.argument("run_dir", type=click.Path())
 @click.option("-o", "--out", default=None, type=click.Path(), help="PNG to write [RUN_DIR/metrics.png].")
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def plot(run_dir, out, debug):
+def plot(run_dir, out):
     """Draw the loss and expert-load curves of a train.py run directory to a PNG."""
     written = plot_run(Path(run_dir), Path(out) if out else Path(run_dir) / "metrics.png")
     click.echo(f"wrote {written}")

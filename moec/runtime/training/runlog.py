@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from moec.base.errors import MoecError
-from moec.runtime.distributed.setup import ep_options
+from moec.base.options import Options
 from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
                                    load_summary, step_flops)
 from moec.runtime.training.progress import MetricsFile, Progress
@@ -18,28 +18,19 @@ from moec.runtime.training.progress import MetricsFile, Progress
 
 @dataclass
 class BuildInfo:
-    config: dict
+    options: Options  # what the build was compiled with (config.json's "options")
     active_params: int
     vocab: int
-    topk: int  # slots per token after --granularity
-    capacity_factor: float
     flops_per_step: float  # per rank
-
-    @property
-    def ep(self) -> int:
-        """The expert-parallel size the build was compiled for (1: not expert parallel)."""
-        return ep_options(self.config)["ep"]
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
         config = json.loads((Path(build_dir) / "config.json").read_text())
-        moe = config.get("moe") or {}
-        ep = ep_options(config)["ep"]
-        vocab = fake_forward(model_cls, 1, 1, ep=ep)["logits"].shape[-1]
+        options = Options.from_json(config["options"])
+        vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
-        attention = attention_flops_per_step(model_cls, batch, seq_len, ep)
-        return cls(config, active, vocab, moe.get("topk", 0) * moe.get("granularity", 1),
-                   moe.get("capacity_factor", 0.0), step_flops(active, batch * seq_len, attention))
+        attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
+        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention))
 
 
 def check_vocab(data, build: BuildInfo) -> None:
@@ -87,8 +78,8 @@ class RunLog:
         if step % self.every:
             return
         counts = out.get("expert_counts", [])
-        load = expert_load(counts, self.micro_tokens, self.build.topk,
-                           self.build.capacity_factor).to(self.env.device)
+        o = self.build.options
+        load = expert_load(counts, self.micro_tokens, o.routed_topk, o.capacity_factor).to(self.env.device)
         if dist.is_initialized() and counts:
             dist.all_reduce(load)
         aux, z = (float(out[k].detach()) if k in out else 0.0 for k in ("aux_loss", "z_loss"))
@@ -103,7 +94,7 @@ class RunLog:
         self.file.write({"kind": "train", "step": step, "loss": lm_mean + aux + z, "lm_loss": lm_mean,
                          "aux_loss": aux, "z_loss": z, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_s,
                          "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers})
-        drop = self.build.capacity_factor > 0
+        drop = self.build.options.capacity_factor > 0
         load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f}" + (f" drop {r['dropped']:.1%}" if drop else "")
                              for i, r in enumerate(layers))
         self.bar.message(f"step {step}: lm {lm_mean:.4f}" + (f" aux {aux:.4f} z {z:.4f}" if "aux_loss" in out else "")

@@ -1,0 +1,148 @@
+"""Options: everything a user chooses about a build, in one record.
+
+The CLI fills it, `validate` checks it once (each mistake one line), the
+passes and the planner read it, `moec compile` writes it to config.json
+("options") and the training program reads it back through `from_json`. No
+other copy of these choices exists. Checks that need the model (the FFN width
+a granularity must divide, the expert count an EP size must divide) are made
+by the passes that meet the model. Imports no torch: the cost model uses it.
+"""
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from moec.base.errors import MoecError
+
+ROUTERS = ("softmax", "sigmoid")
+EP_VARIANTS = ("flat", "hierarchical", "rbd")
+
+
+@dataclass(frozen=True)
+class Options:
+    # the model file and its factory
+    entry: str = "build_model"
+    config: str | None = None
+    overrides: dict = field(default_factory=dict)
+    weights: str | None = None  # dense weights to upcycle
+    seed: int = 0
+    dense: bool = False  # keep the model dense (a baseline)
+    # MoE layers
+    experts: int = 8
+    topk: int = 2
+    router: str = "softmax"
+    shared_experts: int = 0
+    granularity: int = 1
+    moe_every: int = 1
+    first_dense: int = 0
+    pyramid: tuple | None = None  # (experts, last MoE layers that get them)
+    upcycle_noise: float = 0.0
+    capacity_factor: float = 0.0  # 0: dropless
+    aux_loss: float = 0.01
+    z_loss: float = 0.001
+    recompute_experts: bool = False
+    expert_ffn: int | None = None  # expert width when not ffn / granularity (models trained as MoEs; planning)
+    max_nodes_per_token: int = 0  # node-limited routing, for planning (0: no limit)
+    # the parallel plan: given as --ep ..., or chosen by the planner for --gpus on --hardware
+    ep: int = 1
+    ep_variant: str = "flat"
+    node_size: int = 0  # ranks per node, for the hierarchical and rbd variants
+    ep_chunks: int = 1  # > 1: overlap one chunk of experts' all-to-all with another's compute
+    zero: int = 0  # ZeRO stage of the optimizer state: 0, or 1 (sharded over the data-parallel ranks)
+    gpus: int = 0  # > 0: the planner chooses EP and ZeRO for this many GPUs
+    hardware: str | None = None  # profile for --gpus (default dgx_h100)
+    # how the compiler works
+    triton: bool = True  # lower routing to generated Triton kernels
+    verify: bool = True
+    max_weights_gb: float = 4.0
+
+    def validate(self) -> "Options":
+        """self, or a MoecError naming the first option that is wrong and how to fix it."""
+        for problem in self._problems():
+            raise MoecError(problem)
+        return self
+
+    def _problems(self):
+        if self.experts < 1:
+            yield f"--experts must be at least 1 (got {self.experts})"
+        if self.topk < 1:
+            yield f"--topk must be at least 1 (got {self.topk})"
+        for e in [self.experts] + ([self.pyramid[0]] if self.pyramid else []):
+            if self.topk > e:
+                yield f"--topk {self.topk} is more than the {e} experts a layer has; lower --topk or add experts"
+        if self.router not in ROUTERS:
+            yield f"--router must be one of {', '.join(ROUTERS)} (got {self.router})"
+        if self.granularity < 1:
+            yield f"--granularity must be at least 1 (got {self.granularity})"
+        if not 0 <= self.shared_experts < self.experts * self.granularity:
+            yield (f"--shared-experts {self.shared_experts} must be at least 0 and less than the "
+                   f"{self.experts * self.granularity} routed experts")
+        if self.moe_every < 1 or self.first_dense < 0:
+            yield "--moe-every must be >= 1 and --first-dense >= 0"
+        if self.pyramid is not None and (len(self.pyramid) != 2 or min(self.pyramid) < 1):
+            yield f"--pyramid {self.pyramid}: expected EXPERTS:LAYERS, both at least 1"
+        if self.capacity_factor < 0 or self.upcycle_noise < 0:
+            yield "--capacity-factor and --upcycle-noise must be >= 0"
+        if self.max_weights_gb < 0:
+            yield f"--max-weights-gb must be >= 0 (got {self.max_weights_gb})"
+        yield from self._parallel_problems()
+
+    def _parallel_problems(self):
+        if self.ep < 1 or self.gpus < 0:
+            yield f"--ep must be at least 1 and --gpus at least 0 (got {self.ep}, {self.gpus})"
+        if self.ep_variant not in EP_VARIANTS:
+            yield f"--ep-variant {self.ep_variant!r}: use one of {', '.join(EP_VARIANTS)}"
+        if self.ep == 1 and not self.gpus:
+            lone = [flag for flag, given in (("--ep-variant", self.ep_variant != "flat"),
+                                             ("--node-size", self.node_size != 0),
+                                             ("--ep-chunks", self.ep_chunks != 1)) if given]
+            if lone:
+                verb = "means" if len(lone) == 1 else "mean"
+                yield f"{', '.join(lone)} {verb} something only with expert parallelism: add --ep N (N > 1)"
+        elif self.ep_variant != "flat" and not (1 < self.node_size < self.ep and self.ep % self.node_size == 0):
+            yield (f"--ep-variant {self.ep_variant} needs --node-size G with 1 < G < EP={self.ep} dividing it "
+                   f"(got {self.node_size})")
+        if self.ep_chunks < 1 or (self.ep_chunks > 1 and self.ep_variant != "flat"):
+            yield f"--ep-chunks {self.ep_chunks}: use 1, or more with the flat variant"
+        if self.gpus and self.ep > 1:
+            yield "give --ep N or --gpus N, not both: with --gpus the planner chooses the EP size"
+        if self.hardware is not None and not self.gpus:
+            yield "--hardware only means something with --gpus N (the planner's target)"
+        if self.zero not in (0, 1):
+            yield f"ZeRO stage {self.zero}: the training program shards optimizer state (stage 1) or nothing (0)"
+        if self.dense and (self.ep > 1 or self.gpus):
+            yield "--dense builds have no experts to shard: drop --ep / --gpus"
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether FFN i becomes an MoE layer: every moe_every-th FFN after the first first_dense."""
+        return i >= self.first_dense and (i - self.first_dense) % self.moe_every == 0
+
+    def moe_layer_indices(self, n_ffn: int) -> list[int]:
+        return [i for i in range(n_ffn) if self.is_moe_layer(i)]
+
+    def check_ffn_width(self, width: int) -> None:
+        if width % self.granularity:
+            raise MoecError(f"--granularity {self.granularity} does not divide the FFN width {width}; "
+                            f"pick a divisor of {width}")
+
+    @property
+    def routed_topk(self) -> int:
+        """Slots per token after the fine-grained split."""
+        return self.topk * self.granularity
+
+    def with_plan(self, ep: int, zero: int) -> "Options":
+        """These options with a planner's choice of the parallel layout."""
+        return replace(self, ep=ep, zero=zero)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Options":
+        """The options config.json holds; names this moec does not know are an error, not dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MoecError(f"config.json has options this moec does not know: {', '.join(unknown)}; "
+                            f"recompile the build with this moec")
+        data = dict(data)
+        if data.get("pyramid") is not None:
+            data["pyramid"] = tuple(data["pyramid"])
+        return cls(**data).validate()
