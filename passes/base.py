@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch.fx
 
+import moec.runtime.ops  # noqa: F401  registers the moec:: ops passes match and create
+
 # gm.meta entries passes share: name -> what it holds
 FACTS = {
     "ffns": "find_ffn.FFN records of the dense FFN blocks, in graph order",

@@ -123,7 +123,9 @@ class FFNToMoE(Pass):
         sizes = [g.call_function(aten.sym_size.int, (x, i)) for i in range(len(shape) - 1)]  # any batch, seq
         y = g.call_function(aten.reshape.default, (out, [*sizes, shape[-1]]))
         ffn.out.replace_all_uses_with(y)
-        return counts, probs_sum, zsum, o.topk * M
+        # the layer's own losses belong to the layer: an emitted block computes them, the model sums them
+        k = o.topk * M
+        return counts, g.call_function(load_balance_loss, (counts, probs_sum, k)), g.call_function(z_loss, (zsum, counts, k))
 
     @staticmethod
     def _shared(g, xf, activation, attr):
@@ -138,12 +140,10 @@ class FFNToMoE(Pass):
     def _outputs(self, g, stats):
         out = next(n for n in g.nodes if n.op == "output")
         with g.inserting_before(out):
-            lb = [g.call_function(load_balance_loss, (c, p, k)) for c, p, _, k in stats]
-            zs = [g.call_function(z_loss, (z, c, k)) for c, _, z, k in stats]
-            aux = g.call_function(aten.mul.Tensor, (_sum(g, lb), self.o.aux_loss))
-            zl = g.call_function(aten.mul.Tensor, (_sum(g, zs), self.o.z_loss))
+            aux = g.call_function(aten.mul.Tensor, (_sum(g, [lb for _, lb, _ in stats]), self.o.aux_loss))
+            zl = g.call_function(aten.mul.Tensor, (_sum(g, [z for _, _, z in stats]), self.o.z_loss))
         result = dict(out.args[0])
-        result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, *_ in stats])
+        result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, _, _ in stats])
         out.args = (result,)
 
 

@@ -42,7 +42,7 @@ class PlanSharding(Pass):
                                 f"EP={ep}; plan with an EP that divides {experts}")
             node.meta["ep_size"] = ep
             node.meta["local_experts"] = experts // ep
-        return PassResult(gm, True)
+        return PassResult(gm, False)  # tags only: the computation is unchanged
 
     def report(self, gm: torch.fx.GraphModule) -> list[str]:
         p = self.plan

@@ -74,3 +74,10 @@ def captured(kind: str, seed: int = 0):
     model = Residual(BLOCKS[kind])
     x = torch.randn(2, 5, D)
     return model, x, capture(model, (x,))
+
+
+def run(gm, p):
+    """Run one pass under the pass manager (its checks, lint, recompile and shape propagation)."""
+    from moec.driver.pipeline import run_pass
+
+    return run_pass(gm, p, [])

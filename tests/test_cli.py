@@ -41,7 +41,7 @@ def test_compile_writes_a_build_that_runs(tmp_path, example, args):
     assert "max relative error" in r.output
     assert {p.name for p in out.iterdir()} >= {"model.py", "model.safetensors", "config.json", "ir"}
     config = json.loads((out / "config.json").read_text())
-    assert config["moe"]["experts"] == int(args[1]) and config["result"]["verify_max_rel_error"] < 1e-4
+    assert config["options"]["experts"] == int(args[1]) and config["result"]["verify_max_rel_error"] < 1e-4
     model = load_build(out)
     tokens = torch.randint(0, 256, (3, 24))
     result = model(tokens)
@@ -138,10 +138,15 @@ def test_broken_model_files_give_one_line_and_exit_2(tmp_path, name):
     (["--topk", "9", "--experts", "8"], "more than the 8 experts"),
     (["--topk", "0"], "--topk must be at least 1"),
     (["--granularity", "5"], "does not divide the FFN width 384"),
-    (["--shared-experts", "8", "--experts", "8"], "must be less than the 8 routed experts"),
+    (["--shared-experts", "8", "--experts", "8"], "less than the 8 routed experts"),
     (["--config", "huge"], "unknown --config 'huge'"),
     (["--pyramid", "8"], "expected EXPERTS:LAYERS"),
     (["--weights", "missing.pt"], "no such file"),
+    (["--ep-variant", "hierarchical", "--node-size", "2"], "mean something only with expert parallelism"),
+    (["--ep-chunks", "2"], "--ep-chunks means something only with expert parallelism: add --ep N"),
+    (["--ep", "2", "--gpus", "8"], "give --ep N or --gpus N, not both"),
+    (["--hardware", "dgx_h100"], "--hardware only means something with --gpus N"),
+    (["--stop-after", "nowhere"], "--stop-after nowhere: no such pass"),
 ])
 def test_bad_options_give_one_line_and_exit_2(tmp_path, args, message):
     r = run("compile", EXAMPLES / "llama.py", "-o", tmp_path / "out", *args)

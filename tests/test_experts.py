@@ -1,20 +1,18 @@
 """moec::experts: every backend against the reference loop, gradients, empty
 experts and inputs, recompute, the backend rule, errors, capture."""
-import os
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; a GPU run sets it to 0 for the GPU-only test
+import moec
+from moec.runtime.ops.experts import choose_backend, experts
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-import moec  # noqa: E402
-from moec.runtime.ops.experts import choose_backend, experts  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels are compiled (tests/conftest.py)
 
 PARAMS = ("w1", "b1", "w3", "b3", "w2", "b2")
 
 
-def _case(counts, tail, D, F, gated, bias, seed, dtype=torch.float32, device="cpu"):
+def _case(counts, tail, D, F, gated, bias, seed, dtype=torch.float32, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     c = torch.tensor(counts, dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)]).to(torch.int32)

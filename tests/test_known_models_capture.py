@@ -8,14 +8,14 @@ from moec.driver.capture import build, capture, example_inputs, load_module
 from moec.cost_model import params
 from moec.cost_model.known_models import KNOWN_MODELS
 from moec.cost_model.shape import model_values
-from moec.passes.ffn_to_moe import MoeOptions
-from moec.driver.pipeline import build_pipeline, run_pipeline
+from moec.base.options import Options
+from moec.driver.pipeline import passes_for, run_pipeline
 from moec.driver.stats import summary
 
 LLAMA = Path(__file__).resolve().parent.parent / "examples" / "llama.py"
 CASES = {  # known model -> (dense base config in examples/llama.py, moec compile options)
-    "Mixtral-8x7B": ("mistral-7b", MoeOptions(experts=8, topk=2)),
-    "DeepSeekMoE-16B": ("deepseekmoe-16b-base", MoeOptions(experts=32, topk=3, granularity=2, shared_experts=2,
+    "Mixtral-8x7B": ("mistral-7b", Options(experts=8, topk=2)),
+    "DeepSeekMoE-16B": ("deepseekmoe-16b-base", Options(experts=32, topk=3, granularity=2, shared_experts=2,
                                                           first_dense=1)),
 }
 
@@ -26,7 +26,7 @@ def test_captured_moe_has_the_published_size(name):
     known = KNOWN_MODELS[name]
     mod = load_module(str(LLAMA))
     model = build(mod, "build_model", config, {}, "meta")
-    gm, _ = run_pipeline(capture(model, example_inputs(mod, model, 2, 16, "meta")), build_pipeline(options))
+    gm, _ = run_pipeline(capture(model, example_inputs(mod, model, 2, 16, "meta")), passes_for(options))
     counted = summary(gm)
     assert counted["params"] == pytest.approx(known.published_total, rel=0.02)
     assert counted["active_params"] == pytest.approx(known.published_active, rel=0.02)

@@ -88,11 +88,3 @@ def delete_unused_attrs(gm: torch.fx.GraphModule) -> None:
             parent = get_param(gm, ".".join(path)) if path else gm
             if type(mod) is torch.nn.Module:
                 delattr(parent, leaf)
-
-
-def count_params(gm: torch.nn.Module) -> int:
-    return sum(p.numel() for p in gm.parameters())
-
-
-def val(node: torch.fx.Node):
-    return node.meta.get("val")

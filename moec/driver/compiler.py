@@ -6,6 +6,7 @@ a 70B model compiles in seconds). When the MoE model's weights fit the
 the CPU (or loaded from --weights), captured and upcycled again. Everything is
 written to a temporary directory that replaces the build dir only at the end.
 """
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ import moec
 from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.codegen import source
-from moec.codegen.program import model_source, write_weights
+from moec.codegen.program import model_source, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
 from moec.driver.pipeline import passes_for, run_pipeline
@@ -82,10 +83,9 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> di
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
         log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
+    _emit(gm, model, o, mod, tmp)
     if o.verify and not o.dense:
-        report["verify_max_rel_error"] = _verify(o, mod, dense, gm if real else None, log)
-    (tmp / "model.py").write_text(model_source(gm, _title(model, o), _kernel_modules(gm, tmp),
-                                               _user_code(gm, mod, tmp)))
+        report["verify_max_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
     config = _write_config(tmp, model, o, report)
     write_train_program(tmp, config)
     return report
@@ -109,6 +109,22 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log):
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
+
+
+def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:
+    """model.py and what it loads (kernels/, source/) into directory."""
+    (directory / "model.py").write_text(model_source(gm, _title(model, o), _kernel_modules(gm, directory),
+                                                     _user_code(gm, mod, directory)))
+
+
+def _load_program(directory: Path, gm) -> torch.nn.Module:
+    """directory/model.py's Model holding gm's weights."""
+    spec = importlib.util.spec_from_file_location(f"moec_emitted_{id(gm)}", directory / "model.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    built = program.Model()
+    load_state(built, weights(gm))
+    return built
 
 
 def _user_code(gm, mod, tmp: Path) -> tuple[str, str] | None:
@@ -142,10 +158,10 @@ def _write_config(tmp: Path, model: str, o: Options, report: dict) -> dict:
     return config
 
 
-def _verify(o: Options, mod, dense, upcycled, log) -> float | None:
-    """Max relative error between the dense model and its upcycled copy (no noise, no capacity). upcycled:
-    the build's graph when it holds real weights made that way, else None (a copy is made for the check,
-    on a shrunk config when the weights were too large)."""
+def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> float | None:
+    """Max relative error between the dense model and the emitted model.py holding upcycled weights (no
+    noise, no capacity). upcycled: the build's graph when it holds real weights made that way, else None
+    (a copy is made for the check, on a shrunk config when the weights were too large, and emitted beside)."""
     shrunk = dense is None
     if shrunk:
         shrink = getattr(mod, "VERIFY_OVERRIDES", None)
@@ -158,15 +174,17 @@ def _verify(o: Options, mod, dense, upcycled, log) -> float | None:
     exact = replace(o, upcycle_noise=0.0, capacity_factor=0.0, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
                     pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
     dense.eval()  # dropout off: compare the deterministic function
-    with torch.no_grad():
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="verify.", dir=tmp) as scratch:
         ref = logits_of(dense(*inputs))
         if upcycled is None or exact != replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1):
             upcycled, _ = run_pipeline(capture(dense, inputs), passes_for(exact))
-        upcycled.eval()
-        got = upcycled(*inputs)["logits"]
-        upcycled.train()
+            _emit(upcycled, model, exact, mod, Path(scratch))
+            program = _load_program(Path(scratch), upcycled)
+        else:
+            program = _load_program(tmp, upcycled)
+        got = program.eval()(*inputs)["logits"]
     err = ((got - ref).abs().max() / ref.abs().max()).item()
-    log(f"verify: upcycled vs dense logits, max relative error {err:.2e}{' (on a shrunk config)' if shrunk else ''}")
+    log(f"verify: model.py vs the dense model, logits max relative error {err:.2e}{' (on a shrunk config)' if shrunk else ''}")
     if not err <= VERIFY_TOLERANCE:
         raise MoecError(f"verify: the upcycled model differs from the dense one by {err:.2e} (relative), over "
                         f"{VERIFY_TOLERANCE:.0e}; rerun with --debug and report it, or pass --no-verify")

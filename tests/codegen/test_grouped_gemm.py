@@ -1,14 +1,12 @@
 """The portable grouped GEMM: kernels against a float64 per-expert loop under
 the Triton interpreter (cross-compiling is in test_grouped_gemm_compile.py)."""
-import os
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+from moec.runtime.kernels import grouped_gemm as gg, launch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from moec.runtime.kernels import grouped_gemm as gg, launch  # noqa: E402
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels are compiled (tests/conftest.py)
 
 BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 
@@ -41,9 +39,9 @@ def test_mm_matches_loop(counts, tail, kd, no, nk, seed):
     a = torch.randn(N, kd, generator=g)
     w = torch.randn(E, no, kd, generator=g) if nk else torch.randn(E, kd, no, generator=g)
     b = w.transpose(1, 2) if nk else w  # [E, KD, NO] either way
-    c = torch.full((N, no), float("nan"))  # poison: every row must be written
-    gg.grouped_mm(gg.MM, a, b, offsets, c, blocks=BLOCKS)
-    torch.testing.assert_close(c.double(), _loop_mm(a, b, offsets, N), rtol=1e-4, atol=1e-4)
+    c = torch.full((N, no), float("nan"), device=DEVICE)  # poison: every row must be written
+    gg.grouped_mm(gg.MM, a.to(DEVICE), b.to(DEVICE), offsets.to(DEVICE), c, blocks=BLOCKS)
+    torch.testing.assert_close(c.cpu().double(), _loop_mm(a, b, offsets, N), rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=10, deadline=None)
@@ -54,7 +52,8 @@ def test_wgrad_matches_loop(counts, m1, m2, seed):
     a, b = torch.randn(N, m1, generator=g), torch.randn(N, m2, generator=g)
     o = offsets.tolist()
     ref = torch.stack([a[o[e]:o[e + 1]].double().t() @ b[o[e]:o[e + 1]].double() for e in range(len(counts))])
-    torch.testing.assert_close(gg.grouped_wgrad(a, b, offsets, BLOCKS).double(), ref, rtol=1e-4, atol=1e-4)
+    got = gg.grouped_wgrad(a.to(DEVICE), b.to(DEVICE), offsets.to(DEVICE), BLOCKS)
+    torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -74,16 +73,17 @@ def test_fused_epilogues_forward_and_backward(gated, activation):
     ref = experts_reference(x, offsets, w1, b1, w3, b3, w2, b2, activation)
     gy = mk(N, D)
     ref_grads = torch.autograd.grad(ref, leaves, gy)
-    f = lambda t: None if t is None else t.detach().float()
+    f = lambda t: None if t is None else t.detach().float().to(DEVICE)
     args = [f(t) for t in (x, offsets, w1, b1, w3, b3, w2, b2)]
-    args[1] = offsets
+    args[1] = offsets.to(DEVICE)
     out, h1, h3 = gg.experts_forward(*args, activation, True, BLOCKS)
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu().double(), ref.detach(), rtol=1e-4, atol=1e-4)
     for saved in (True, False):
         pre = (h1, h3) if saved else (None, None)
-        grads = [t for t in gg.experts_backward(gy.float(), *args, activation, *pre, blocks=BLOCKS) if t is not None]
+        grads = [t for t in gg.experts_backward(f(gy), *args, activation, *pre, blocks=BLOCKS) if t is not None]
+        assert len(grads) == len(ref_grads)
         for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -92,12 +92,14 @@ def test_split_backward_and_glu_kernel(monkeypatch, split):
     g = torch.Generator().manual_seed(3)
     offsets, N = _offsets([9, 0, 14], 6)
     E, D, F = 3, 16, 40
-    mk = lambda *s: torch.randn(*s, generator=g) / 3
+    mk = lambda *s: (torch.randn(*s, generator=g) / 3).to(DEVICE)
     x, w1, w3, w2, gy = mk(N, D), mk(E, F, D), mk(E, F, D), mk(E, D, F), mk(N, D)
+    offsets = offsets.to(DEVICE)
     from moec.runtime.ops.experts import reference_backward
 
-    monkeypatch.setitem(launch.LAUNCH["grouped_mm_glu"], "sm90", dict(launch.LAUNCH["grouped_mm_glu"]["sm90"],
-                                                                    split_bwd=split))
+    arch = launch.tensor_arch(x)
+    monkeypatch.setitem(launch.LAUNCH["grouped_mm_glu"], arch, dict(launch.launch("grouped_mm_glu", arch),
+                                                                  split_bwd=split))
     assert gg.split_bwd(x.device) == split
     got = gg.experts_backward(gy, x, offsets, w1, None, w3, None, w2, None, "gelu", blocks=BLOCKS)
     want = reference_backward(gy, x, offsets, w1, None, w3, None, w2, None, "gelu")
@@ -111,8 +113,8 @@ def test_glu_forward_kernel_zeroes_the_tail():
 
     g = torch.Generator().manual_seed(4)
     offsets, N = _offsets([5, 3], 7)
-    h1, h3 = torch.randn(N, 300, generator=g), torch.randn(N, 300, generator=g)
-    h = glu_forward(h1, h3, offsets, "silu")
+    h1, h3 = (torch.randn(N, 300, generator=g).to(DEVICE) for _ in range(2))
+    h = glu_forward(h1, h3, offsets.to(DEVICE), "silu")
     used = int(offsets[-1])
     torch.testing.assert_close(h[:used], torch.nn.functional.silu(h1[:used]) * h3[:used])
     assert h[used:].abs().sum() == 0

@@ -1,18 +1,12 @@
 """Generated routing-metadata, permute and unpermute kernels against moec::route /
 permute / unpermute and their backward, on random shapes and routings.
 With no GPU the Triton kernels run under the interpreter on CPU tensors."""
-import os
-
+import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when a generated module's kernels are decorated
-
-import pytest  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-import moec  # noqa: E402
-from moec.codegen import permute, routing  # noqa: E402
+import moec
+from moec.codegen import permute, routing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -7,7 +7,8 @@ from moec.cost_model.cli import known_or_json_shape, plan, plan_command
 from moec.driver.calibrate import calibrate
 from moec.cost_model.hardware import load_hardware
 from moec.cost_model.planner import best_plan
-from moec.cost_model.shape import ModelShape, MoeOptions
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape
 
 TINY = ModelShape(layers=4, hidden=256, ffn=1024, vocab=1000, heads=4, kv_heads=4, gated=False,
                   tied_embeddings=True, seq_len=128, name="tiny")
@@ -53,7 +54,7 @@ def test_calibrate_writes_a_profile_the_planner_takes(tmp_path):
     measured = hw.raw["measured"]
     assert measured["processes"] == 2 and set(measured["all_to_all"]["seconds_by_bytes"]) == {"4096", "65536"}
     assert hw.peak_flops > 0 and hw.gpus_per_node == 2 and hw.latency_intra >= 0
-    p = best_plan(TINY, MoeOptions(experts=8, topk=2), 2, str(out), global_batch=8)
+    p = best_plan(TINY, Options(experts=8, topk=2), 2, str(out), global_batch=8)
     assert p.hardware == hw.name and p.step_time_s > 0
 
 

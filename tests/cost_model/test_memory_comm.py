@@ -3,11 +3,12 @@ import pytest
 
 from moec.cost_model import comm, memory, time_model
 from moec.cost_model import symbols as s
-from moec.cost_model.shape import ModelShape, MoeOptions, model_values
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape, model_values
 
 SHAPE = ModelShape(layers=8, hidden=1024, ffn=4096, vocab=32000, heads=16, kv_heads=16, gated=False,
                    tied_embeddings=True, seq_len=1024)
-MOE = MoeOptions(experts=16, topk=2)
+MOE = Options(experts=16, topk=2)
 
 
 def evaluate(expr, ep=1, dp=1, tp=1, pp=1, zero=0, recompute=0, m=4, extra=None):

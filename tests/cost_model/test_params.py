@@ -8,7 +8,8 @@ import torch
 
 from moec.cost_model import params
 from moec.cost_model.known_models import KNOWN_MODELS
-from moec.cost_model.shape import ModelShape, MoeOptions, model_values
+from moec.base.options import Options
+from moec.cost_model.shape import ModelShape, model_values
 from moec.cost_model.symbols import D, E, F, F_e, G, H, H_kv, L, N_s, f, n_W
 
 # GPT-3 family (Brown et al. 2020, Table 2.1): the dense bases of the
@@ -34,7 +35,7 @@ def test_design_space_matches_closed_form(base, experts, every):
     4 L D^2 (3 + 2 f E - 2 f), i.e. (1 + 2 f (E - 1) / 3) times the dense blocks,
     which is the (1 + 2 f E / 3) M rule for large E."""
     layers, hidden = GPT_BASES[base]
-    v = model_values(gpt(layers, hidden), MoeOptions(experts=experts, topk=1, moe_every=every))
+    v = model_values(gpt(layers, hidden), Options(experts=experts, topk=1, moe_every=every))
     blocks = float((params.total - params.embeddings).xreplace(v))
     closed = 4 * layers * hidden**2 * (3 + 2 * (1 / every) * experts - 2 * (1 / every))
     assert blocks == pytest.approx(closed, rel=0.02)
@@ -44,7 +45,7 @@ def test_design_space_matches_closed_form(base, experts, every):
 def test_deepspeed_moe_published_sizes(base, experts, published):
     """DeepSpeed-MoE (Rajbhandari et al. 2022): 350M+MoE-128 is 13B and
     1.3B+MoE-128 is 52B, with MoE on every other layer."""
-    v = model_values(gpt(*GPT_BASES[base]), MoeOptions(experts=experts, topk=1, moe_every=2))
+    v = model_values(gpt(*GPT_BASES[base]), Options(experts=experts, topk=1, moe_every=2))
     assert float(params.total.xreplace(v)) == pytest.approx(published, rel=0.02)
 
 
@@ -58,8 +59,8 @@ def test_known_models_total_and_active(name):
 
 def test_granularity_keeps_parameters_and_flops():
     shape = gpt(24, 2048)
-    coarse = model_values(shape, MoeOptions(experts=8, topk=2))
-    fine = model_values(shape, MoeOptions(experts=8, topk=2, granularity=4))
+    coarse = model_values(shape, Options(experts=8, topk=2))
+    fine = model_values(shape, Options(experts=8, topk=2, granularity=4))
     expert_part = params.total - f * L * params.router  # the router grows with E*G
     assert expert_part.subs(coarse) == expert_part.subs(fine)
     assert (params.flops_forward - 2 * f * L * params.router).subs(coarse) == \

@@ -63,7 +63,7 @@ def test_every_rank_issues_the_same_collectives(runs, nproc, build):
 
 
 def test_checkpointed_experts_do_not_repeat_the_all_to_all(runs, builds):
-    assert "'silu', True)" in (Path(builds["ep2_ckpt"]) / "model.py").read_text()  # recompute=True
+    assert "activation='silu', recompute=True)" in (Path(builds["ep2_ckpt"]) / "model.py").read_text()  # recompute=True
     assert runs[2]["ep2_ckpt:collectives"] == runs[2]["ep2:collectives"]
 
 

@@ -21,6 +21,7 @@ def test_ep_build_on_gpu_matches_cpu_reference(tmp_path):
     runs = [{"build": builds[b], "steps": 10, "name": b} for b in variants]
     got = torchrun(1, {"runs": runs, "device": "cuda"}, tmp_path)
     for b in variants:
+        assert len(got[b]) == len(reference) == 10, (b, len(got[b]), len(reference))
         print(b, "max relative loss difference", max(abs(a - w) / abs(w) for a, w in zip(got[b], reference)))
         for step, (a, want) in enumerate(zip(got[b], reference)):
             assert abs(a - want) <= BF16_REL * abs(want), f"{b} step {step}: {a} vs {want}"

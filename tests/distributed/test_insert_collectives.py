@@ -4,9 +4,8 @@ import torch
 
 from moec.base.errors import MoecError
 from moec.driver.capture import build, capture, example_inputs, load_module
-from moec.passes.ffn_to_moe import MoeOptions
-from moec.passes.insert_collectives import EPOptions, InsertCollectives
-from moec.driver.pipeline import build_pipeline, readable, run_pipeline
+from moec.base.options import Options
+from moec.driver.pipeline import passes_for, readable, run_pipeline
 from tests.distributed.builds import ROOT, TINY
 
 ops = torch.ops.moec
@@ -20,13 +19,14 @@ def tiny():
     return model, example_inputs(mod, model, 2, 8)
 
 
-def _compile(tiny, ep: EPOptions, experts=8):
+def _compile(tiny, experts=8, **parallel):
     model, inputs = tiny
-    return run_pipeline(capture(model, inputs), build_pipeline(MoeOptions(experts=experts, topk=2), ep=ep))[0]
+    options = Options(experts=experts, topk=2, **parallel).validate()
+    return run_pipeline(capture(model, inputs), passes_for(options))[0]
 
 
 def test_dispatch_before_and_combine_after_every_experts_node(tiny):
-    gm = _compile(tiny, EPOptions(ep=4))
+    gm = _compile(tiny, ep=4)
     gm.graph.lint()
     experts = [n for n in gm.graph.nodes if n.target is ops.experts.default]
     assert len(experts) == TINY["n_layers"]
@@ -40,7 +40,7 @@ def test_dispatch_before_and_combine_after_every_experts_node(tiny):
 
 
 def test_ir_shows_group_and_bytes(tiny):
-    gm = _compile(tiny, EPOptions(ep=4))
+    gm = _compile(tiny, ep=4)
     d = next(n for n in gm.graph.nodes if n.target is ops.dispatch.default)
     rows, D = d.args[0].meta["val"].shape  # rows: the symbolic token count times k
     volume = rows * D * 4 * 3 // 4  # fp32 rows, 3 of 4 ranks remote
@@ -53,16 +53,18 @@ def test_ir_shows_group_and_bytes(tiny):
 
 def test_one_process_computes_what_the_model_without_ep_computes(tiny):
     model, inputs = tiny
-    want = _compile(tiny, None)(*inputs)
-    got = _compile(tiny, EPOptions(ep=2))(*inputs)
+    want = _compile(tiny)(*inputs)
+    got = _compile(tiny, ep=2)(*inputs)
     for k in ("logits", "aux_loss", "z_loss"):
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
 def test_errors(tiny):
     with pytest.raises(MoecError, match="not divisible by EP=3"):
-        _compile(tiny, EPOptions(ep=3))
+        _compile(tiny, ep=3)
     with pytest.raises(MoecError, match="needs --node-size"):
-        InsertCollectives(EPOptions(ep=4, variant="hierarchical"))
+        Options(ep=4, ep_variant="hierarchical").validate()
     with pytest.raises(MoecError, match="--ep-variant"):
-        InsertCollectives(EPOptions(ep=4, variant="ring"))
+        Options(ep=4, ep_variant="ring").validate()
+    with pytest.raises(MoecError, match="--ep-variant, --node-size mean something only with expert parallelism"):
+        Options(ep_variant="rbd", node_size=2).validate()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moec.runtime.distributed as md
+from moec.base.options import Options
 from moec.runtime.distributed import checkpoint, groups
 from moec.runtime.distributed.zero import make_optimizer
 from moec.runtime import load_weights
@@ -31,7 +32,7 @@ def load_build(build: str):
     spec.loader.exec_module(mod)
     model = mod.Model()
     load_weights(model, Path(build) / "model.safetensors")
-    return model, json.loads((Path(build) / "config.json").read_text())
+    return model, Options.from_json(json.loads((Path(build) / "config.json").read_text())["options"])
 
 
 def batch(step: int, vocab: int, rank: int, world: int):
@@ -45,8 +46,8 @@ def train(build: str, steps: int, start: int = 0, save: str | None = None, resum
           device: str = "cpu", zero: bool = False) -> list[float]:
     """Per-step loss of the global batch (mean over ranks of each rank's loss) for steps start..steps-1;
     resume: a DCP checkpoint to start from; save: where to write one after the last step."""
-    model, config = load_build(build)
-    model, mesh, grad_sync = md.setup(model.to(device), config)
+    model, options = load_build(build)
+    model, mesh, grad_sync = md.setup(model.to(device), options)
     opt = (make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.01) if zero
            else torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01))
     if resume:

@@ -5,9 +5,10 @@ import torch
 
 from moec.base.errors import MoecError
 from moec.runtime.ops.moe import moe_layer
-from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
+from moec.base.options import Options
+from moec.passes.ffn_to_moe import FFNToMoE
 from moec.passes.find_ffn import FindFFN
-from tests.models import captured
+from tests.models import captured, run
 
 # (experts, topk, router, shared, granularity, moe_every, first_dense, pyramid)
 COMBOS = [
@@ -24,9 +25,9 @@ COMBOS = [
 def test_upcycled_model_computes_the_dense_model(kind, combo):
     E, K, router, S, M, every, first, pyramid = combo
     model, x, gm = captured(kind)
-    FindFFN()(gm)
-    FFNToMoE(MoeOptions(experts=E, topk=K, router=router, shared_experts=S, granularity=M, moe_every=every,
-                        first_dense=first, pyramid=pyramid))(gm)
+    run(gm, FindFFN())
+    run(gm, FFNToMoE(Options(experts=E, topk=K, router=router, shared_experts=S, granularity=M, moe_every=every,
+                        first_dense=first, pyramid=pyramid)))
     gm.graph.lint()
     out = gm(x)
     ref = model(x)
@@ -40,8 +41,8 @@ def test_upcycled_model_computes_the_dense_model(kind, combo):
 
 def test_new_parameters_replace_the_dense_ones():
     _, _, gm = captured("swiglu")
-    FindFFN()(gm)
-    FFNToMoE(MoeOptions(experts=4, topk=2, granularity=2, shared_experts=1))(gm)
+    run(gm, FindFFN())
+    run(gm, FFNToMoE(Options(experts=4, topk=2, granularity=2, shared_experts=1)))
     names = {n for n, _ in gm.named_parameters()}
     assert not any(".gate." in n or ".up." in n or ".down." in n for n in names)
     assert tuple(gm.get_parameter("blocks.0.moe.experts.w1").shape) == (8, 16, 16)
@@ -52,8 +53,8 @@ def test_new_parameters_replace_the_dense_ones():
 
 def test_aux_and_z_losses_match_their_definitions():
     model, x, gm = captured("sequential_gelu")
-    FindFFN()(gm)
-    FFNToMoE(MoeOptions(experts=4, topk=2, aux_loss=0.5, z_loss=0.25))(gm)
+    run(gm, FindFFN())
+    run(gm, FFNToMoE(Options(experts=4, topk=2, aux_loss=0.5, z_loss=0.25)))
     out = gm(x)
     expected_aux, expected_z = 0.0, 0.0
     h = x
@@ -71,8 +72,8 @@ def test_aux_and_z_losses_match_their_definitions():
 
 def test_noise_makes_experts_differ_and_capacity_drops_tokens():
     model, x, gm = captured("swiglu")
-    FindFFN()(gm)
-    FFNToMoE(MoeOptions(experts=4, topk=2, upcycle_noise=0.1, capacity_factor=0.5))(gm)
+    run(gm, FindFFN())
+    run(gm, FFNToMoE(Options(experts=4, topk=2, upcycle_noise=0.1, capacity_factor=0.5)))
     w1 = gm.get_parameter("blocks.0.moe.experts.w1")
     assert not torch.equal(w1[0], w1[1])
     out = gm(x)
@@ -81,11 +82,20 @@ def test_noise_makes_experts_differ_and_capacity_drops_tokens():
 
 @pytest.mark.parametrize("opts,message", [
     (dict(topk=5, experts=4), "more than the 4 experts"), (dict(topk=0), "at least 1"),
-    (dict(granularity=5), "does not divide"), (dict(shared_experts=8, experts=8), "must be less than"),
-    (dict(first_dense=2), "leaves no FFN"), (dict(topk=4, experts=8, pyramid=(3, 1)), "more than the 3 experts"),
+    (dict(shared_experts=8, experts=8), "less than the 8 routed experts"),
+    (dict(topk=4, experts=8, pyramid=(3, 1)), "more than the 3 experts"),
 ])
 def test_bad_options_are_clear_errors(opts, message):
-    _, _, gm = captured("swiglu")
-    FindFFN()(gm)
     with pytest.raises(MoecError, match=message):
-        FFNToMoE(MoeOptions(**opts))(gm)
+        Options(**opts).validate()
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(granularity=5), "does not divide the FFN width"), (dict(first_dense=2), "leaves no FFN"),
+])
+def test_options_the_model_rules_out_are_clear_errors_from_the_pass(opts, message):
+    _, _, gm = captured("swiglu")
+    run(gm, FindFFN())
+    options = Options(**opts).validate()
+    with pytest.raises(MoecError, match=message):
+        run(gm, FFNToMoE(options))

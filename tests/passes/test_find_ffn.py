@@ -5,13 +5,13 @@ import torch.nn as nn
 from moec.base.errors import MoecError
 from moec.driver.capture import capture
 from moec.passes.find_ffn import FindFFN
-from tests.models import EXPECTED, captured
+from tests.models import EXPECTED, captured, run
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
 def test_finds_every_ffn_whatever_its_names(kind):
     _, _, gm = captured(kind)
-    result = FindFFN()(gm)
+    result = run(gm, FindFFN())
     ffns = gm.meta["ffns"]
     act, gated = EXPECTED[kind]
     assert [f.module for f in ffns] == ["blocks.0", "blocks.1"]
@@ -22,7 +22,7 @@ def test_finds_every_ffn_whatever_its_names(kind):
 
 def test_fused_gate_up_halves_map_to_w1_and_w3():
     model, _, gm = captured("fused_swiglu")
-    FindFFN()(gm)
+    run(gm, FindFFN())
     f = gm.meta["ffns"][0]
     full = model.blocks[0].gate_up.weight
     assert torch.equal(f.w1.fetch(gm), full[:32]) and torch.equal(f.w3.fetch(gm), full[32:])
@@ -39,7 +39,7 @@ def test_no_ffn_is_an_error():
 
     gm = capture(Attention(), (torch.randn(2, 5, 16),))
     with pytest.raises(MoecError, match="no feed-forward block"):
-        FindFFN()(gm)
+        run(gm, FindFFN())
 
 
 def test_ffn_whose_hidden_state_escapes_is_not_matched():
@@ -54,4 +54,4 @@ def test_ffn_whose_hidden_state_escapes_is_not_matched():
 
     gm = capture(Leaky(), (torch.randn(2, 5, 16),))
     with pytest.raises(MoecError):
-        FindFFN()(gm)
+        run(gm, FindFFN())

@@ -1,10 +1,11 @@
 import torch
 
 from moec.runtime.ops.moe import moe_layer
-from moec.passes.ffn_to_moe import FFNToMoE, MoeOptions
+from moec.base.options import Options
+from moec.passes.ffn_to_moe import FFNToMoE
 from moec.passes.find_ffn import FindFFN
 from moec.passes.lower_moe import LowerMoE
-from tests.models import captured
+from tests.models import captured, run
 
 
 def _grads(gm, x):
@@ -17,10 +18,10 @@ def _grads(gm, x):
 def test_lowering_keeps_outputs_and_gradients_exactly():
     for cf in (0.0, 0.75):
         _, x, gm = captured("swiglu", seed=3)
-        FindFFN()(gm)
-        FFNToMoE(MoeOptions(experts=4, topk=2, capacity_factor=cf, upcycle_noise=0.05))(gm)
+        run(gm, FindFFN())
+        run(gm, FFNToMoE(Options(experts=4, topk=2, capacity_factor=cf, upcycle_noise=0.05)))
         before, g_before = _grads(gm, x)
-        result = LowerMoE()(gm)
+        result = run(gm, LowerMoE())
         gm.graph.lint()
         assert result.modified
         assert not any(n.target is moe_layer for n in gm.graph.nodes)
@@ -36,9 +37,9 @@ def test_lowering_keeps_outputs_and_gradients_exactly():
 
 def test_lowered_graph_runs_at_other_sizes():
     _, _, gm = captured("sequential_gelu")
-    FindFFN()(gm)
-    FFNToMoE(MoeOptions(experts=4, topk=2, capacity_factor=1.0))(gm)
-    LowerMoE()(gm)
+    run(gm, FindFFN())
+    run(gm, FFNToMoE(Options(experts=4, topk=2, capacity_factor=1.0)))
+    run(gm, LowerMoE())
     out = gm(torch.randn(3, 11, 16))
     assert out["logits"].shape == (3, 11, 16)
     assert out["expert_counts"][0].sum().item() == 3 * 11 * 2
@@ -48,9 +49,9 @@ def test_recompute_experts_reaches_the_op_and_keeps_gradients():
     grads = {}
     for recompute in (False, True):
         _, x, gm = captured("swiglu", seed=5)
-        FindFFN()(gm)
-        FFNToMoE(MoeOptions(experts=4, topk=2, recompute_experts=recompute))(gm)
-        LowerMoE()(gm)
+        run(gm, FindFFN())
+        run(gm, FFNToMoE(Options(experts=4, topk=2, recompute_experts=recompute)))
+        run(gm, LowerMoE())
         node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.experts.default)
         assert node.args[9] is recompute
         grads[recompute] = _grads(gm, x)[1]

@@ -9,6 +9,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 import moec
 from moec.codegen import source
 from moec.passes.lower_to_triton import LowerToTriton
+from tests.models import run
 
 ops = torch.ops.moec
 
@@ -37,7 +38,7 @@ def test_lowering_swaps_ops_keeps_outputs_and_records_importable_sources(tmp_pat
         FakeTensorProp(gm).propagate(*inputs)
         before = gm(*inputs)
         vals = {n.name: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
-        result = LowerToTriton()(gm)
+        result = run(gm, LowerToTriton())
         gm.graph.lint()
         assert result.modified
         targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
@@ -50,8 +51,8 @@ def test_lowering_swaps_ops_keeps_outputs_and_records_importable_sources(tmp_pat
         names = sorted(gm.meta["kernels"])
         assert any(n.startswith("permute_") and n.endswith("_drop") for n in names) == (capacity > 0)
         source.write(tmp_path / f"build{k}", gm.meta["kernels"])
-        # the emitted program imports kernels.<name> with only torch, triton and moec
-        code = "; ".join(["import sys", "sys.path.insert(0, '.')"] + [f"import kernels.{n}" for n in names] +
+        # the emitted program loads them through the runtime alone
+        code = "; ".join(["from moec.runtime import load_kernels", f"load_kernels('.', {names!r})"] +
                          [f"assert hasattr(torch.ops.moec_kernels, {n!r})" for n in names])
         subprocess.run([sys.executable, "-c", f"import torch; {code}"], cwd=tmp_path / f"build{k}", check=True)
 
@@ -66,7 +67,7 @@ def test_runtime_capacity_keeps_the_reference_route():
     inputs = [torch.randn(9, 8), torch.randn(9, 6)]  # 18 slots over 6 experts: some overflow 3
     FakeTensorProp(gm).propagate(*inputs)
     before = gm(*inputs)
-    LowerToTriton()(gm)
+    run(gm, LowerToTriton())
     assert route.target is ops.route.default
     assert any(n.endswith("_drop") for n in gm.meta["kernels"])
     assert all(torch.equal(a, b) for a, b in zip(before, gm(*inputs)))
@@ -75,7 +76,7 @@ def test_runtime_capacity_keeps_the_reference_route():
 def test_options_choose_the_ops():
     gm = _routing_graph(2, 0, "softmax", False)
     FakeTensorProp(gm).propagate(torch.randn(4, 8), torch.randn(4, 6))
-    LowerToTriton(("permute",))(gm)
+    run(gm, LowerToTriton(("permute",)))
     assert [n.split("_")[0] for n in gm.meta["kernels"]] == ["permute"]
     try:
         LowerToTriton(("experts",))

@@ -6,6 +6,7 @@ import torch.fx
 from moec.base.errors import MoecError
 from moec.cost_model import Plan
 from moec.passes.plan_sharding import PlanSharding
+from tests.models import run
 
 E, F, D, N = 8, 16, 4, 12
 
@@ -29,14 +30,14 @@ def plan(ep: int) -> Plan:
                 hardware="dgx_h100", model="tiny")
 
 
-def test_tags_experts_nodes_and_records_plan():
+def test_tags_experts_nodes_and_reports_plan():
     gm = experts_graph()
     x, offsets = torch.randn(N, D), torch.tensor([0, 2, 2, 5, 6, 6, 9, 10, 12], dtype=torch.int32)
     before = gm(x, offsets)
-    result = PlanSharding(plan(4))(gm)
+    result = run(gm, PlanSharding(plan(4)))
     gm = result.graph_module
     gm.graph.lint()
-    assert result.modified and gm.meta["plan"].ep == 4
+    assert not result.modified and "EP4 DP2" in "\n".join(PlanSharding(plan(4)).report(gm))
     node = next(n for n in gm.graph.nodes if n.target is torch.ops.moec.experts.default)
     assert (node.meta["ep_size"], node.meta["local_experts"]) == (4, 2)
     other = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
@@ -46,4 +47,4 @@ def test_tags_experts_nodes_and_records_plan():
 
 def test_ep_must_divide_experts():
     with pytest.raises(MoecError, match="not divisible by the plan's EP=3"):
-        PlanSharding(plan(3))(experts_graph())
+        run(experts_graph(), PlanSharding(plan(3)))

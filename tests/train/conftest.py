@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moec.driver.compiler import CompileRequest, compile_model
-from moec.passes.ffn_to_moe import MoeOptions
-from moec.passes.insert_collectives import EPOptions
+from moec.driver.compiler import compile_model
+from moec.base.options import Options
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -21,18 +20,16 @@ FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--eval-batches
 @pytest.fixture(scope="session")
 def moe_build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("builds") / "gpt-moe"
-    options = MoeOptions(experts=4, topk=2, capacity_factor=1.25)
-    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(out), options=options,
-                                 overrides=TINY, verify=False), log=lambda *a: None)
+    options = Options(experts=4, topk=2, capacity_factor=1.25, overrides=TINY, verify=False)
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(out), options, log=lambda *a: None)
     return out
 
 
 @pytest.fixture(scope="session")
 def ep2_build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("builds") / "gpt-moe-ep2"
-    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(out),
-                                 options=MoeOptions(experts=4, topk=2), overrides=TINY, verify=False,
-                                 ep=EPOptions(ep=2)), log=lambda *a: None)
+    options = Options(experts=4, topk=2, overrides=TINY, verify=False, ep=2)
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(out), options, log=lambda *a: None)
     return out
 
 

@@ -4,7 +4,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from moec.driver.compiler import CompileRequest, compile_model
+from moec.base.options import Options
+from moec.driver.compiler import compile_model
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, run_train
 
@@ -77,8 +78,8 @@ def test_grad_accum_splits_the_step_batch(tmp_path):
     """--grad-accum 2 --batch-size 2 sees the same 4 sequences per step as --batch-size 4 and, on a dense
     model (no per-micro-batch aux loss), takes the same steps: equal losses up to summation order."""
     build = tmp_path / "dense"
-    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(build), overrides=TINY,
-                                 dense=True, verify=False), log=lambda *a: None)
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(build), Options(overrides=TINY, dense=True, verify=False),
+                  log=lambda *a: None)
     losses = {}
     for name, args in {"accum": ("--batch-size", 2, "--grad-accum", 2), "whole": ("--batch-size", 4)}.items():
         r = run_train(build, "--steps", 6, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--lr", 3e-3,
@@ -94,8 +95,8 @@ def test_grad_accum_splits_the_step_batch(tmp_path):
 
 def test_build_without_weights_is_one_line_exit_2(tmp_path):
     build = tmp_path / "no-weights"
-    compile_model(CompileRequest(model=str(ROOT / "examples" / "gpt.py"), out=str(build), overrides=TINY,
-                                 dense=True, verify=False, max_weights_gb=1e-6), log=lambda *a: None)
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(build),
+                  Options(overrides=TINY, dense=True, verify=False, max_weights_gb=1e-6), log=lambda *a: None)
     assert not (build / "model.safetensors").exists()
     r = run_train(build, "--steps", 2, run_dir=tmp_path / "run")
     assert r.returncode == 2

@@ -1,0 +1,97 @@
+"""The emitted model.py: a class per distinct block, a loop over the layers, as long at 80 layers as at 2,
+loading the same weights and computing what the dense model computes."""
+import ast
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moec.base.options import Options
+from moec.driver.compiler import compile_model
+from moec.runtime import load_weights
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(n_head=2, n_embd=32, vocab_size=64, block_size=32)
+
+
+def _build(tmp_path, name, example="gpt.py", **options) -> Path:
+    out = tmp_path / name
+    compile_model(str(ROOT / "examples" / example), str(out), Options(**options).validate(), log=lambda s: None)
+    return out
+
+
+def _load(build: Path) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location(f"program_{build.name}", build / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.Model()
+    load_weights(model, build / "model.safetensors")
+    return model
+
+
+@pytest.fixture(scope="module")
+def depths(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("depth")
+    return {n: _build(tmp, f"gpt{n}", experts=4, topk=2, overrides={**TINY, "n_layer": n}) for n in (2, 80)}
+
+
+def test_length_does_not_grow_with_depth_and_both_verify(depths):
+    lines = {n: len((b / "model.py").read_text().splitlines()) for n, b in depths.items()}
+    assert lines[80] <= 1.2 * lines[2], lines
+    for b in depths.values():
+        assert json.loads((b / "config.json").read_text())["result"]["verify_max_rel_error"] <= 1e-4
+
+
+def test_one_class_per_block_built_for_every_layer(depths):
+    src = (depths[80] / "model.py").read_text()
+    classes = re.findall(r"^class (\w+)\(", src, re.M)
+    assert classes == ["Block", "HStack", "Model"]
+    model = _load(depths[80])
+    assert len(model.h) == 80 and {type(layer).__name__ for layer in model.h} == {"Block"}
+    assert "getattr(self" not in src
+
+
+def test_loads_the_same_weights_under_the_users_names(depths):
+    model = _load(depths[2])
+    saved = load_file(str(depths[2] / "model.safetensors"))
+    assert set(model.state_dict()) == set(saved)
+    assert "h.1.attn.c_attn.weight" in saved and "h.1.mlp.moe.experts.w1" in saved
+
+
+def test_imports_are_used_literals_named_and_tensor_lines_shaped(depths):
+    src = (depths[2] / "model.py").read_text()
+    tree = ast.parse(src)
+    imported = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert imported <= used, imported - used
+    norms = [line for line in src.splitlines() if "aten.layer_norm" in line]
+    assert norms and all("eps=1e-05" in line for line in norms)
+    linears = [line for line in src.splitlines() if "= torch.ops.aten.linear" in line]
+    assert linears and all(re.search(r"  # \[[^\]]+\]$", line) for line in linears)
+    assert "[B, T, 32]" in src
+
+
+def test_mixed_layers_run_in_one_loop_and_verify(tmp_path):
+    build = _build(tmp_path, "mixed", experts=4, topk=2, first_dense=1, moe_every=2,
+                   overrides={**TINY, "n_layer": 6})
+    src = (build / "model.py").read_text()
+    assert re.findall(r"^class (\w+)\(", src, re.M) == ["Block", "Block2", "HStack", "Model"]
+    assert json.loads((build / "config.json").read_text())["result"]["verify_max_rel_error"] <= 1e-4
+    model = _load(build)
+    out = model(torch.randint(0, 64, (2, 8)))
+    assert len(out["expert_counts"]) == 3  # layers 1, 3, 5
+
+
+def test_dropout_follows_eval(tmp_path):
+    build = _build(tmp_path, "dropout", experts=4, topk=2, overrides={**TINY, "n_layer": 2, "dropout": 0.5})
+    model = _load(build)
+    x = torch.randint(0, 64, (2, 8))
+    model.eval()
+    assert torch.equal(model(x)["logits"], model(x)["logits"])
+    model.train()
+    assert not torch.equal(model(x)["logits"], model(x)["logits"])
