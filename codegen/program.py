@@ -223,7 +223,7 @@ def _top(gm, order, runs_named: dict, classes: dict, dims: dict):
             call = top.call_module(u.container, tuple(env[a] for a in u.blocks[0].inputs))
             slots = _run_returns(gm, u, classes)
             for i, (kind, k, name) in enumerate(slots):
-                node = getitem(call, i, name)
+                node = getitem(call, i, name) if len(slots) > 1 else call  # one slot: returned bare
                 if kind == "carry":
                     env[u.blocks[-1].outputs[k]] = node
                 elif kind == "sum":
@@ -342,6 +342,25 @@ def _block_class(e: Emitted) -> str:
     ])
 
 
+def _regions(gm, dims: dict) -> dict:
+    """{attribute: (class name, source)} for the graphs export keeps as modules: the bodies of
+    higher-order calls (a region under autocast(enabled=False) or no_grad), called with their context."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and isinstance(getattr(gm, node.target, None), torch.fx.GraphModule):
+            sub = getattr(gm, node.target)
+            name = f"{_camel(node.target)}Region"
+            src, used = forward_source(sub.graph, dims)
+            out[node.target] = (name, "\n".join([
+                f"class {name}(torch.nn.Module):",
+                '    """A region the model runs in its own autocast or grad mode; the call says which."""',
+                "",
+                "    " + src.replace("\n", "\n    "),
+                "",
+            ]), used)
+    return out
+
+
 def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[str, str] | None = None) -> str:
     """`user`: (module name, path in the build) of the model file, for graphs that call into it."""
     params, buffers, tied = _tables(gm)
@@ -355,7 +374,10 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     forward, used = _top(gm, order, runs, classes, dims)
     for e in set(classes.values()):
         used |= e.used
-    body = []
+    regions = _regions(gm, dims)
+    body = [src for _, src, _ in regions.values()]
+    for _, _, region_used in regions.values():
+        used |= region_used
     for e in sorted(set(classes.values()), key=lambda e: found.index(next(b for b in found if classes[b] is e))):
         body.append(_block_class(e))
     stacks = {}
@@ -369,6 +391,7 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     for b in sorted(found, key=lambda b: b.index):
         containers.setdefault(b.container, []).append(b.path)
     init = ["class Model(torch.nn.Module):", "    def __init__(self, device='cpu'):", "        super().__init__()"]
+    init += [f"        self.{attr} = {name}()" for attr, (name, _, _) in regions.items()]
     made = set()
     for container, paths in containers.items():
         parts = container.split(".")

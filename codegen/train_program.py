@@ -61,6 +61,8 @@ def parse_args():
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over the data-parallel ranks "
                    "(ZeRO-1) when distributed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where to train: a GPU when there is one (auto), or the one named")
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
     args = p.parse_args()
@@ -70,7 +72,7 @@ def parse_args():
 
 
 def main(args):
-    env = rt.setup_distributed(args.seed)
+    env = rt.setup_distributed(args.seed, args.device)
     run_dir = Path(args.run_dir)
     model = Model(device=env.device)
     rt.load_weights(model, HERE / "model.safetensors")

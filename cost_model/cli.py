@@ -1,7 +1,7 @@
 """The `moec plan` command.
 
 `plan_command(provider)` builds `moec plan` around a function that turns the
-MODEL argument (and --config, --seq-len) into a ModelShape; moec/cli.py passes
+MODEL argument (and --config, --seq-len) into a ModelShape; moec/driver/cli.py passes
 the one that captures model.py. `plan` below is the stand-alone version: it
 knows the models of known_models.py by name and reads ModelShape JSON files.
 """

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models import run
-
 from moec.driver.capture import build, capture, load_module
 from moec.passes.find_ffn import FindFFN
+from tests.models import run as run_pass
 from tests.test_cli import load_build, run
 
 MODEL = Path(__file__).resolve().parent / "fallback_model.py"
@@ -34,7 +33,7 @@ def test_export_rejects_the_model_and_symbolic_trace_captures_it(mod):
     assert all(isinstance(n.meta["val"], torch.Tensor) for n in tensors)
     ids = next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"]
     assert all(isinstance(s, torch.SymInt) for s in ids.shape)  # batch and sequence stay symbolic
-    ffns = run(gm, FindFFN()).graph_module.meta["ffns"]
+    ffns = run_pass(gm, FindFFN()).graph_module.meta["ffns"]
     assert [f.module for f in ffns] == ["blocks.0", "blocks.1"]
     assert [f.w1.name for f in ffns] == ["blocks.0.up.weight", "blocks.1.up.weight"]
     assert gm.get_parameter("head.weight") is gm.get_parameter("emb.weight")  # tied, as in the model

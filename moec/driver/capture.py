@@ -11,6 +11,7 @@ device arguments baked in at trace time follow the input's device instead.
 import dataclasses
 import importlib.util
 import inspect
+import operator
 import sys
 import traceback
 from pathlib import Path
@@ -169,17 +170,49 @@ def _capture_message(e: Exception) -> str:
     return f"{where}{type(e).__name__}: {first}"
 
 
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
 def _dropout_follows_mode(g: torch.fx.Graph) -> None:
-    """Tracing bakes the model's mode into dropout (train=True); read the module's `training` flag
-    instead, so model.eval() turns dropout off in the graph and in the emitted model."""
+    """Tracing bakes the model's mode into dropout (train=True, or attention's dropout_p where the model
+    chose it from self.training); read the module's `training` flag instead, so model.eval() turns
+    dropout off in the graph and in the emitted model."""
     dropouts = [n for n in g.nodes if n.op == "call_function" and n.target == torch.ops.aten.dropout.default]
-    if not dropouts:
+    attention = [n for n in g.nodes if n.op == "call_function" and n.target == SDPA and _sdpa_p(n)]
+    if not dropouts and not attention:
         return
-    with g.inserting_before(dropouts[0]):
+    with g.inserting_before(next(n for n in g.nodes if n in dropouts or n in attention)):
         training = g.create_node("get_attr", "training", name="training")
     training.meta.update(val=None, nn_module_stack={})
     for n in dropouts:
         n.args = (n.args[0], n.args[1], training)
+    for n in attention:
+        with g.inserting_before(n):
+            p = g.call_function(operator.mul, (training, _sdpa_p(n)))  # p in training, 0 in eval
+        p.meta.update({k: n.meta[k] for k in ("nn_module_stack", "stack_trace") if k in n.meta})
+        if len(n.args) > 4:
+            n.args = (*n.args[:4], p, *n.args[5:])
+        else:
+            n.kwargs = {**n.kwargs, "dropout_p": p}
+
+
+def _sdpa_p(n: torch.fx.Node) -> float:
+    p = n.args[4] if len(n.args) > 4 else n.kwargs.get("dropout_p", 0.0)
+    return p if isinstance(p, float) else 0.0
+
+
+def _device_from_input(g: torch.fx.Graph) -> None:
+    """A device the trace baked in becomes the device of the graph's first input: the program runs where
+    its inputs are."""
+    first = next((n for n in g.nodes if n.op == "placeholder"), None)
+    device = None
+    for n in list(g.nodes):
+        if first is not None and isinstance(n.kwargs.get("device"), torch.device):
+            if device is None:
+                with g.inserting_after(first):
+                    device = g.call_function(getattr, (first, "device"))
+                device.meta["nn_module_stack"] = {}
+            n.kwargs = {**n.kwargs, "device": device}
 
 
 def _normalise(gm: torch.fx.GraphModule) -> None:
@@ -193,14 +226,8 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
     gm._forward_pre_hooks.clear()  # export's input checks; the emitted program is shape-generic
     for name in ("train", "eval"):  # export forbids switching modes; dropout reads the mode (below)
         gm.__dict__.pop(name, None)
-    first = next(n for n in g.nodes if n.op == "placeholder")
-    device = None
-    for n in list(g.nodes):
-        if isinstance(n.kwargs.get("device"), torch.device):
-            if device is None:
-                with g.inserting_after(first):
-                    device = g.call_function(getattr, (first, "device"))
-            n.kwargs = {**n.kwargs, "device": device}
+    for graph in [g] + [m.graph for m in gm.children() if isinstance(m, torch.fx.GraphModule)]:
+        _device_from_input(graph)  # the regions of higher-order calls too (autocast, no_grad)
     _dropout_follows_mode(g)
     out = next(n for n in g.nodes if n.op == "output")
     flat = torch.utils._pytree.tree_leaves(out.args[0])

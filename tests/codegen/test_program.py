@@ -95,3 +95,37 @@ def test_dropout_follows_eval(tmp_path):
     assert torch.equal(model(x)["logits"], model(x)["logits"])
     model.train()
     assert not torch.equal(model(x)["logits"], model(x)["logits"])
+
+
+REGIONS = '''
+import torch
+
+
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.proj = torch.nn.Embedding(8, 8), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.emb(x)
+        with torch.autocast("cpu", enabled=False):  # export keeps these as modules called in their mode
+            y = h.float() @ h.float().transpose(-1, -2)
+        with torch.no_grad():
+            z = y * 2
+        h = h + z.sum(-1, keepdim=True)
+        return h + self.proj(torch.relu(self.fc(h)))
+
+
+def build_model(config=None):
+    return M()
+'''
+
+
+def test_autocast_and_no_grad_regions_are_emitted_and_verify(tmp_path):
+    (tmp_path / "regions.py").write_text(REGIONS)
+    out = tmp_path / "b"
+    compile_model(str(tmp_path / "regions.py"), str(out), Options(experts=4, topk=2).validate(), log=lambda s: None)
+    src = (out / "model.py").read_text()
+    assert "wrap_with_autocast" in src and "wrap_with_set_grad_enabled" in src
+    assert len(re.findall(r"^class \w+Region\(", src, re.M)) == 2 and "device(type=" not in src
+    assert json.loads((out / "config.json").read_text())["result"]["verify_max_rel_error"] <= 1e-4

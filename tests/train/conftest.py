@@ -14,7 +14,8 @@ from moec.base.options import Options
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
 # few steps, small batches, every kind of event early
-FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--eval-batches", "2"]
+FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--eval-batches", "2",
+        "--device", "cpu"]  # gloo on CPUs, also on a GPU machine: runs of 1 and N processes compare bitwise
 
 
 @pytest.fixture(scope="session")

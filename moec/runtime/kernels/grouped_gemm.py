@@ -244,10 +244,14 @@ def grouped_wgrad_kernel(a_ptr, b_ptr, offs_ptr, c_ptr, M1, M2, E, stride_an, st
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(m1 < M1)[:, None] & (m2 < M2)[None, :])
 
 
-def _config(kernel: str, device, blocks: dict | None) -> tuple[dict, dict]:
-    """(constexpr block sizes, compile options) of a kernel on the device's arch."""
-    row = launch.launch(kernel, launch.device_arch(device.index or 0) if device.type == "cuda" else "sm90")
+def _config(kernel: str, device, blocks: dict | None, elem_size: int, b_tiles: int = 1) -> tuple[dict, dict]:
+    """(constexpr block sizes, compile options) of a kernel on the device's arch, for inputs of elem_size
+    bytes (b_tiles: B tiles loaded per step, 2 for the GLU forward)."""
+    arch = launch.device_arch(device.index or 0) if device.type == "cuda" else "sm90"
+    row = launch.launch(kernel, arch)
     row.update(blocks or {})
+    if device.type == "cuda":
+        row = launch.fit_shared(row, arch, elem_size, b_tiles)
     consts = {k: v for k, v in row.items() if k.isupper()}
     opts = {k: v for k, v in row.items() if not k.isupper() and k != "split_bwd"} if device.type == "cuda" else {}
     return consts, opts
@@ -272,7 +276,7 @@ def grouped_mm(mode, a, b, offsets, c, *, a2=None, b2=None, bias=None, bias2=Non
         return
     b_nk = b.stride(1) == 1
     kernel = "grouped_mm_glu" if mode in (GLU, GLU_BWD) else "grouped_mm"
-    cfg, opts = _config(kernel, a.device, blocks)
+    cfg, opts = _config(kernel, a.device, blocks, a.element_size(), 2 if mode == GLU else 1)
     m_tiles = E + 2 + N // cfg["BLOCK_M"]
     grid = (m_tiles * triton.cdiv(NO, cfg["BLOCK_N"]),)
     dummy = c
@@ -295,7 +299,7 @@ def grouped_wgrad(a, b, offsets, blocks=None):
     c = a.new_empty(E, M1, M2)
     if E == 0:
         return c
-    cfg, opts = _config("grouped_wgrad", a.device, blocks)
+    cfg, opts = _config("grouped_wgrad", a.device, blocks, a.element_size())
     grid = (E * triton.cdiv(M1, cfg["BLOCK_M"]) * triton.cdiv(M2, cfg["BLOCK_N"]),)
     grouped_wgrad_kernel[grid](a, b, offsets, c, M1, M2, E, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
                                **cfg, **opts)

@@ -54,6 +54,18 @@ def launch(kernel: str, arch: str) -> dict:
     return dict(rows.get(arch, rows["sm90"]))
 
 
+def fit_shared(row: dict, arch: str, elem_size: int, b_tiles: int = 1) -> dict:
+    """The row with num_stages, then BLOCK_N, lowered until its pipelined A and B tiles fit the arch's
+    shared memory: the GEMM rows are tuned for 2-byte inputs, and 4-byte ones need half of it."""
+    row, limit = dict(row), LDS_LIMIT.get(arch, LDS_LIMIT["sm90"])
+    need = lambda: row.get("num_stages", 1) * elem_size * row["BLOCK_K"] * (row["BLOCK_M"] + b_tiles * row["BLOCK_N"])
+    while need() > limit and row.get("num_stages", 1) > 1:
+        row["num_stages"] -= 1
+    while need() > limit and row["BLOCK_N"] > 16:
+        row["BLOCK_N"] //= 2
+    return row
+
+
 def split(row: dict) -> tuple[dict, dict]:
     """A LAUNCH row -> (sizes: its UPPERCASE keys, Triton launch options: the others)."""
     return {k: v for k, v in row.items() if k.isupper()}, {k: v for k, v in row.items() if not k.isupper()}

@@ -21,12 +21,16 @@ class Env:
     device: torch.device
 
 
-def setup_distributed(seed: int) -> Env:
+def setup_distributed(seed: int, device: str = "auto") -> Env:
     """One process: CPU or the first GPU. Under torchrun (WORLD_SIZE > 1): a process group,
-    NCCL on GPUs (RCCL on ROCm builds answers to the same name), gloo on CPUs."""
+    NCCL on GPUs (RCCL on ROCm builds answers to the same name), gloo on CPUs. device: "auto" (a GPU
+    when there is one), "cuda" or "cpu"."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda and local >= torch.cuda.device_count():
+        raise MoecError(f"rank {rank} has local rank {local}, but this node has {torch.cuda.device_count()} "
+                        f"GPU(s): start at most that many processes per node, or pass --device cpu")
     if cuda:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
