@@ -125,6 +125,9 @@ def calibrate_profile(out, base=None, sizes=(4096, 65536), procs: int = 0, gemm_
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     procs = procs or (torch.cuda.device_count() if gpu else 2)
+    if gpu and procs > torch.cuda.device_count():
+        raise MoecError(f"--procs {procs} is more than the {torch.cuda.device_count()} GPU(s) here: the collectives "
+                        f"run one process per GPU")
     gemm = measure_gemm(device, gemm_dim or (4096 if gpu else 512))
     copy_bw = measure_copy_bandwidth(device)
     # one device has no collective to time: the base profile's (or a nominal) network stays

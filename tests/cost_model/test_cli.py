@@ -1,6 +1,7 @@
 """`moec plan` and `moec calibrate` as click commands."""
 import json
 
+import torch
 from click.testing import CliRunner
 
 from moec.cost_model.cli import known_or_json_shape, plan, plan_command
@@ -47,12 +48,13 @@ def test_plan_unknown_model_is_a_one_line_error():
 
 def test_calibrate_writes_a_profile_the_planner_takes(tmp_path):
     out = tmp_path / "here.json"
-    result = CliRunner().invoke(calibrate, ["-o", str(out), "--sizes", "4096,65536", "--procs", "2",
+    procs = torch.cuda.device_count() or 2  # one process per GPU; gloo on CPUs
+    result = CliRunner().invoke(calibrate, ["-o", str(out), "--sizes", "4096,65536", "--procs", str(procs),
                                             "--gemm-dim", "128"])
     assert result.exit_code == 0, result.output
     hw = load_hardware(str(out))
     measured = hw.raw["measured"]
-    assert measured["processes"] == 2 and set(measured["all_to_all"]["seconds_by_bytes"]) == {"4096", "65536"}
+    assert measured["processes"] == procs and set(measured["all_to_all"]["seconds_by_bytes"]) == {"4096", "65536"}
     assert hw.peak_flops > 0 and hw.gpus_per_node == 2 and hw.latency_intra >= 0
     p = best_plan(TINY, Options(experts=8, topk=2), 2, str(out), global_batch=8)
     assert p.hardware == hw.name and p.step_time_s > 0

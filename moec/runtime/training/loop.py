@@ -45,11 +45,11 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Modul
     if env.world == 1:
         return model
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        # One unit for the whole model: the emitted forward reads every parameter
-        # from the root module instead of calling submodules, so per-block units
-        # would never see a forward call to gather on.
-        return fully_shard(model)
+        # One unit for the whole model (units per layer, now that each layer is a module of
+        # model.py, are not made yet), on a mesh of the device this process trains on.
+        return fully_shard(model, mesh=init_device_mesh(env.device.type, (env.world,)))
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
