@@ -1,6 +1,6 @@
 """Expert GEMM benchmark: moec::experts' backends side by side in one run.
 
-    python bench/experts.py [--shapes mixtral,qwen3,deepseek] [--sweep]
+    python bench/experts.py [--shapes mixtral,qwen3,deepseek] [--dtype bf16|fp32] [--sweep]
 
 Per shape and routing (uniform, Zipf), forward and forward+backward of the
 gated SwiGLU experts over M = T*K routed rows, for the per-expert loop
@@ -9,6 +9,8 @@ gated SwiGLU experts over M = T*K routed rows, for the per-expert loop
 forward+backward 18*M*D*F. Before timing, each fast backend's output and
 gradients are checked against the loop (relative L2 error). --sweep also times
 candidate Triton tile configurations per kernel (for moec/runtime/kernels/launch.py's LAUNCH).
+--dtype fp32 times the loop and Triton only (torch._grouped_mm takes bf16 alone); Triton's
+float32 dot runs in TF32 there.
 """
 import argparse
 import sys
@@ -38,10 +40,10 @@ def route(T, E, K, routing, gen):
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
-def tensors(D, F, E, M, gen):
-    mk = lambda *s, scale: (torch.randn(*s, device="cuda", generator=gen) * scale).bfloat16().requires_grad_()
+def tensors(D, F, E, M, gen, dtype):
+    mk = lambda *s, scale: (torch.randn(*s, device="cuda", generator=gen) * scale).to(dtype).requires_grad_()
     return dict(x=mk(M, D, scale=1.0), w1=mk(E, F, D, scale=D ** -0.5), w3=mk(E, F, D, scale=D ** -0.5),
-                w2=mk(E, D, F, scale=F ** -0.5), gy=torch.randn(M, D, device="cuda", generator=gen).bfloat16())
+                w2=mk(E, D, F, scale=F ** -0.5), gy=torch.randn(M, D, device="cuda", generator=gen).to(dtype))
 
 
 def call(t, offsets, backend):
@@ -58,7 +60,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def check(t, offsets, experts=32):
+def check(t, offsets, backends, experts=32):
     """Largest relative error of output and gradients against the loop, per fast backend,
     on the first `experts` experts (the rows of the rest become the unused tail, which
     must come out zero): full-size gradients of every backend at once do not fit."""
@@ -67,7 +69,7 @@ def check(t, offsets, experts=32):
     offsets = offsets[:E + 1]
     y_ref, g_ref = fwd_bwd(sub, offsets, "reference")
     errs = {}
-    for b in BACKENDS[1:]:
+    for b in backends[1:]:
         y, g = fwd_bwd(sub, offsets, b)
         assert y[int(offsets[-1]):].abs().sum() == 0, f"{b}: unused rows not zero"
         errs[b] = max([rel(y, y_ref)] + [rel(a, r) for a, r in zip(g, g_ref)])
@@ -124,42 +126,46 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--routings", default="uniform,zipf")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--sweep", action="store_true", help="bf16 only")
     args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    backends = BACKENDS if dtype == torch.bfloat16 else ("reference", "triton")
     dev = torch.cuda.get_device_name()
-    print(f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; bf16, SwiGLU; TFLOP/s of "
+    print(f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {args.dtype}, SwiGLU; TFLOP/s of "
           f"useful FLOPs (fwd 6*M*D*F, fwd+bwd 18*M*D*F), do_bench medians", flush=True)
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
         D, F, E, K, T = SHAPES[name]
         M = T * K
-        t = tensors(D, F, E, M, gen)
+        t = tensors(D, F, E, M, gen, dtype)
         for routing in args.routings.split(","):
             offsets = route(T, E, K, routing, gen)
             top = int((offsets[1:] - offsets[:-1]).max())
-            errs = check(t, offsets)
+            errs = check(t, offsets, backends)
             print(f"{name} {routing}: M={M}, largest expert {top} rows; rel. error vs loop: "
                   + ", ".join(f"{b} {e:.2e}" for b, e in errs.items()), flush=True)
-            if args.sweep and routing == "uniform":
+            if args.sweep and routing == "uniform" and dtype == torch.bfloat16:
                 sweep(t, offsets, D, F, E, M)
             res = {}
-            for b in BACKENDS:
+            for b in backends:
                 with torch.no_grad():
                     res[("fwd", b)] = do_bench(lambda: call(t, offsets, b), return_mode="median")
                 res[("fwd+bwd", b)] = do_bench(lambda: fwd_bwd(t, offsets, b), return_mode="median")
             for mode, flops in (("fwd", 6 * M * D * F), ("fwd+bwd", 18 * M * D * F)):
-                tf = {b: flops / res[(mode, b)] / 1e9 for b in BACKENDS}
-                rows.append((name, routing, M, mode, tf["reference"], tf["grouped_mm"], tf["triton"],
-                             tf["triton"] / tf["grouped_mm"]))
-                print(f"  {mode}: " + ", ".join(f"{b} {tf[b]:.1f}" for b in BACKENDS), flush=True)
+                tf = {b: flops / res[(mode, b)] / 1e9 for b in backends}
+                rows.append((name, routing, M, mode, tf["reference"], tf.get("grouped_mm"), tf["triton"]))
+                print(f"  {mode}: " + ", ".join(f"{b} {tf[b]:.1f}" for b in backends), flush=True)
         del t
         torch.cuda.empty_cache()
-    print(f"\n{dev}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"\n{dev}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}")
     print("| shape | routing | M | pass | per-expert loop | torch._grouped_mm | moec Triton | Triton / grouped_mm |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.0f} | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.0%} |")
+    for name, routing, M, mode, loop, grouped, tri in rows:
+        ratio = f"{tri / grouped:.0%}" if grouped else "-"
+        print(f"| {name} | {routing} | {M} | {mode} | {loop:.0f} | {f'{grouped:.0f}' if grouped else '-'} | "
+              f"{tri:.0f} | {ratio} |")
     return 0
 
 
