@@ -37,8 +37,7 @@ class Run:
     """The blocks of one container called in a loop."""
     container: str
     blocks: list
-    shared: list  # per input slot: True (the same node for every layer) or False (carried)
-    carry: dict  # input slot -> output slot of the layer before
+    carry: dict  # input slot -> output slot of the layer before (the other slots: the same node for all)
     side: list  # output slots not carried: collected per layer
     returning: list  # the layers that return them (all, or those with the widest output)
     uniform: bool  # every layer returns the same slots
@@ -51,12 +50,6 @@ def _block_of_path(stack: dict) -> tuple[str, str] | None:
     for path, kind in (stack or {}).values():
         if _INDEXED.match(path):
             return path, str(kind).rsplit(".", 1)[-1].strip("'>")
-    return None
-
-
-def _owner(node: torch.fx.Node, prefixes: list[str]) -> str | None:
-    if node.op == "get_attr":
-        return next((p for p in prefixes if node.target.startswith(p + ".")), None)
     return None
 
 
@@ -78,7 +71,7 @@ def find(gm: torch.fx.GraphModule) -> tuple[list[Block], dict]:
     prefixes = sorted(blocks, key=len, reverse=True)
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target != LOCAL:
-            owner = _owner(node, prefixes)
+            owner = next((p for p in prefixes if node.target.startswith(p + ".")), None)
             if owner is not None:
                 of[node] = blocks[owner]
     for node in gm.graph.nodes:
@@ -128,14 +121,12 @@ def loop(blocks: list[Block], of: dict) -> Run | None:
     if n < 2 or any(len(b.inputs) != len(first.inputs) for b in blocks):
         return None
     members = set(blocks)
-    shared, carry = [], {}
+    carry = {}
     for j, a in enumerate(first.inputs):
         if of.get(a) in members:
             return None
         if all(b.inputs[j] is a for b in blocks):
-            shared.append(True)
             continue
-        shared.append(False)
         ks = {prev.outputs.index(b.inputs[j]) if b.inputs[j] in prev.outputs else None
               for prev, b in zip(blocks, blocks[1:])}
         if len(ks) != 1 or None in ks:
@@ -155,7 +146,7 @@ def loop(blocks: list[Block], of: dict) -> Run | None:
                 return None  # a carried value also read outside the loop
             if k not in carried and readers & (members - {b}):
                 return None
-    run = Run(first.container, blocks, shared, carry, [k for k in range(width) if k not in carried],
+    run = Run(first.container, blocks, carry, [k for k in range(width) if k not in carried],
               [b for b in blocks if len(b.outputs) == width], uniform=len(lengths) == 1)
     for k in run.side:
         _find_sum(run, k)

@@ -79,6 +79,14 @@ def _camel(path: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in re.split(r"[._]", path) if p)
 
 
+def _size_names(gm, dims: dict) -> dict:
+    """{node: batch or seq} for the sym_size nodes that read the first input's symbolic sizes."""
+    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    return {n: SIZE_NAMES[dims[str(n.meta.get("val"))]] for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[0] is first
+            and str(n.meta.get("val")) in dims}
+
+
 def _dims(gm) -> dict:
     """{size symbol: B or T} from the first input's shape, for shape comments and size names."""
     first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
@@ -132,17 +140,17 @@ def _block_graph(b: layers.Block, arg_names: list[str], as_tuple: bool = False) 
     return g
 
 
-def _arg_names(b: layers.Block, dims_named: dict) -> list[str]:
+def _arg_names(b: layers.Block, size_names: dict) -> list[str]:
     names = []
     for j, a in enumerate(b.inputs):
-        name = "x" if j == 0 and isinstance(a.meta.get("val"), torch.Tensor) else dims_named.get(a, _base(a.name))
+        name = "x" if j == 0 and isinstance(a.meta.get("val"), torch.Tensor) else size_names.get(a, _base(a.name))
         while name in names:
             name += "_"
         names.append(name)
     return names
 
 
-def _classes(found: list, runs: list, dims: dict, dims_named: dict, params: dict, buffers: dict) -> dict:
+def _classes(found: list, runs: list, dims: dict, size_names: dict, params: dict, buffers: dict) -> dict:
     """{block: Emitted}, one Emitted per distinct structure, named after the user's class. A layer of a loop
     whose layers return different things returns a tuple, however short."""
     by_key, of_block, counts = {}, {}, {}
@@ -156,7 +164,7 @@ def _classes(found: list, runs: list, dims: dict, dims_named: dict, params: dict
         if key not in by_key:
             counts[b.kind] = counts.get(b.kind, 0) + 1
             name = b.kind if counts[b.kind] == 1 else f"{b.kind}{counts[b.kind]}"
-            args = _arg_names(b, dims_named)
+            args = _arg_names(b, size_names)
             src, used = forward_source(_block_graph(b, args, b in tuples), dims)
             by_key[key] = Emitted(name, p, bu, src, args, [_base(o.name) for o in b.outputs], used)
         by_key[key].layers.append(b.path)
@@ -189,12 +197,12 @@ def _list_key(gm, values: list) -> str | None:
     return None
 
 
-def _top(gm, order, runs_named: dict, classes: dict, dims: dict):
-    """The model's own forward: the nodes outside the layers, a call per layer or loop."""
+def _top(order, returns: dict, dims: dict, size_names: dict):
+    """The model's own forward: the nodes outside the layers, a call per layer or loop (returns: what
+    each loop returns, from _run_returns)."""
     top = torch.fx.Graph()
     env, lists = {}, []
-    skip = set().union(*(r.skip for r in runs_named)) if runs_named else set()
-    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    skip = set().union(*(r.skip for r in returns))
 
     def remap(a):
         if isinstance(a, (list, tuple)):
@@ -213,15 +221,12 @@ def _top(gm, order, runs_named: dict, classes: dict, dims: dict):
         if isinstance(u, torch.fx.Node):
             if u in skip:
                 continue
-            name = u.name if u.op == "placeholder" else _base(u.name)
-            if (u.op == "call_function" and u.target is torch.ops.aten.sym_size.int and u.args[0] is first
-                    and str(u.meta.get("val")) in dims):
-                name = SIZE_NAMES[dims[str(u.meta["val"])]]
+            name = u.name if u.op == "placeholder" else size_names.get(u, _base(u.name))
             env[u] = top.create_node(u.op, u.target, remap(u.args), remap(u.kwargs), name)
             env[u].meta["val"] = u.meta.get("val")
         elif isinstance(u, layers.Run):
             call = top.call_module(u.container, tuple(env[a] for a in u.blocks[0].inputs))
-            slots = _run_returns(gm, u, classes)
+            slots = returns[u]
             for i, (kind, k, name) in enumerate(slots):
                 node = getitem(call, i, name) if len(slots) > 1 else call  # one slot: returned bare
                 if kind == "carry":
@@ -262,11 +267,11 @@ def _run_returns(gm, run: layers.Run, classes: dict) -> list[tuple[str, int, str
     return out
 
 
-def _loop_class(gm, run: layers.Run, classes: dict) -> tuple[str, str]:
-    """(class name, source) of the ModuleList whose forward runs a container's layers in order."""
+def _loop_class(run: layers.Run, classes: dict, slots: list) -> tuple[str, str]:
+    """(class name, source) of the ModuleList whose forward runs a container's layers in order; slots:
+    what it returns, from _run_returns."""
     args, returns = classes[run.blocks[0]].args, classes[run.returning[0]].returns
     name = f"{_camel(run.container)}Stack"
-    slots = _run_returns(gm, run, classes)
     feeds = {k: j for j, k in run.carry.items()}
     per_layer, taken = [], set(args)
     for k, base in enumerate(returns):
@@ -366,23 +371,21 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     params, buffers, tied = _tables(gm)
     dims = _dims(gm)
     found, of, runs, order = _structure(gm)
-    first = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    dims_named = {n: SIZE_NAMES[dims[str(n.meta.get("val"))]] for n in gm.graph.nodes
-                  if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and n.args[0] is first
-                  and str(n.meta.get("val")) in dims}
-    classes = _classes(found, runs, dims, dims_named, params, buffers)
-    forward, used = _top(gm, order, runs, classes, dims)
-    for e in set(classes.values()):
+    size_names = _size_names(gm, dims)
+    classes = _classes(found, runs, dims, size_names, params, buffers)
+    returns = {r: _run_returns(gm, r, classes) for r in runs}
+    forward, used = _top(order, returns, dims, size_names)
+    emitted = list(dict.fromkeys(classes[b] for b in found))  # in the order of their first layer
+    for e in emitted:
         used |= e.used
     regions = _regions(gm, dims)
     body = [src for _, src, _ in regions.values()]
     for _, _, region_used in regions.values():
         used |= region_used
-    for e in sorted(set(classes.values()), key=lambda e: found.index(next(b for b in found if classes[b] is e))):
-        body.append(_block_class(e))
+    body += [_block_class(e) for e in emitted]
     stacks = {}
     for r in runs:
-        stacks[r.container], src = _loop_class(gm, r, classes)
+        stacks[r.container], src = _loop_class(r, classes, returns[r])
         body.append(src)
     inner = tuple(b.path + "." for b in found)
     top_params = {k: v for k, v in params.items() if not k.startswith(inner)}

@@ -18,7 +18,7 @@ _DELETES = re.compile(r";  (?:\w+ = )+None$")
 _KWARG = re.compile(r"([(,] ?)(\w+) = ")
 _UNBACKED = re.compile(r"\bu\d+\b")
 _KWARG_NAME = re.compile(r"\b\w+=")
-_ASSIGN = re.compile(r"^(\s*)([\w, ]+?) = ")
+_ASSIGN = re.compile(r"^\s*([\w, ]+?) = ")
 
 
 def _names(target) -> list[str] | None:
@@ -78,12 +78,13 @@ def forward_source(graph: torch.fx.Graph, dims: dict) -> tuple[str, dict]:
     for line in code.src.strip("\n").splitlines():
         line = _KWARG.sub(r"\1\2=", _DELETES.sub("", line.rstrip()))
         match = _ASSIGN.match(line)
-        target = by_name.get(match.group(2)) if match else None
+        target = by_name.get(match.group(1)) if match else None
         shape = _shape(target, dims) if target is not None else None
         lines.append(f"{line}  # {shape}" if shape else line)
     src = "\n".join(lines).rstrip()
     names = _KWARG_NAME.sub("", src)
-    used = {k: v for k, v in code.globals.items() if k != "getattr" and re.search(rf"(?<![\w.]){re.escape(k)}\b", names)}
+    used = {k: v for k, v in code.globals.items()
+            if k != "getattr" and re.search(rf"(?<![\w.]){re.escape(k)}\b", names)}
     return src, used
 
 

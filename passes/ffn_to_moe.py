@@ -125,7 +125,8 @@ class FFNToMoE(Pass):
         ffn.out.replace_all_uses_with(y)
         # the layer's own losses belong to the layer: an emitted block computes them, the model sums them
         k = o.topk * M
-        return counts, g.call_function(load_balance_loss, (counts, probs_sum, k)), g.call_function(z_loss, (zsum, counts, k))
+        lb = g.call_function(load_balance_loss, (counts, probs_sum, k))
+        return counts, lb, g.call_function(z_loss, (zsum, counts, k))
 
     @staticmethod
     def _shared(g, xf, activation, attr):

@@ -181,7 +181,8 @@ def _dropout_follows_mode(g: torch.fx.Graph) -> None:
     attention = [n for n in g.nodes if n.op == "call_function" and n.target == SDPA and _sdpa_p(n)]
     if not dropouts and not attention:
         return
-    with g.inserting_before(next(n for n in g.nodes if n in dropouts or n in attention)):
+    modal = set(dropouts) | set(attention)
+    with g.inserting_before(next(n for n in g.nodes if n in modal)):
         training = g.create_node("get_attr", "training", name="training")
     training.meta.update(val=None, nn_module_stack={})
     for n in dropouts:
@@ -205,13 +206,14 @@ def _device_from_input(g: torch.fx.Graph) -> None:
     """A device the trace baked in becomes the device of the graph's first input: the program runs where
     its inputs are."""
     first = next((n for n in g.nodes if n.op == "placeholder"), None)
+    if first is None:
+        return
     device = None
     for n in list(g.nodes):
-        if first is not None and isinstance(n.kwargs.get("device"), torch.device):
+        if isinstance(n.kwargs.get("device"), torch.device):
             if device is None:
                 with g.inserting_after(first):
                     device = g.call_function(getattr, (first, "device"))
-                device.meta["nn_module_stack"] = {}
             n.kwargs = {**n.kwargs, "device": device}
 
 

@@ -99,7 +99,7 @@ def test_split_backward_and_glu_kernel(monkeypatch, split):
     offsets = offsets.to(DEVICE)
     from moec.runtime.ops.experts import reference_backward
 
-    arch = launch.tensor_arch(x)
+    arch = launch.arch_of(x.device)
     monkeypatch.setitem(launch.LAUNCH["grouped_mm_glu"], arch, dict(launch.launch("grouped_mm_glu", arch),
                                                                   split_bwd=split))
     assert gg.split_bwd(x.device) == split

@@ -247,13 +247,13 @@ def grouped_wgrad_kernel(a_ptr, b_ptr, offs_ptr, c_ptr, M1, M2, E, stride_an, st
 def _config(kernel: str, device, blocks: dict | None, elem_size: int, b_tiles: int = 1) -> tuple[dict, dict]:
     """(constexpr block sizes, compile options) of a kernel on the device's arch, for inputs of elem_size
     bytes (b_tiles: B tiles loaded per step, 2 for the GLU forward)."""
-    arch = launch.device_arch(device.index or 0) if device.type == "cuda" else "sm90"
+    arch = launch.arch_of(device)
     row = launch.launch(kernel, arch)
     row.update(blocks or {})
-    if device.type == "cuda":
-        row = launch.fit_shared(row, arch, elem_size, b_tiles)
-    consts = {k: v for k, v in row.items() if k.isupper()}
-    opts = {k: v for k, v in row.items() if not k.isupper() and k != "split_bwd"} if device.type == "cuda" else {}
+    if device.type != "cuda":
+        return launch.split(row)[0], {}  # the interpreter takes no compile options
+    consts, opts = launch.split(launch.fit_shared(row, arch, elem_size, b_tiles))
+    opts.pop("split_bwd", None)  # a choice of the caller's, not a Triton option
     return consts, opts
 
 
@@ -261,8 +261,7 @@ def split_bwd(device) -> bool:
     """Whether backward runs dH as a plain GEMM plus the elementwise GLU kernel
     (kernels/grouped_gemm_glu.py) instead of the fused GLU_BWD epilogue: a
     per-arch choice in LAUNCH["grouped_mm_glu"], set by measurement."""
-    name = launch.device_arch(device.index or 0) if device.type == "cuda" else "sm90"
-    return bool(launch.launch("grouped_mm_glu", name).get("split_bwd", False))
+    return bool(launch.launch("grouped_mm_glu", launch.arch_of(device)).get("split_bwd", False))
 
 
 def grouped_mm(mode, a, b, offsets, c, *, a2=None, b2=None, bias=None, bias2=None, pre=None, pre2=None, h=None,

@@ -58,7 +58,8 @@ def fit_shared(row: dict, arch: str, elem_size: int, b_tiles: int = 1) -> dict:
     """The row with num_stages, then BLOCK_N, lowered until its pipelined A and B tiles fit the arch's
     shared memory: the GEMM rows are tuned for 2-byte inputs, and 4-byte ones need half of it."""
     row, limit = dict(row), LDS_LIMIT.get(arch, LDS_LIMIT["sm90"])
-    need = lambda: row.get("num_stages", 1) * elem_size * row["BLOCK_K"] * (row["BLOCK_M"] + b_tiles * row["BLOCK_N"])
+    tile = lambda: row["BLOCK_K"] * (row["BLOCK_M"] + b_tiles * row["BLOCK_N"])
+    need = lambda: row.get("num_stages", 1) * elem_size * tile()
     while need() > limit and row.get("num_stages", 1) > 1:
         row["num_stages"] -= 1
     while need() > limit and row["BLOCK_N"] > 16:
@@ -71,14 +72,15 @@ def split(row: dict) -> tuple[dict, dict]:
     return {k: v for k, v in row.items() if k.isupper()}, {k: v for k, v in row.items() if not k.isupper()}
 
 
-def tensor_arch(t) -> str:
-    """The arch name of the GPU t lives on; "sm90" off the GPU (the Triton interpreter)."""
-    return device_arch(t.device.index or 0) if t.is_cuda else "sm90"
+def arch_of(device) -> str:
+    """The arch name of a device; "sm90" off the GPU (the Triton interpreter)."""
+    return device_arch(device.index or 0) if device.type == "cuda" else "sm90"
+
 
 
 def for_tensor(kernel: str, t) -> tuple[dict, dict]:
     """(sizes, launch options) of a kernel for the GPU t lives on."""
-    return split(launch(kernel, tensor_arch(t)))
+    return split(launch(kernel, arch_of(t.device)))
 
 
 @functools.lru_cache(maxsize=None)
