@@ -110,13 +110,15 @@ LAUNCH["gate_stats"] = {
 }
 LAUNCH["gate_bwd"] = {
     "sm90": dict(TILE=2048, num_warps=4),
-    "gfx942": dict(TILE=2048, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=2048, num_warps=2, waves_per_eu=2),
+    # 4 wavefronts: with 2, triton 3.6 spills the E=128 K=8 backward past the 256 VGPRs (3.9 does not)
+    "gfx942": dict(TILE=2048, num_warps=4, waves_per_eu=2),
+    "gfx90a": dict(TILE=2048, num_warps=4, waves_per_eu=2),
 }
 LAUNCH["route"] = {  # TILE: elements of a [slots, experts] tile, at most BLOCK_N slots; CHUNKS: programs
     "sm90": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=4),
-    "gfx942": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
-    "gfx90a": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=2, waves_per_eu=2),
+    # 4 wavefronts: with 2, triton 3.6 spills route_rows at E=256
+    "gfx942": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=4, waves_per_eu=2),
+    "gfx90a": dict(TILE=4096, BLOCK_N=64, CHUNKS=1024, BLOCK_B=64, BLOCK_E=32, num_warps=4, waves_per_eu=2),
 }
 LAUNCH["glu_rows"] = {  # the grouped GEMM's elementwise GLU kernel (kernels/grouped_gemm_glu.py)
     "sm90": dict(BLOCK_R=16, BLOCK_C=256, num_warps=4),
