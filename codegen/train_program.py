@@ -39,7 +39,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default={seq_len})
+    p.add_argument("--seq-len", type=int, default={seq_len}, help="tokens per sequence, at most the model's context")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
@@ -159,9 +159,14 @@ if __name__ == "__main__":
 '''
 
 
+SEQ_LEN = 128  # the --seq-len default, cut to the model's context when that is shorter
+
+
 def write_train_program(build_dir: Path, config: dict) -> None:
     """Write build_dir/train.py for the build described by config (config.json's contents)."""
     o = config["options"]
     kind = "the dense model" if o["dense"] else f"the MoE model ({o['experts']} experts, top-{o['topk']})"
     title = f"{kind} built from {config['model']}"
-    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=128))
+    context = config["result"].get("context")
+    seq_len = min(SEQ_LEN, context) if context else SEQ_LEN
+    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len))

@@ -40,6 +40,10 @@ class Pass:
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         raise NotImplementedError
 
+    def warnings(self, gm: torch.fx.GraphModule) -> list[str]:
+        """Lines the user should see as the pass runs: what it left alone, and why."""
+        return []
+
     def report(self, gm: torch.fx.GraphModule) -> list[str]:
         """Lines saying what the pass found or decided, for the IR dump (analyses)."""
         return []

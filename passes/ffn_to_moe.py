@@ -26,6 +26,7 @@ import torch.fx
 from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.base.graph import delete_unused_attrs, set_param
+from moec.runtime.ops import elementwise
 from moec.runtime.ops.moe import load_balance_loss, moe_layer, z_loss
 from moec.passes.base import Pass, PassResult, inherit_provenance
 
@@ -130,12 +131,14 @@ class FFNToMoE(Pass):
 
     @staticmethod
     def _shared(g, xf, activation, attr):
-        op, kw = ACT_NODE[activation]
-        h = g.call_function(op, (g.call_function(aten.linear.default, (xf, attr("shared.w1"), attr("shared.b1"))),),
-                            kw)
-        if attr("shared.w3") is not None:
-            h = g.call_function(aten.mul.Tensor, (h, g.call_function(aten.linear.default, (
-                xf, attr("shared.w3"), attr("shared.b3")))))
+        linear = lambda w: g.call_function(aten.linear.default, (xf, attr(f"shared.{w}"), attr(f"shared.b{w[1]}")))
+        h1, h3 = linear("w1"), None if attr("shared.w3") is None else linear("w3")
+        if elementwise.is_expression(activation):
+            h = elementwise.evaluate(activation, h1, h3, call=lambda op, args, kwargs: g.call_function(op, args, kwargs))
+        else:
+            op, kw = ACT_NODE[activation]
+            h = g.call_function(op, (h1,), kw)
+            h = h if h3 is None else g.call_function(aten.mul.Tensor, (h, h3))
         return g.call_function(aten.linear.default, (h, attr("shared.w2"), attr("shared.b2")))
 
     def _outputs(self, g, stats):

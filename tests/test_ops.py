@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import moec  # noqa: F401
+import moec.runtime.ops  # noqa: F401  registers the moec:: ops
 
 ops = torch.ops.moec
 
@@ -85,3 +85,22 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(ops.permute.default, (torch.randn(6, 3, requires_grad=True), row_map, 2))
     torch.library.opcheck(ops.unpermute.default, (torch.randn(12, 3, requires_grad=True), row_map,
                                                   torch.rand(6, 2, requires_grad=True)))
+
+
+def test_capacity_is_the_documented_ceiling_for_any_written_factor():
+    from decimal import Decimal
+    import math
+
+    from hypothesis import given, strategies as st
+
+    from moec.runtime.ops.moe import capacity
+
+    assert capacity(16384, 8, 64, 1.0001) == 2049  # a factor just above 1 keeps one more slot
+    assert capacity(10, 1, 1, 1.1) == 11  # 1.1 as written, not the binary float above it
+
+    @given(st.integers(1, 10 ** 6), st.integers(1, 8), st.integers(1, 256), st.decimals("0.01", "8", places=5))
+    def check(tokens, k, experts, factor):
+        exact = Decimal(tokens * k) * factor / experts
+        assert capacity(tokens, k, experts, float(factor)) == math.ceil(exact)
+
+    check()

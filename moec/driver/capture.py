@@ -210,11 +210,43 @@ def _device_from_input(g: torch.fx.Graph) -> None:
         return
     device = None
     for n in list(g.nodes):
-        if isinstance(n.kwargs.get("device"), torch.device):
+        if any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values())):
             if device is None:
                 with g.inserting_after(first):
                     device = g.call_function(getattr, (first, "device"))
-            n.kwargs = {**n.kwargs, "device": device}
+            n.args = tuple(device if isinstance(a, torch.device) else a for a in n.args)
+            n.kwargs = {k: device if isinstance(a, torch.device) else a for k, a in n.kwargs.items()}
+
+
+def _aliases(op) -> bool:
+    """Whether an op's output may share memory with an input (a view, or an in-place op's self)."""
+    return isinstance(op, torch._ops.OpOverload) and any(r.alias_info is not None for r in op._schema.returns)
+
+
+def _functional_inplace(g: torch.fx.Graph) -> None:
+    """`a.add_(b)` on a fresh intermediate that nothing views becomes `a2 = a + b`, later readers of `a`
+    reading a2: an in-place op on an FFN's output would otherwise modify the MoE layer's output in place,
+    which autograd forbids for a custom op's result (Falcon adds attention into its MLP output so)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in list(g.nodes):
+        op = n.target
+        if n.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or not op._opname.endswith("_") \
+                or not _aliases(op) or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        a = n.args[0]
+        if a.op != "call_function" or _aliases(a.target) or any(_aliases(u.target) for u in a.users if u is not n):
+            continue
+        functional = getattr(getattr(torch.ops.aten, op._opname[:-1], None), op._overloadname, None)
+        if functional is None:
+            continue
+        with g.inserting_after(n):
+            new = g.call_function(functional, n.args, n.kwargs)
+        new.meta.update(n.meta)
+        for u in list(a.users):
+            if u is not n and u is not new and order[u] > order[n]:
+                u.replace_input_with(a, new)
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
 
 
 def _normalise(gm: torch.fx.GraphModule) -> None:
@@ -230,6 +262,7 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
         gm.__dict__.pop(name, None)
     for graph in [g] + [m.graph for m in gm.children() if isinstance(m, torch.fx.GraphModule)]:
         _device_from_input(graph)  # the regions of higher-order calls too (autocast, no_grad)
+        _functional_inplace(graph)
     _dropout_follows_mode(g)
     out = next(n for n in g.nodes if n.op == "output")
     flat = torch.utils._pytree.tree_leaves(out.args[0])

@@ -23,6 +23,7 @@ from moec.codegen import source
 from moec.codegen.program import model_source, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
+from moec.driver.model_shape import context_length
 from moec.driver.pipeline import passes_for, run_pipeline
 from moec.runtime import load_state
 
@@ -57,12 +58,13 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> di
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
+    context = context_length(gm, meta_model)
     plan = _plan(model, o, gm, meta_model, tmp, log) if o.gpus else None
     if plan is not None:
         o = o.with_plan(ep=plan.ep, zero=plan.zero)
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
-              "moe_layers": rows[-1]["moe_layers"]}
+              "moe_layers": rows[-1]["moe_layers"], "context": context}
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False})
         return report

@@ -53,6 +53,26 @@ def shape_from_graph(gm, model, name: str, seq_len: int | None) -> ModelShape:
                       seq_len=seq_len or _config_attr(model, _SEQ, 2048), name=name)
 
 
+def context_length(gm, model) -> int | None:
+    """The longest sequence the model takes: its config's context attribute, else the rows of its position
+    table (an embedding indexed by anything but the token ids), else None (no limit the model states)."""
+    from moec.base.graph import get_param
+
+    configured = _config_attr(model, _SEQ, None)
+    if configured is not None:
+        return configured
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.embedding.default:
+            index = n.args[1]
+            while index.op == "call_function" and index.target in (torch.ops.aten.view.default,
+                                                                    torch.ops.aten.reshape.default):
+                index = index.args[0]
+            if index.op != "placeholder" and n.args[0].op == "get_attr":
+                rows.append(get_param(gm, n.args[0].target).shape[0])
+    return min(rows) if rows else None
+
+
 def _output_weights(gm, logits) -> set:
     """Parameters the final projection reads (to tell whether it is the embedding)."""
     node = logits

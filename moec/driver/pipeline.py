@@ -142,6 +142,8 @@ def run_pipeline(gm: torch.fx.GraphModule, passes: list, ir_dir: Path | None = N
         log(f"  {i:02d} {p.name:<18} {stats['nodes']:>6} nodes  {_count(stats['params']):>10} params  "
             f"{'changed' if result.modified else 'unchanged'}  "
             f"{time.perf_counter() - t:.1f} s")
+        for line in p.warnings(gm):
+            log(f"     {p.name}: {line}")
         if ir_dir is not None:
             before = _dump(gm, p, result, i, before, ir_dir)
         rows.append({"pass": p.name, **stats, "modified": result.modified})

@@ -19,6 +19,12 @@ Backends, one op (`backend="auto"` picks by select_backend's rule):
   torch._grouped_mm is a per-expert loop or missing).
 Neither GPU backend synchronizes with the host.
 
+Activation: one of ACTIVATIONS, fused into the kernels, or an elementwise
+expression over h1 (and h3) as moec.runtime.ops.elementwise writes it, for an
+FFN whose elementwise part is none of them (squared ReLU, a hand-written
+GELU variant): every backend then runs its plain grouped GEMMs and evaluates
+the expression in float32 between them with torch, its gradient by autograd.
+
 Activation memory: by default forward keeps the pre-activations h1 (and h3)
 [N, F] for backward. recompute=True (`moec compile --recompute-experts`) keeps
 only the op's inputs and recomputes them in backward with one more first-GEMM
@@ -33,6 +39,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from moec.base.errors import MoecError
+from moec.runtime.ops import elementwise
 
 BACKENDS = ("reference", "grouped_mm", "triton")
 
@@ -44,10 +51,31 @@ ACTIVATIONS = {
 }
 
 
+def glu(activation: str, h1: Tensor, h3: Optional[Tensor] = None) -> Tensor:
+    """The FFN's elementwise part: act(h1), times h3 when gated, or the expression at (h1, h3)."""
+    if elementwise.is_expression(activation):
+        up = lambda t: None if t is None else t.float()
+        return elementwise.evaluate(activation, up(h1), up(h3)).to(h1.dtype)
+    a = ACTIVATIONS[activation](h1)
+    return a if h3 is None else a * h3
+
+
+def glu_vjp(activation: str, g_h: Tensor, h1: Tensor, h3: Optional[Tensor] = None):
+    """(g_h1, g_h3, h) for h = glu(activation, h1, h3) and g_h = dL/dh; g_h3 None when plain."""
+    if elementwise.is_expression(activation):
+        # torch.func, not autograd: inside a custom op's kernel the autograd keys are turned off
+        f = lambda *hs: elementwise.evaluate(activation, *hs)
+        h, vjp = torch.func.vjp(f, *[t.float() for t in (h1, h3) if t is not None])
+        grads = vjp(g_h.float())
+        g1, g3 = grads[0].to(h1.dtype), None if h3 is None else grads[1].to(h3.dtype)
+        return g1, g3, h.to(h1.dtype)
+    a = ACTIVATIONS[activation](h1)
+    g_a = g_h if h3 is None else g_h * h3
+    return g_a * activation_grad(h1, activation), None if h3 is None else g_h * a, a if h3 is None else a * h3
+
+
 def _ffn(x, w1, b1, w3, b3, w2, b2, activation):
-    h = ACTIVATIONS[activation](Fn.linear(x, w1, b1))
-    if w3 is not None:
-        h = h * Fn.linear(x, w3, b3)
+    h = glu(activation, Fn.linear(x, w1, b1), None if w3 is None else Fn.linear(x, w3, b3))
     return Fn.linear(h, w2, b2)
 
 
@@ -80,17 +108,11 @@ def activation_grad(h: Tensor, activation: str) -> Tensor:
 
 def _ffn_backward(g, x, w1, b1, w3, b3, w2, activation):
     h1 = Fn.linear(x, w1, b1)
-    a = ACTIVATIONS[activation](h1)
     h3 = None if w3 is None else Fn.linear(x, w3, b3)
-    h = a if h3 is None else a * h3
-    g_h = g @ w2  # [n, F]
-    g_w2, g_b2 = g.t() @ h, g.sum(0)
-    g_a = g_h if h3 is None else g_h * h3
-    g_h1 = g_a * activation_grad(h1, activation)
+    g_h1, g_h3, h = glu_vjp(activation, g @ w2, h1, h3)  # g @ w2: [n, F]
     g_x = g_h1 @ w1
-    out = {"w1": g_h1.t() @ x, "b1": g_h1.sum(0), "w2": g_w2, "b2": g_b2}
+    out = {"w1": g_h1.t() @ x, "b1": g_h1.sum(0), "w2": g.t() @ h, "b2": g.sum(0)}
     if h3 is not None:
-        g_h3 = g_h * a
         g_x = g_x + g_h3 @ w3
         out.update(w3=g_h3.t() @ x, b3=g_h3.sum(0))
     return g_x, out
@@ -114,18 +136,12 @@ def reference_backward(g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation):
     return [g_x] + [grads.get(n) for n in params]
 
 
-# ---- torch._grouped_mm backend. It takes END offsets and leaves rows past the
-# last one unwritten, so the last expert's GEMM is stretched over the unused
-# tail and the tail of every elementwise result is zeroed (zero rows in, zero
-# rows out, with no host sync to learn where the tail starts).
-
-def _gmm_bounds(offsets, N):
-    ends = offsets[1:]  # [E] end rows, what torch._grouped_mm calls offs
-    stretched = ends.clone()
-    stretched[-1:] = N
-    used = (torch.arange(N, device=offsets.device, dtype=offsets.dtype) < offsets[-1:]).unsqueeze(1)  # [N, 1]
-    return ends, stretched, used
-
+# ---- GEMMs and elementwise part as separate kernels: the "grouped_mm" backend,
+# and the "triton" backend for an expression activation (no fused epilogue).
+# torch._grouped_mm takes END offsets and leaves rows past the last one
+# unwritten, so the last expert's GEMM is stretched over the unused tail and
+# the tail of every elementwise result is zeroed (zero rows in, zero rows out,
+# with no host sync to learn where the tail starts).
 
 def _row_bias(b, offsets, N):
     """[N, C]: bias row of each row's expert (the tail gets the last expert's; it is masked after)."""
@@ -134,49 +150,90 @@ def _row_bias(b, offsets, N):
     return b[seg]
 
 
-def _gmm_pre(x, offsets, w1, b1, w3, b3):
-    N = x.shape[0]
-    _, stretched, _ = _gmm_bounds(offsets, N)
-    h1 = torch._grouped_mm(x, w1.transpose(1, 2), offs=stretched)  # [N, F]
-    h3 = None if w3 is None else torch._grouped_mm(x, w3.transpose(1, 2), offs=stretched)
-    if b1 is not None:
-        h1 = h1 + _row_bias(b1, offsets, N)
-    if b3 is not None:
-        h3 = h3 + _row_bias(b3, offsets, N)
-    return h1, h3
+class _TorchGroupedMM:
+    """Per expert e, rows r of a: a[r] @ b[e] (+ bias[e]) with torch._grouped_mm."""
+
+    def __init__(self, offsets, N):
+        self.offsets, self.N = offsets, N
+        self.ends = offsets[1:]  # [E] end rows, what torch._grouped_mm calls offs
+        self.stretched = self.ends.clone()
+        self.stretched[-1:] = N
+        self.used = (torch.arange(N, device=offsets.device, dtype=offsets.dtype) < offsets[-1:]).unsqueeze(1)
+
+    def mm(self, a, b, bias=None):
+        out = torch._grouped_mm(a, b, offs=self.stretched)
+        return out if bias is None else torch.where(self.used, out + _row_bias(bias, self.offsets, self.N), 0)
+
+    def wgrad(self, a, b):
+        """[E, ., .] = a[rows]^T @ b[rows] per expert; zero for an empty expert."""
+        return torch._grouped_mm(a.t(), b, offs=self.ends)
 
 
-def _gmm_forward(x, offsets, w1, b1, w3, b3, w2, b2, activation, save):
+class _TritonGroupedMM:
+    """The same products with moec's Triton grouped GEMM (plain epilogue)."""
+
+    def __init__(self, offsets, N):
+        self.offsets = offsets.to(torch.int32)
+
+    def mm(self, a, b, bias=None):
+        from moec.runtime.kernels.grouped_gemm import MM, grouped_mm
+
+        out = a.new_empty(a.shape[0], b.shape[2])
+        grouped_mm(MM, a.contiguous(), b, self.offsets, out, bias=bias)
+        return out
+
+    def wgrad(self, a, b):
+        from moec.runtime.kernels.grouped_gemm import grouped_wgrad
+
+        return grouped_wgrad(a.contiguous(), b.contiguous(), self.offsets)
+
+
+def _glu_rows(h1, h3, offsets, activation):
+    """h [N, F] with a zero tail: the fused activations' elementwise kernel, or the expression in torch."""
+    if elementwise.is_expression(activation):
+        used = torch.arange(h1.shape[0], device=h1.device) < offsets[-1:].to(torch.int64)
+        return torch.where(used.unsqueeze(1), glu(activation, h1, h3), 0)
     from moec.runtime.kernels.grouped_gemm_glu import glu_forward
 
-    N = x.shape[0]
-    _, stretched, used = _gmm_bounds(offsets, N)
-    h1, h3 = _gmm_pre(x, offsets, w1, b1, w3, b3)
-    h = glu_forward(h1, h3, offsets, activation)  # [N, F], zero tail
-    out = torch._grouped_mm(h, w2.transpose(1, 2), offs=stretched)  # [N, D]
-    if b2 is not None:
-        out = torch.where(used, out + _row_bias(b2, offsets, N), 0)
+    return glu_forward(h1, h3, offsets, activation)
+
+
+def _glu_rows_backward(g_h, h1, h3, offsets, activation):
+    """(g_h1, g_h3, h) with zero tails; g_h3 None when plain."""
+    if elementwise.is_expression(activation):
+        used = (torch.arange(h1.shape[0], device=h1.device) < offsets[-1:].to(torch.int64)).unsqueeze(1)
+        zero_tail = lambda t: None if t is None else torch.where(used, t, 0)
+        return tuple(zero_tail(t) for t in glu_vjp(activation, g_h, h1, h3))
+    from moec.runtime.kernels.grouped_gemm_glu import glu_backward
+
+    g_pre, h = glu_backward(g_h, h1, h3, offsets, activation)
+    F = h1.shape[1]
+    return (g_pre, None, h) if h3 is None else (g_pre[:, :F], g_pre[:, F:], h)
+
+
+def _pre(g, x, w1, b1, w3, b3):
+    h1 = g.mm(x, w1.transpose(1, 2), b1)  # [N, F]
+    return h1, None if w3 is None else g.mm(x, w3.transpose(1, 2), b3)
+
+
+def _split_forward(kind, x, offsets, w1, b1, w3, b3, w2, b2, activation, save):
+    g = kind(offsets, x.shape[0])
+    h1, h3 = _pre(g, x, w1, b1, w3, b3)
+    out = g.mm(_glu_rows(h1, h3, offsets, activation), w2.transpose(1, 2), b2)  # [N, D]
     return out, (h1 if save else None), (h3 if save else None)
 
 
-def _gmm_backward(g, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3):
-    N = x.shape[0]
-    ends, stretched, _ = _gmm_bounds(offsets, N)
+def _split_backward(kind, g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3):
+    g = kind(offsets, x.shape[0])
     if h1 is None:
-        h1, h3 = _gmm_pre(x, offsets, w1, b1, w3, b3)
-    from moec.runtime.kernels.grouped_gemm_glu import glu_backward
-
-    g_h = torch._grouped_mm(g, w2, offs=stretched)  # [N, F]
-    g_pre, h = glu_backward(g_h, h1, h3, offsets, activation)  # zero tails
-    F = h1.shape[1]
-    g_h1, g_h3 = (g_pre, None) if h3 is None else (g_pre[:, :F], g_pre[:, F:])
-    g_x = torch._grouped_mm(g_h1, w1, offs=stretched)
+        h1, h3 = _pre(g, x, w1, b1, w3, b3)
+    g_h1, g_h3, h = _glu_rows_backward(g.mm(g_out, w2), h1, h3, offsets, activation)
+    g_x = g.mm(g_h1, w1)
     if h3 is not None:
-        g_x = g_x + torch._grouped_mm(g_h3, w3, offs=stretched)
-    g_w = lambda a_, b_: torch._grouped_mm(a_.t(), b_, offs=ends)  # [E, ., .], zero for empty experts
+        g_x = g_x + g.mm(g_h3, w3)
     bias_grad = lambda b, t: None if b is None else _segment_sum(t, offsets).to(b.dtype)
-    return [g_x, g_w(g_h1, x), bias_grad(b1, g_h1), None if h3 is None else g_w(g_h3, x), bias_grad(b3, g_h3),
-            g_w(g, h), bias_grad(b2, g)]
+    return [g_x, g.wgrad(g_h1, x), bias_grad(b1, g_h1), None if h3 is None else g.wgrad(g_h3, x),
+            bias_grad(b3, g_h3), g.wgrad(g_out, h), bias_grad(b2, g_out)]
 
 
 def _segment_sum(t, offsets):
@@ -211,8 +268,14 @@ def select_backend(x: Tensor) -> str:
 
 def _resolve(backend, x, offsets, w1, w3, w2, activation) -> str:
     """Validate the call; the backend that will run it."""
-    if activation not in ACTIVATIONS:
-        raise MoecError(f"experts: unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+    if elementwise.is_expression(activation):
+        if elementwise.uses_h3(activation) != (w3 is not None):
+            raise MoecError(f"experts: activation expression {activation!r} "
+                            f"{'does not use' if w3 is not None else 'uses'} h3, but the experts are "
+                            f"{'gated' if w3 is not None else 'plain'}")
+    elif activation not in ACTIVATIONS:
+        raise MoecError(f"experts: unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)} "
+                        f"or an elementwise expression over h1 (and h3)")
     E, F, D = w1.shape
     if x.dim() != 2 or x.shape[1] != D or w2.shape != (E, D, F) or (w3 is not None and w3.shape != w1.shape):
         raise MoecError(f"experts: shapes x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)} do not "
@@ -255,7 +318,9 @@ def experts_forward(x: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor]
     if backend == "reference":
         return experts_reference(x, offsets, w1, b1, w3, b3, w2, b2, activation), empty, empty.clone()
     if backend == "grouped_mm":
-        out, h1, h3 = _gmm_forward(x, offsets, w1, b1, w3, b3, w2, b2, activation, save)
+        out, h1, h3 = _split_forward(_TorchGroupedMM, x, offsets, w1, b1, w3, b3, w2, b2, activation, save)
+    elif elementwise.is_expression(activation):
+        out, h1, h3 = _split_forward(_TritonGroupedMM, x, offsets, w1, b1, w3, b3, w2, b2, activation, save)
     else:
         from moec.runtime.kernels.grouped_gemm import experts_forward as triton_forward
 
@@ -286,7 +351,9 @@ def experts_backward(g_out: Tensor, x: Tensor, offsets: Tensor, w1: Tensor, b1: 
     elif backend == "reference":
         grads = reference_backward(g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation)
     elif backend == "grouped_mm":
-        grads = _gmm_backward(g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3)
+        grads = _split_backward(_TorchGroupedMM, g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3)
+    elif elementwise.is_expression(activation):
+        grads = _split_backward(_TritonGroupedMM, g_out, x, offsets, w1, b1, w3, b3, w2, b2, activation, h1, h3)
     else:
         from moec.runtime.kernels.grouped_gemm import experts_backward as triton_backward
 

@@ -16,8 +16,9 @@ moec_ops = torch.ops.moec
 
 
 def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
-    """Slots per expert: ceil(factor * tokens * k / E), in integers so symbolic sizes stay exact."""
-    f = Fraction(factor).limit_denominator(1000)
+    """Slots per expert: ceil(factor * tokens * k / E), in integers so symbolic sizes stay exact. The factor
+    is the decimal it is written as (1.1 is 11/10, not the binary float just above it)."""
+    f = Fraction(repr(float(factor)))
     return -(-(tokens * k * f.numerator) // (num_experts * f.denominator))
 
 

@@ -25,7 +25,13 @@ class BuildInfo:
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
+        """The build's facts for a run of batch sequences of seq_len tokens a step; MoecError when the model
+        cannot take sequences that long."""
         config = json.loads((Path(build_dir) / "config.json").read_text())
+        context = config["result"].get("context")
+        if context and seq_len > context:
+            raise MoecError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; "
+                            f"pass --seq-len {context} or less")
         options = Options.from_json(config["options"])
         vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
