@@ -149,30 +149,46 @@ def _linear(node, nodes):
     return None
 
 
-def _half(node, nodes):
-    """(linear match, half index, width) if node is one half of a split linear output."""
-    if not (node.op == "call_function" and node.target == operator.getitem):
+def _part(node, nodes):
+    """(linear match, start, stop) if node is a slice of a projection's output along its last dimension
+    (a split or chunk item, or a slice)."""
+    if node.op != "call_function":
         return None
-    split = node.args[0]
-    if split.op != "call_function" or split.target not in (aten.split.Tensor, aten.chunk.default):
+    last = lambda dim, t: dim in (-1, t.dim() - 1)
+    if node.target == operator.getitem:
+        split = node.args[0]
+        if split.op != "call_function" or split.target not in (aten.split.Tensor, aten.split_with_sizes.default,
+                                                               aten.chunk.default):
+            return None
+        parts = split.meta["val"]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if not last(dim, parts[0]):
+            return None
+        widths = [p.shape[-1] for p in parts]
+        start = sum(widths[:node.args[1]])
+        source, stop, extra = split.args[0], start + widths[node.args[1]], {node, split}
+    elif node.target == aten.slice.Tensor:
+        dim, start, stop = (list(node.args[1:4]) + [0, 0, None])[:3]
+        src_val = node.args[0].meta["val"]
+        if not last(dim, src_val) or not isinstance(start, int) or not isinstance(stop, int):
+            return None
+        source, stop, extra = node.args[0], min(stop, src_val.shape[-1]), {node}
+    else:
         return None
-    parts = split.meta["val"]
-    if len(parts) != 2 or split.args[-1] not in (-1, parts[0].dim() - 1) or parts[0].shape[-1] != parts[1].shape[-1]:
-        return None
-    lin = _linear(_through(split.args[0], nodes), nodes)
+    lin = _linear(_through(source, nodes), nodes)
     if lin is None:
         return None
-    nodes.update({node, split})
-    return lin, node.args[1], parts[0].shape[-1]
+    nodes.update(extra)
+    return lin, start, stop
 
 
 def _projection(node, nodes):
-    """("linear", match) or ("half", match) when node is a projection's output (or half of one)."""
+    """("linear", match) or ("part", match) when node is a projection's output (or a slice of one)."""
     lin = _linear(node, nodes)
     if lin is not None:
         return "linear", lin
-    half = _half(node, nodes)
-    return ("half", half) if half is not None else None
+    part = _part(node, nodes)
+    return ("part", part) if part is not None else None
 
 
 def _tensor_args(node):
@@ -281,15 +297,13 @@ def _up_weights(ups, nodes):
         if len(xs) != 1:
             raise Rejected("the projections read different inputs")
         return xs.pop(), [(m[1], m[2]) for _, m in found]
-    if kinds == {"half"} and len(found) == 2:
-        (lin, i, width), (lin2, j, _) = (m for _, m in found)
-        if lin[1].name != lin2[1].name or i == j:
-            raise Rejected("the halves come from different projections")
-        x, w, b = lin
-        part = lambda idx: (WeightRef(w.name, idx * width, (idx + 1) * width, w.transposed),
-                            b and WeightRef(b.name, idx * width, (idx + 1) * width))
-        return x, [part(i), part(j)]
-    raise Rejected("a projection split in two is used by half")
+    if kinds == {"part"}:
+        lin = found[0][1][0]
+        if any(m[0][1].name != lin[1].name for _, m in found):
+            raise Rejected("the slices come from different projections")
+        rows = lambda ref, start, stop: ref and WeightRef(ref.name, start, stop, ref.transposed)
+        return lin[0], [(rows(lin[1], start, stop), rows(lin[2], start, stop)) for _, (_, start, stop) in found]
+    raise Rejected("the elementwise part reads a projection and a slice of another")
 
 
 def _match(down_node: torch.fx.Node) -> FFN | None:
@@ -329,7 +343,9 @@ def _match(down_node: torch.fx.Node) -> FFN | None:
     for n in nodes - {out}:
         outside = [u for u in n.users if u not in nodes]
         if outside:
-            raise Rejected(f"{n.name} also feeds {outside[0].name} ({_op_name(outside[0])}), outside the block")
+            path = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values()]
+            raise Rejected(f"{n.name} ({path[-1] if path else 'the block'}) also feeds {outside[0].name} "
+                           f"({_op_name(outside[0])}) outside the FFN")
     (w1, b1), (w3, b3) = weights[0], weights[1] if len(weights) == 2 else (None, None)
     return FFN(module=_module(nodes), x=x, out=out, activation=activation, w1=w1, b1=b1, w2=w2, b2=b2,
                w3=w3, b3=b3, nodes=nodes)

@@ -55,6 +55,34 @@ class Gated(nn.Module):
         return self.down(self.act(g) * u)
 
 
+class Written(nn.Module):
+    """An FFN whose activation and projections are written out by hand: act(up) or, gated, act(gate, up);
+    projections by F.linear, or by matmul with W.T (Falcon's FalconLinear) or with a weight stored
+    [in, out]."""
+
+    def __init__(self, act, gated=False, matmul=None):
+        super().__init__()
+        in_out = matmul == "in_out"
+        self.w_in = nn.Parameter(torch.randn(*((D, FW) if in_out else (FW, D))) * 0.2)
+        self.w_gate = nn.Parameter(torch.randn(FW, D) * 0.2) if gated else None
+        self.w_out = nn.Parameter(torch.randn(*((FW, D) if in_out else (D, FW))) * 0.2)
+        self.b_out = nn.Parameter(torch.randn(D) * 0.1)
+        self.act, self.matmul = act, matmul
+
+    def forward(self, x):
+        if self.matmul == "transposed":
+            return self.act(x @ self.w_in.T) @ self.w_out.T + self.b_out
+        if self.matmul == "in_out":
+            return torch.matmul(self.act(torch.matmul(x, self.w_in)), self.w_out) + self.b_out
+        up = F.linear(x, self.w_in)
+        h = self.act(up) if self.w_gate is None else self.act(F.linear(x, self.w_gate), up)
+        return F.linear(h, self.w_out, self.b_out)
+
+
+def bloom_gelu(x):  # BLOOM's tanh GELU, spelled its own way
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
 BLOCKS = {
     "sequential_gelu": lambda: nn.Sequential(nn.Linear(D, FW), nn.GELU(), nn.Linear(FW, D)),
     "sequential_relu": lambda: nn.Sequential(nn.Linear(D, FW), nn.ReLU(), nn.Linear(FW, D)),
@@ -63,10 +91,20 @@ BLOCKS = {
     "swiglu": lambda: Gated(),
     "geglu": lambda: Gated(F.gelu),
     "fused_swiglu": lambda: Gated(fused=True),
+    "spelled_gelu_tanh": lambda: Written(bloom_gelu),
+    "spelled_swiglu": lambda: Written(lambda g, u: u * (g * torch.sigmoid(g)), gated=True),
+    "matmul_transposed_gelu": lambda: Written(F.gelu, matmul="transposed"),
+    "matmul_in_out_relu": lambda: Written(F.relu, matmul="in_out"),
+    "squared_relu": lambda: Written(lambda u: torch.relu(u).square()),
+    "quick_gelu_glu": lambda: Written(lambda g, u: g * torch.sigmoid(1.702 * g) * u, gated=True),
 }
+EXPRESSION = None  # EXPECTED's activation for an FFN kept as an elementwise expression
 EXPECTED = {"sequential_gelu": ("gelu", False), "sequential_relu": ("relu", False),
             "functional_relu": ("relu", False), "functional_silu": ("silu", False), "swiglu": ("silu", True),
-            "geglu": ("gelu", True), "fused_swiglu": ("silu", True)}
+            "geglu": ("gelu", True), "fused_swiglu": ("silu", True), "spelled_gelu_tanh": ("gelu_tanh", False),
+            "spelled_swiglu": ("silu", True), "matmul_transposed_gelu": ("gelu", False),
+            "matmul_in_out_relu": ("relu", False), "squared_relu": (EXPRESSION, False),
+            "quick_gelu_glu": (EXPRESSION, True)}
 
 
 def captured(kind: str, seed: int = 0):

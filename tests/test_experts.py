@@ -11,6 +11,15 @@ from tests.numerics import assert_matches
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the kernels are compiled (tests/conftest.py)
 
 PARAMS = ("w1", "b1", "w3", "b3", "w2", "b2")
+# elementwise parts no kernel fuses, as find_ffn writes them: squared ReLU, and x*sigmoid(1.702x) gating
+RELU2 = "relu = aten.relu.default(h1); square = aten.square.default(relu)"
+QUICK_GLU = ("mul = aten.mul.Tensor(h1, 1.702); sig = aten.sigmoid.default(mul); g = aten.mul.Tensor(h1, sig); "
+             "out = aten.mul.Tensor(g, h3)")
+
+
+def _activation(name: str, gated: bool) -> str:
+    """A fused activation's name, or for "expression" the expression that fits the FFN's kind."""
+    return (QUICK_GLU if gated else RELU2) if name == "expression" else name
 
 
 def _case(counts, tail, D, F, gated, bias, seed, dtype=torch.float32, device=DEVICE):
@@ -33,9 +42,10 @@ def _run(x, offsets, p, gy, activation, **kw):
 @settings(max_examples=8, deadline=None)
 @given(counts=st.lists(st.integers(0, 24), min_size=1, max_size=5), tail=st.integers(0, 6),
        D=st.sampled_from([16, 24]), F=st.sampled_from([16, 40]), gated=st.booleans(), bias=st.booleans(),
-       activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]), recompute=st.booleans(),
+       activation=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "expression"]), recompute=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_triton_backend_matches_reference(counts, tail, D, F, gated, bias, activation, recompute, seed):
+    activation = _activation(activation, gated)
     x, offsets, p, gy = _case(counts, tail, D, F, gated, bias, seed)
     y_ref, g_ref = _run(x, offsets, p, gy, activation, backend="reference")
     y, g = _run(x, offsets, p, gy, activation, backend="triton", recompute=recompute)
@@ -44,6 +54,35 @@ def test_triton_backend_matches_reference(counts, tail, D, F, gated, bias, activ
     assert len(g) == len(g_ref)
     for a, b in zip(g, g_ref):
         assert_matches(a, b)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_expression_activation_is_the_written_function(backend, gated):
+    """Against plain torch per expert, written independently of moec: the expression's value and its
+    gradients (autograd through the formula)."""
+    x, offsets, p, gy = _case([5, 0, 9], 3, 16, 24, gated, True, 1)
+    y, g = _run(x, offsets, p, gy, _activation("expression", gated), backend=backend)
+    bounds = offsets.tolist()
+    parts = []
+    for e in range(3):
+        xe = x[bounds[e]:bounds[e + 1]]
+        h1 = xe @ p["w1"][e].t() + p["b1"][e]
+        h = torch.relu(h1) ** 2 if not gated else h1 * torch.sigmoid(1.702 * h1) * (xe @ p["w3"][e].t() + p["b3"][e])
+        parts.append(h @ p["w2"][e].t() + p["b2"][e])
+    ref = torch.cat(parts + [x.new_zeros(3, 16)])
+    leaves = [x] + [p[n] for n in PARAMS if p[n] is not None]
+    assert_matches(y, ref)
+    for a, b in zip(g, torch.autograd.grad(ref, leaves, gy)):
+        assert_matches(a, b)
+
+
+def test_expression_must_fit_the_ffn_kind():
+    x, offsets, p, _ = _case([4], 0, 16, 16, False, False, 0)
+    with pytest.raises(moec.MoecError, match="uses h3, but the experts are plain"):
+        experts(x, offsets, *(p[n] for n in PARAMS), QUICK_GLU)
+    with pytest.raises(moec.MoecError, match="sum.dim_IntList is not elementwise"):
+        experts(x, offsets, *(p[n] for n in PARAMS), "s = aten.sum.dim_IntList(h1, [0])")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -138,12 +177,13 @@ def _gpu_backends() -> list[str]:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: bf16 backends at a real shape")
 @pytest.mark.parametrize("backend", _gpu_backends())
-def test_gpu_backends_at_real_shape(backend):
+@pytest.mark.parametrize("activation", ["silu", QUICK_GLU])
+def test_gpu_backends_at_real_shape(backend, activation):
     counts = [300, 0, 1100, 17, 640, 0, 5, 2000]
     x, offsets, p, gy = _case(counts, 31, 1024, 768, True, False, 0, torch.bfloat16, "cuda")
-    y_ref, g_ref = _run(x, offsets, p, gy, "silu", backend="reference")
+    y_ref, g_ref = _run(x, offsets, p, gy, activation, backend="reference")
     for recompute in (False, True):
-        y, g = _run(x, offsets, p, gy, "silu", backend=backend, recompute=recompute)
+        y, g = _run(x, offsets, p, gy, activation, backend=backend, recompute=recompute)
         rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert rel(y, y_ref) < 1e-2
         assert y[int(offsets[-1]):].abs().sum() == 0

@@ -1,11 +1,13 @@
 """Every Hugging Face decoder family of examples/hf_models.py compiles, verifies against its dense model,
 and trains: one table (FAMILIES), one test per family."""
+import inspect
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from moec.base.options import Options
@@ -23,8 +25,18 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _needs_capturable(family: str) -> None:
+    if family == "opt":
+        from transformers.models.opt.modeling_opt import OPTDecoder
+
+        if "layerdrop > 0" not in inspect.getsource(OPTDecoder.forward):
+            pytest.skip("this transformers' OPT draws a random layer drop in training mode even at layerdrop 0, "
+                        "a data-dependent branch no graph capture follows (later versions test layerdrop > 0 first)")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_compiles_verifies_and_trains(tmp_path, family):
+    _needs_capturable(family)
     build = tmp_path / family
     report = compile_model(str(EXAMPLE), str(build), Options(experts=4, topk=2, config=family), log=lambda *a: None)
     assert report["moe_layers"] == 2
@@ -35,6 +47,20 @@ def test_family_compiles_verifies_and_trains(tmp_path, family):
     losses = _losses(tmp_path / "run")
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses  # it learns
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: the build's train.py on a GPU")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_on_gpu(tmp_path, family):
+    _needs_capturable(family)
+    build = tmp_path / family
+    compile_model(str(EXAMPLE), str(build), Options(experts=4, topk=2, config=family, verify=False),
+                  log=lambda *a: None)
+    r = run_train(build, "--steps", "3", "--log-every", "1", "--device", "cuda", "--eval-every", "0",
+                  "--ckpt-every", "0", run_dir=tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
 def test_cli_reports_the_moe_rewrite():

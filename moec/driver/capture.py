@@ -249,8 +249,32 @@ def _functional_inplace(g: torch.fx.Graph) -> None:
         g.erase_node(n)
 
 
+def _drop_dtype_checks(g: torch.fx.Graph) -> None:
+    """export asserts each tensor's traced dtype and device before a cast; the program runs in the dtype
+    and on the device training chooses (bf16 on a GPU), where the float32 it traced would fail them."""
+    for n in list(g.nodes):
+        if n.op == "call_function" and n.target == torch.ops.aten._assert_tensor_metadata.default:
+            g.erase_node(n)
+
+
+def _constants_as_buffers(gm: torch.fx.GraphModule) -> None:
+    """A tensor the graph reads that is neither a parameter nor a buffer (a constant export lifted, such
+    as BLOOM's or GPT-J's, on some torch versions) becomes a buffer of its module, so it is written with
+    the weights and moved with the model."""
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        owner_path, _, name = n.target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, name, None)
+        if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
+            delattr(owner, name)
+            owner.register_buffer(name, value.detach().clone())
+
+
 def _normalise(gm: torch.fx.GraphModule) -> None:
     g = gm.graph
+    _constants_as_buffers(gm)
     g._codegen = torch.fx.graph.CodeGen()  # flat inputs, whatever the output node holds
     for n in list(g.nodes):
         if n.op == "call_module" and n.target == "_guards_fn":
@@ -260,9 +284,13 @@ def _normalise(gm: torch.fx.GraphModule) -> None:
     gm._forward_pre_hooks.clear()  # export's input checks; the emitted program is shape-generic
     for name in ("train", "eval"):  # export forbids switching modes; dropout reads the mode (below)
         gm.__dict__.pop(name, None)
-    for graph in [g] + [m.graph for m in gm.children() if isinstance(m, torch.fx.GraphModule)]:
-        _device_from_input(graph)  # the regions of higher-order calls too (autocast, no_grad)
+    regions = [m for m in gm.children() if isinstance(m, torch.fx.GraphModule)]  # autocast, no_grad calls
+    for graph in [g] + [m.graph for m in regions]:
+        _device_from_input(graph)
         _functional_inplace(graph)
+        _drop_dtype_checks(graph)
+    for m in regions:
+        m.recompile()
     _dropout_follows_mode(g)
     out = next(n for n in g.nodes if n.op == "output")
     flat = torch.utils._pytree.tree_leaves(out.args[0])

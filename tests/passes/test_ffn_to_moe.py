@@ -21,7 +21,8 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("kind,combo", list(itertools.product(["sequential_gelu", "swiglu", "functional_relu"],
-                                                              COMBOS)))
+                                                              COMBOS)) + list(itertools.product(
+    ["squared_relu", "quick_gelu_glu", "matmul_in_out_relu", "spelled_gelu_tanh"], [COMBOS[1], COMBOS[5], COMBOS[8]])))
 def test_upcycled_model_computes_the_dense_model(kind, combo):
     E, K, router, S, M, every, first, pyramid = combo
     model, x, gm = captured(kind)

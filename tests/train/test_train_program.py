@@ -1,11 +1,17 @@
 """The emitted train.py end to end: loss goes down, metrics, export, bad input, NaN stop."""
 import json
+import re
+import subprocess
+import sys
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 
 from moec.base.options import Options
+from moec.driver.capture import capture
 from moec.driver.compiler import compile_model
+from moec.driver.model_shape import context_length
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, run_train
 
@@ -101,3 +107,28 @@ def test_build_without_weights_is_one_line_exit_2(tmp_path):
     r = run_train(build, "--steps", 2, run_dir=tmp_path / "run")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--max-weights-gb" in r.stderr, r.stderr
+
+
+def test_seq_len_defaults_to_and_stops_at_the_models_context(moe_build, tmp_path):
+    # TINY's block_size is 64 positions: the default is cut to it, and a longer --seq-len is refused
+    help_text = subprocess.run([sys.executable, str(moe_build / "train.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    assert re.search(r"--seq-len SEQ_LEN\s+tokens per sequence[^(]*\(default: (\d+)\)", help_text).group(1) == "64"
+    r = run_train(moe_build, "--steps", 1, "--seq-len", 65, run_dir=tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --seq-len 65 is longer than the model's context of 64 tokens; pass --seq-len 64 or less"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_context_is_read_from_the_position_table_when_no_config_says_it():
+    class Positions(nn.Module):  # no config attribute: only the 48-row position table bounds the length
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(100, 16), nn.Embedding(48, 16), nn.Linear(16, 100)
+
+        def forward(self, ids):
+            return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+    model = Positions()
+    assert context_length(capture(model, (torch.zeros(2, 8, dtype=torch.long),)), model) == 48
