@@ -4,10 +4,11 @@ The graph is captured and transformed on the meta device first (no weights:
 a 70B model compiles in seconds). When the MoE model's weights fit the
 --max-weights-gb budget they are made for real: the dense model is built on
 the CPU (or loaded from --weights), captured and upcycled again. Everything is
-written to a temporary directory that replaces the build dir only at the end.
+written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
 """
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -34,23 +35,70 @@ BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
 def compile_model(model: str, out: str, options: Options, force: bool = False, stop_after: str | None = None,
                   log=print) -> dict:
     """Compile the model file into the build dir `out`; stop_after: write only ir/ and config.json, up to
-    that pass."""
+    that pass. With force, an existing `out` is replaced, all but its runs/ (train.py's), which the new build
+    keeps."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MoecError(f"{out} exists and is not empty; pass --force to replace it")
+        raise MoecError(f"{out} exists and is not empty; pass --force to replace it (its runs/ are kept)")
     mod = load_module(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a short name: out.name may already be as long as a name can be
+        tmp = Path(tempfile.mkdtemp(prefix=".moec-", dir=out.parent))
+    except (FileExistsError, NotADirectoryError) as e:  # the nearest existing parent is not a dir
+        blocker = next(p for p in out.parents if os.path.lexists(p))
+        raise MoecError(f"cannot create {out}: {blocker} is not a directory") from e
+    except OSError as e:  # e.filename: the dir it failed to make
+        raise MoecError(f"cannot create {out}: {e.strerror.lower()} in {Path(e.filename or out).parent}") from e
     try:
         report = _compile_into(model, options, mod, tmp, stop_after, log)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace(out, tmp)
     log(f"wrote {out}/")
     return report
+
+
+def _replace(out: Path, tmp: Path) -> None:
+    """Put the build tmp at out, carrying out/runs over into it. Only renames, undone if one fails: either
+    the new build is at out or the old one is, with its runs/."""
+    runs, trash, carried = out / "runs", None, False
+    try:
+        if os.path.lexists(runs):
+            runs.rename(tmp / "runs")
+            carried = True
+        if os.path.lexists(out):
+            trash = Path(tempfile.mkdtemp(prefix=".moec-", dir=out.parent))
+            out.rename(trash / "old")
+        tmp.rename(out)
+    except BaseException as e:
+        if trash is not None and os.path.lexists(trash / "old"):
+            (trash / "old").rename(out)
+        if carried:
+            (tmp / "runs").rename(runs)  # before tmp is deleted: if this fails, nothing is
+        shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise MoecError(f"cannot replace {out}: {e.strerror.lower()}; it is left as it was") from e
+        raise
+    if trash is not None:
+        shutil.rmtree(trash)
+
+
+def _follow_umask(build: Path) -> None:
+    """Give build and everything in it the modes mkdir and open would have: mkdtemp makes the dir 0700 and
+    safetensors writes the weights 0600."""
+    mask = os.umask(0)  # reading the umask means setting it
+    os.umask(mask)
+    build.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(build):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> dict:
