@@ -17,9 +17,13 @@ TEMPLATE = '''"""Train {title}.
                                                  # for a build compiled with --ep; --zero shards the optimizer state
     python train.py --steps 200 --resume         # continue from the run's newest checkpoint
 
+A run dir holds one run (run.json says whose): a fresh start in a used one is refused
+(--resume continues it, --overwrite starts over); a resume applies the flags it is given.
+
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -44,18 +48,24 @@ def parse_args():
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm cap; 0: no clipping")
     p.add_argument("--data", default=None, help="text file or .bin of token ids; default: the embedded text")
     p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help="token id type of a .bin")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="tail of the data held out for validation")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="tail of the data held out for validation; 0: no validation")
     p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=8, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100,
                    help="0: only at the end; -1: never (a signal still saves one)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--run-dir", default=str(HERE / "runs" / "latest"))
+    p.add_argument("--keep", type=int, default=3, help="newest intact checkpoints kept")
+    p.add_argument("--run-dir", default=str(HERE / "runs" / "latest"), help="one run's checkpoints and metrics")
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    p.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="continue from the checkpoint of this step (later ones are moved aside)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --run-dir and start over")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective waits for the other ranks before the run stops")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over the data-parallel ranks "
@@ -65,18 +75,17 @@ def parse_args():
                    help="where to train: a GPU when there is one (auto), or the one named")
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
-    args = p.parse_args()
-    if args.grad_accum < 1:
-        p.error("--grad-accum must be at least 1")
-    return args
+    return p.parse_args()
 
 
 def main(args):
-    env = rt.setup_distributed(args.seed, args.device)
+    rt.check_flags(args)
+    env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
     model = Model(device=env.device)
     rt.load_weights(model, HERE / "model.safetensors")
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
+    before = rt.RunDir(run_dir, build.fingerprint, HERE).claim(args) if env.rank == 0 else {{}}
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
     # the build's plan: DDP/FSDP2, or EP; ZeRO-1 when the plan chose it or --zero asks
@@ -90,19 +99,17 @@ def main(args):
                                    [{{"params": decay, "weight_decay": args.weight_decay}},
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
-    schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio)
-    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh, by_name=build.options.ep > 1)
-    start = 0
-    if args.resume:
-        state = ckpt.load_latest(model, optimizer)
-        if state is not None:
-            start = state["step"]
-            schedule.load_state_dict(state["schedule"])
-            rt.set_rng_state(state["rng"])
-    log = rt.RunLog(run_dir, args, build, env, start, resumed=args.resume)
+    ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
+                           by_name=build.options.ep > 1, fingerprint=build.fingerprint)
+    start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
+    schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
+    log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0)
+    guard = rt.LossGuard()
+    validate = args.val_fraction > 0
 
     def save(step):
-        return ckpt.save(step, model, optimizer, {{"schedule": schedule.state_dict(), "rng": rt.rng_state()}})
+        return ckpt.save(step, model, optimizer, {{"rng": rt.rng_state()}})
 
     def loss_of(inputs, targets):
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
@@ -124,12 +131,12 @@ def main(args):
                 with parallel.accumulating(micro + 1 < args.grad_accum):
                     (loss / args.grad_accum).backward()
                 lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
-            rt.check_finite(loss_sum, step + 1, ckpt)  # before the weights change
-            grad_norm = parallel.clip_grad_norm_(args.grad_clip)
+            guard.check(loss_sum, step + 1, ckpt)  # before the weights change
+            grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
-            if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 model.eval()  # dropout off for the held-out loss
                 with torch.no_grad():
                     batches = (data.batch("val", i, args.batch_size, env.rank, env.world)

@@ -6,8 +6,12 @@ from moec.runtime import distributed, ops  # noqa: F401  registers the moec:: op
 from moec.runtime.kernels.generated import load_build as load_kernels  # noqa: F401
 from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
 from moec.runtime.training.data import TokenData, load_tokens  # noqa: F401
-from moec.runtime.training.loop import (StopOnSignal, check_finite, export_weights, parallelize, rng_state,  # noqa: F401
-                                        run_main, set_rng_state, setup_distributed, teardown, wrap)
+from moec.runtime.training.divergence import LossGuard  # noqa: F401
+from moec.runtime.training.flags import check_flags  # noqa: F401
+from moec.runtime.training.loop import (StopOnSignal, export_weights, parallelize, rng_state, run_main,  # noqa: F401
+                                        setup_distributed, teardown, wrap)
+from moec.runtime.training.resume import resume  # noqa: F401
+from moec.runtime.training.rundir import RunDir  # noqa: F401
 from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
 from moec.runtime.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
 from moec.runtime.weights import declare, load_state, load_weights  # noqa: F401

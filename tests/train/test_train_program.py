@@ -74,7 +74,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(moe_build, tmp_path):
     r = run_train(moe_build, "--steps", 20, "--ckpt-every", 4, "--log-every", 1, "--debug-nan-at-step", 6,
                   run_dir=run)
     assert r.returncode == 2
-    assert "loss is not finite at step 6" in r.stderr and "step_00000004" in r.stderr
+    assert "loss is not finite at step 6" in r.stderr and "--resume-from 4" in r.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
     assert max(x["step"] for x in read_metrics(run / "metrics.jsonl")) == 5
     assert not (run / "final.safetensors").exists()

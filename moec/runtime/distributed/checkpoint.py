@@ -6,14 +6,94 @@ checkpoint holds every expert once under its global shape. Loading builds the
 same state for the current mesh and lets DCP read each rank's slice: a run
 saved at EP=2 resumes at EP=4, or on one process (plain, full tensors).
 Replicated tensors are plain tensors; DCP writes them once.
+
+Loading never runs code a checkpoint carries: DCP unpickles .metadata with
+pickle.load and its non-tensor items with torch.load(weights_only=False), so
+every load here goes through load_state, whose reader admits only the classes
+DCP's Metadata is made of and whose planner reads non-tensor items with
+weights_only=True. A checkpoint holding anything else fails to load with
+pickle.UnpicklingError.
 """
+import io
+import pickle
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moec.base.errors import MoecError
 from moec.runtime.distributed.params import is_expert
+
+# What DCP pickles into .metadata (torch 2.11 to 2.13): its dataclasses, torch.Size,
+# dtypes and layouts, and the checkpoint's path in StorageMeta (pathlib._local from Python 3.13)
+_PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"} | {name for name, v in vars(torch).items() if isinstance(v, torch.dtype)},
+    "torch.serialization": {"_get_layout"},  # looks a layout up by name
+    "pathlib": _PATHS, "pathlib._local": _PATHS,
+    "builtins": {"set", "frozenset"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name not in METADATA_GLOBALS.get(module, ()):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose read_metadata unpickles only METADATA_GLOBALS."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")  # DCP's fallback to per-rank metadata
+        name = ".metadata" if rank is None else f"__{rank}.metadata"
+        with open(self.fs.concat_path(self.path, name), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"checkpoint metadata is a {type(metadata).__name__}, not a DCP Metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # the parent reads with torch.load(weights_only=False): hand it a copy of what weights_only admitted
+        safe = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
+
+
+def read_metadata(path) -> Metadata:
+    return SafeReader(path).read_metadata()
+
+
+def load_state(state: dict, path) -> None:
+    """dcp.load without unpickling anything but tensors and plain data."""
+    dcp.load(state, storage_reader=SafeReader(path), planner=_SafePlanner(), no_dist=not dist.is_initialized())
+
+
+def mismatch(state: dict, metadata: Metadata) -> str | None:
+    """What keeps a checkpoint with this metadata from filling state (a key it lacks, a shape it has
+    otherwise), or None."""
+    saved = metadata.state_dict_metadata
+    for key, value in state.items():
+        if key not in saved:
+            return f"it has no {key}"
+        if torch.is_tensor(value) and (size := getattr(saved[key], "size", None)) != value.shape:
+            return f"{key} is {'not a tensor' if size is None else list(size)} in it, {list(value.shape)} here"
+    return None
 
 
 def _wrap(name: str, t: torch.Tensor, mesh):
@@ -35,7 +115,8 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _state(model, optimizer, mesh) -> dict:
+def named_state(model, optimizer, mesh) -> dict:
+    """The state this layout saves, keyed "model.NAME" and "optim.NAME.KEY"; optimizer None: the model's."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise MoecError(f"checkpoint: {type(optimizer).__name__} is not a torch.optim.Optimizer; its state "
                         "cannot be saved by parameter name")
@@ -49,7 +130,7 @@ def _state(model, optimizer, mesh) -> dict:
 
 
 def save(path, model: torch.nn.Module, optimizer=None, mesh=None) -> None:
-    dcp.save(_state(model, optimizer, mesh), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    dcp.save(named_state(model, optimizer, mesh), checkpoint_id=str(path), no_dist=not dist.is_initialized())
 
 
 def load(path, model: torch.nn.Module, optimizer=None, mesh=None) -> None:
@@ -58,4 +139,4 @@ def load(path, model: torch.nn.Module, optimizer=None, mesh=None) -> None:
         _init_optimizer_state(optimizer)
     # the state's tensors alias the parameters and optimizer tensors (DTensor.from_local keeps
     # the local tensor), so DCP's in-place load fills them
-    dcp.load(_state(model, optimizer, mesh), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    load_state(named_state(model, optimizer, mesh), path)

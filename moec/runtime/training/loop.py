@@ -2,15 +2,21 @@
 setup under torchrun, data-parallel wrapping, signals, the NaN stop, RNG
 state and the final export of the weights."""
 import contextlib
+import datetime
 import os
+import re
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from moec.base.errors import MoecError
+
+
+_watch = None  # (side gloo group, timeout_s) while a process group is up: what run_main names lost ranks with
 
 
 @dataclass
@@ -21,10 +27,12 @@ class Env:
     device: torch.device
 
 
-def setup_distributed(seed: int, device: str = "auto") -> Env:
+def setup_distributed(seed: int, device: str = "auto", timeout_s: float = 600.0) -> Env:
     """One process: CPU or the first GPU. Under torchrun (WORLD_SIZE > 1): a process group,
     NCCL on GPUs (RCCL on ROCm builds answers to the same name), gloo on CPUs. device: "auto" (a GPU
-    when there is one), "cuda" or "cpu"."""
+    when there is one), "cuda" or "cpu". timeout_s: how long a collective waits for the other ranks
+    before the run stops (run_main then names the ranks that did not arrive)."""
+    global _watch
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -35,7 +43,15 @@ def setup_distributed(seed: int, device: str = "auto") -> Env:
         torch.cuda.set_device(local)
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Subgroups (the DeviceMesh dims of EP and FSDP runs) take torch's default timeout, 30 min on gloo,
+        # not the default group's, and init_device_mesh takes none: make ours the default.
+        c10d = dist.distributed_c10d
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout)
+        # A group of its own for naming the missing ranks after a timeout: the timed-out group's
+        # connections are closed by then ("Application timeout caused pair closure").
+        _watch = (dist.new_group(backend="gloo", timeout=timeout), timeout_s)
     torch.manual_seed(seed)
     return Env(rank, world, local, device)
 
@@ -111,18 +127,63 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def teardown() -> None:
+    global _watch
+    _watch = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+# What gloo raises (a RuntimeError naming no rank) when a peer does not answer in time, "[.../gloo/transport/
+# tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete" (later ops on that
+# group: "Application timeout caused pair closure"), and when a peer is gone. NCCL's watchdog ends the
+# process itself on a timeout; only with TORCH_NCCL_BLOCKING_WAIT=1 does Python see its error.
+_TIMED_OUT = re.compile(r"Timed out waiting|Application timeout caused pair closure|collective operation timeout")
+_CLOSED = re.compile(r"Connection (closed|reset) by peer")
+
+
 def run_main(main, args) -> int:
-    """Run train.py's main; a user's mistake (bad --data, ...) prints one line and exits 2."""
+    """Run train.py's main; a user's mistake (bad --data, ...) prints one line and exits 2.
+    A collective that timed out, or lost a rank, prints one line naming the missing ranks and exits 1."""
     try:
         return main(args)
     except MoecError as e:
         print(f"error: {e}", file=sys.stderr)
         teardown()
         return 2
+    except Exception as e:
+        timed_out = bool(_TIMED_OUT.search(str(e)))
+        missing = _missing_ranks(*_watch) if _watch and (timed_out or _CLOSED.search(str(e))) else []
+        if not missing:
+            raise  # every rank answered: a bug (say, ranks calling different collectives), not a lost rank
+        me, timeout_s = dist.get_rank(), _watch[1]
+        who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+        what = (f"waited {timeout_s:g} s for {who}, which did not arrive (stopped, hung or dead)" if timed_out
+                else f"lost its connection to {who} (dead or killed)")
+        print(f"error: rank {me}: a collective {what}; the run is stopped — resume it with --resume",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # no teardown, no interpreter exit: destroying a group whose peer is gone can block
+
+
+def _missing_ranks(group, timeout_s: float) -> list[int]:
+    """The ranks that do not answer on `group` within the timeout (at most a minute: the survivors timed out on
+    the same collective, so they arrive here close together). Each rank messages every other and listens
+    to each, so every survivor names the same ranks; monitored_barrier would tell rank 0 only."""
+    me, world = dist.get_rank(), dist.get_world_size()
+    talks, missing = {}, []
+    for r in range(world):
+        if r != me:
+            try:  # a dead rank's closed connection fails here, at once
+                talks[r] = dist.isend(torch.zeros(1), r, group=group), dist.irecv(torch.zeros(1), r, group=group)
+            except RuntimeError:
+                missing.append(r)
+    deadline = time.monotonic() + min(timeout_s, 60.0)
+    for r, (_, heard) in talks.items():  # the sends stay referenced: dropped, some went unsent (seen on gloo)
+        try:
+            heard.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
+        except RuntimeError:
+            missing.append(r)
+    return sorted(missing)
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -161,17 +222,6 @@ class StopOnSignal:
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name
-
-
-def check_finite(loss: torch.Tensor, step: int, checkpointer) -> None:
-    """Stop the run at the first NaN/inf loss, before it reaches the weights or a checkpoint."""
-    bad = not torch.isfinite(loss.detach()).item()
-    if _any_rank(bad, loss.device):
-        last = checkpointer.latest()
-        raise MoecError(f"loss is not finite at step {step}; stopped before updating the weights. "
-                        + (f"The last good checkpoint is {last}: lower --lr or raise --warmup and rerun "
-                           f"with --resume" if last else "No checkpoint was written yet: lower --lr or raise "
-                           f"--warmup and rerun"))
 
 
 def rng_state() -> dict:

@@ -3,10 +3,15 @@
 On a terminal the bar redraws in place every step; otherwise (a log file, a
 batch job) it prints one line every `every` steps so logs stay readable.
 """
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from moec.base.errors import MoecError
 
 
 def _duration(seconds: float) -> str:
@@ -57,8 +62,8 @@ class MetricsFile:
         if resume_step is None or not self.path.exists():
             self.path.write_text("")
         else:
-            keep = [r for r in self.path.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in keep))
+            keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            _replace(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -66,5 +71,36 @@ class MetricsFile:
                 f.write(json.dumps(record) + "\n")
 
 
+def _replace(path: Path, text: str) -> None:
+    """Write path's new text so that a kill at any moment leaves the old file or the new one, never a cut one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.chmod(tmp, path.stat().st_mode & 0o777)  # not mkstemp's 0600: others may `moec plot` the run
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A run killed mid-append (a full disk, SIGKILL) leaves a cut last
+    line: it is dropped with a warning. An unreadable line before the last is damage, not a cut: an error."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < last:
+                raise MoecError(f"{path}:{i + 1}: not a JSON record ({e.msg}); the file is damaged") from None
+            print(f"warning: {path}:{i + 1}: dropped a cut last record (the run was killed while writing it)",
+                  file=sys.stderr)
+    return records

@@ -1,7 +1,9 @@
 """Everything train.py reports: the progress bar every step, a metrics line and
 a metrics.jsonl record every --log-every steps, validation loss, and what the
 run needs to know about its build (active parameters, MoE options, FLOPs)."""
+import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ class BuildInfo:
     active_params: int
     vocab: int
     flops_per_step: float  # per rank
+    fingerprint: str  # of the parameter table: which checkpoints and run dirs are this model's
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
@@ -36,7 +39,15 @@ class BuildInfo:
         vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
         attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
-        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention))
+        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention), fingerprint(model_cls))
+
+
+def fingerprint(model_cls) -> str:
+    """Names, shapes and dtypes of the model's parameters and buffers (model.py's tables): equal for
+    every build of the same model and plan, whatever else of model.py a user edits."""
+    module = sys.modules[model_cls.__module__]
+    tables = {name: getattr(module, name) for name in ("PARAMS", "BUFFERS", "TIED")}
+    return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_vocab(data, build: BuildInfo) -> None:
