@@ -23,7 +23,9 @@ from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from tests.train.conftest import FAST, ROOT, TINY
 
-ARGS = ["--ckpt-every", "5", "--log-every", "5", "--eval-every", "25", "--keep", "2"]
+# steps long enough (a few tenths of a second) that kills land in training and in checkpoint writes
+ARGS = ["--batch-size", "16", "--seq-len", "64", "--ckpt-every", "5", "--log-every", "5", "--eval-every", "25",
+        "--keep", "2"]
 
 
 def _command(build: Path, run: Path, steps: int, nproc: int, resume: bool) -> list[str]:
@@ -57,22 +59,27 @@ def _final_state(run: Path, steps: int) -> dict:
 
 
 def soak(build: Path, work: Path, steps: int, kills: int, nproc: int, rng: random.Random) -> bool:
-    reference = work / "reference"
+    reference, t0 = work / "reference", time.perf_counter()
     r = subprocess.run(_command(build, reference, steps, nproc, False), capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    run, starts = work / "interrupted", 0
+    whole = time.perf_counter() - t0
+    run, starts, kills_sent = work / "interrupted", 0, []
     for i in range(kills):
         proc = _run(_command(build, run, steps, nproc, resume=starts > 0))
         starts += 1
-        time.sleep(rng.uniform(3.0, 9.0))  # start-up is a few seconds: most kills land in training
+        time.sleep(rng.uniform(0.1, 0.6) * whole)  # some kills land in start-up, most in training
+        mid_save = (run / "checkpoints").exists() and any((run / "checkpoints").glob(".tmp_step_*"))
         if proc.poll() is not None:
+            print(f"  {build.name}: start {starts} ended by itself, exit {proc.returncode}", flush=True)
             break
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
         os.killpg(proc.pid, sig)
         proc.wait()
+        kills_sent.append(sig.name)
         done = sorted(p.name for p in (run / "checkpoints").glob("step_*")) if (run / "checkpoints").exists() else []
-        print(f"  {build.name}: start {starts}: {sig.name} -> exit {proc.returncode}, newest checkpoint "
+        print(f"  {build.name}: start {starts}: {sig.name}{' during a checkpoint write' if mid_save else ''} -> "
+              f"exit {proc.returncode}, newest checkpoint "
               f"{done[-1] if done else 'none'}", flush=True)
     while True:  # run it out
         proc = _run(_command(build, run, steps, nproc, resume=starts > 0))
@@ -83,7 +90,8 @@ def soak(build: Path, work: Path, steps: int, kills: int, nproc: int, rng: rando
         assert starts < kills + 10, err[-2000:]
     ours, theirs = _final_state(run, steps), _final_state(reference, steps)
     same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    print(f"{build.name}: {starts} starts, {len(ours)} tensors in the final checkpoint: "
+    print(f"{build.name}: {starts} starts ({kills_sent.count('SIGKILL')} SIGKILL, {kills_sent.count('SIGTERM')} "
+          f"SIGTERM), {len(ours)} tensors in the final checkpoint: "
           f"{'bitwise equal to' if same else 'DIFFERENT from'} the uninterrupted run", flush=True)
     return same
 

@@ -1,6 +1,6 @@
 """Training checkpoints: model and optimizer through torch.distributed.checkpoint
-(each rank writes its own shards), plus a small per-rank file with the step, LR
-schedule and RNG states. Two layouts, named in that file:
+(each rank writes its own shards), plus a small per-rank file with the step, the optimizer
+settings and RNG states. Two layouts, named in that file:
   "state_dict"  torch's get_state_dict: one process, DDP and FSDP2
   "by_name"     moec.runtime.distributed.checkpoint, each parameter's state under its
                 name: expert-parallel runs (every expert once, at its global
