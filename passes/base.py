@@ -20,6 +20,7 @@ import moec.runtime.ops  # noqa: F401  registers the moec:: ops passes match and
 # gm.meta entries passes share: name -> what it holds
 FACTS = {
     "ffns": "find_ffn.FFN records of the dense FFN blocks, in graph order",
+    "ffn_inputs": "{FFN module: [N, D] float32 rows of its input on calibration tokens} (empty without weights)",
     "moe_layers": "module paths of the FFNs ffn_to_moe turned into MoE layers",
     "kernels": "{module name: source} of the generated Triton kernels the graph calls",
 }

@@ -47,6 +47,51 @@ def _noisy(w, sigma, gen):
     return w + sigma * w.float().std() * torch.randn(w.shape, generator=gen).to(w)
 
 
+ROW_STD = 0.02  # of a random router row's entries; the data-aware inits keep that row norm
+
+
+def router_rows(E: int, D: int, gen, init: str, x: torch.Tensor | None) -> torch.Tensor:
+    """[E, D] router rows, one per (coarse) expert. Every init keeps the step-0 equivalence (identical
+    experts, renormalised weights: the router only decides which copies compute). x: [N, D] FFN inputs
+    on calibration tokens, or None (then random).
+      random    N(0, ROW_STD^2) entries.
+      centered  random rows with the inputs' mean direction projected out: hidden states share a large
+                mean, along which random rows send every token to the same expert.
+      kmeans    centroids of balanced spherical k-means over the centred inputs, each expert a region
+                of the input space holding an equal share of the calibration tokens."""
+    rows = torch.randn(E, D, generator=gen) * ROW_STD
+    if init == "random" or x is None:
+        return rows
+    mean = x.mean(0)
+    unit = mean / mean.norm().clamp_min(1e-12)
+    if init == "kmeans":
+        rows = _balanced_kmeans(x - mean, E, gen) * (ROW_STD * D ** 0.5)
+    return rows - (rows @ unit)[:, None] * unit
+
+
+def _balanced_kmeans(x: torch.Tensor, E: int, gen, iters: int = 10) -> torch.Tensor:
+    """[E, D] unit centroids: spherical k-means whose assignment gives each cluster at most ceil(N/E)
+    points (greedy, most confident points first)."""
+    points = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    N = points.shape[0]
+    centroids = points[torch.randperm(N, generator=gen)[:E]] if N >= E else torch.randn(E, x.shape[1], generator=gen)
+    room = -(-N // E)
+    for _ in range(iters):
+        sims = points @ centroids.t()  # [N, E]
+        assign = torch.full((N,), -1)
+        left = torch.full((E,), room)
+        for flat in sims.flatten().argsort(descending=True).tolist():
+            n, e = divmod(flat, E)
+            if assign[n] < 0 and left[e] > 0:
+                assign[n], left[e] = e, left[e] - 1
+        for e in range(E):
+            members = points[assign == e]
+            if len(members):
+                centroids[e] = members.sum(0)
+        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return centroids
+
+
 class FFNToMoE(Pass):
     name = "ffn_to_moe"
     requires = ("ffns",)
@@ -60,7 +105,8 @@ class FFNToMoE(Pass):
         fetch = lambda ref: None if ref is None else ref.fetch(gm)
         W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
         u = S // M if S % M == 0 else 0
-        w = {"router.weight": (torch.randn(E, W1.shape[1], generator=gen) * 0.02).to(W1).repeat_interleave(M, 0)
+        x = gm.meta.get("ffn_inputs", {}).get(ffn.module)
+        w = {"router.weight": router_rows(E, W1.shape[1], gen, o.router_init, x).to(W1).repeat_interleave(M, 0)
              if not W1.is_meta else W1.new_empty(E * M, W1.shape[1])}
         seg = lambda t: None if t is None else _segments(t, M, E)
         w["experts.w1"], w["experts.b1"], w["experts.w3"], w["experts.b3"] = seg(W1), seg(B1), seg(W3), seg(B3)

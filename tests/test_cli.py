@@ -57,8 +57,9 @@ def test_ir_shows_every_pass_and_its_diff(tmp_path):
     r = run("ir", out)
     assert r.exit_code == 0
     lines = r.output.splitlines()
-    assert [ln.split()[1] for ln in lines[1:]] == ["capture", "find_ffn", "ffn_to_moe", "lower_moe", "lower_to_triton"]
-    moe_row = lines[3].split()
+    passes = ["capture", "find_ffn", "sample_ffn_inputs", "ffn_to_moe", "lower_moe", "lower_to_triton"]
+    assert [ln.split()[1] for ln in lines[1:]] == passes
+    moe_row = lines[1 + passes.index("ffn_to_moe")].split()
     assert moe_row[-2] == "4"  # MoE layers
     assert run("ir", out, "--pass", "lower_moe").output.count("torch.ops.moec.experts.default") == 4
     diff = run("ir", out, "--pass", "ffn_to_moe", "--diff").output

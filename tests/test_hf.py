@@ -68,6 +68,6 @@ def test_cli_reports_the_moe_rewrite():
         r = CliRunner().invoke(main, ["compile", str(EXAMPLE), "--config", "falcon", "--experts", "4", "--topk", "2",
                                       "-o", "b"])
     assert r.exit_code == 0, r.output
-    ffn_line = next(line for line in r.output.splitlines() if "02 ffn_to_moe" in line)
+    ffn_line = next(line for line in r.output.splitlines() if "03 ffn_to_moe" in line)
     assert "changed" in ffn_line.split()  # the word, not "unchanged"
     assert "max relative error" in r.output

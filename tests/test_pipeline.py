@@ -70,7 +70,7 @@ def test_stop_after_writes_the_dumps_up_to_that_pass_only(tmp_path):
                   stop_after="ffn_to_moe", log=lambda s: None)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "ir"]
     dumps = sorted(p.name for p in (out / "ir").glob("*.py"))
-    assert dumps == ["00_capture.py", "01_find_ffn.py", "02_ffn_to_moe.py"]
+    assert dumps == ["00_capture.py", "01_find_ffn.py", "02_sample_ffn_inputs.py", "03_ffn_to_moe.py"]
     header = (out / "ir" / "01_find_ffn.py").read_text().split("\n\n")[0]
     assert "2 dense FFN blocks" in header and "h.0.mlp: plain gelu_tanh, D=32 F=128" in header and "h.1.mlp" in header
     assert json.loads((out / "config.json").read_text())["result"]["stopped_after"] == "ffn_to_moe"
@@ -79,4 +79,7 @@ def test_stop_after_writes_the_dumps_up_to_that_pass_only(tmp_path):
 def test_the_pipeline_is_a_list_of_names():
     names = [p.name for p in passes_for(Options(ep=2))]
     assert names == [n for n in PIPELINE if n != "plan_sharding"]
-    assert [p.name for p in passes_for(Options(), stop_after="lower_moe")] == ["find_ffn", "ffn_to_moe", "lower_moe"]
+    assert [p.name for p in passes_for(Options(), stop_after="lower_moe")] == ["find_ffn", "sample_ffn_inputs",
+                                                                              "ffn_to_moe", "lower_moe"]
+    assert [p.name for p in passes_for(Options(router_init="random"), stop_after="ffn_to_moe")] == ["find_ffn",
+                                                                                                  "ffn_to_moe"]

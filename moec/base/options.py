@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from moec.base.errors import MoecError
 
 ROUTERS = ("softmax", "sigmoid")
+ROUTER_INITS = ("random", "centered", "kmeans")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
 
 
@@ -28,6 +29,8 @@ class Options:
     experts: int = 8
     topk: int = 2
     router: str = "softmax"
+    router_init: str = "centered"  # how router rows start: see passes/ffn_to_moe.py
+    calibration_data: str | None = None  # text or .bin whose FFN inputs data-aware router inits read
     shared_experts: int = 0
     granularity: int = 1
     moe_every: int = 1
@@ -69,6 +72,8 @@ class Options:
                 yield f"--topk {self.topk} is more than the {e} experts a layer has; lower --topk or add experts"
         if self.router not in ROUTERS:
             yield f"--router must be one of {', '.join(ROUTERS)} (got {self.router})"
+        if self.router_init not in ROUTER_INITS:
+            yield f"--router-init must be one of {', '.join(ROUTER_INITS)} (got {self.router_init})"
         if self.granularity < 1:
             yield f"--granularity must be at least 1 (got {self.granularity})"
         if not 0 <= self.shared_experts < self.experts * self.granularity:

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from moec.base.errors import MoecError
-from moec.base.options import EP_VARIANTS, ROUTERS, Options
+from moec.base.options import EP_VARIANTS, ROUTER_INITS, ROUTERS, Options
 
 
 def _set_debug(ctx, _param, value):
@@ -74,6 +74,11 @@ def _pyramid(value):
 @click.option("--experts", default=8, show_default=True, help="Experts per MoE layer (before --granularity).")
 @click.option("--topk", default=2, show_default=True, help="Experts each token is routed to (before --granularity).")
 @click.option("--router", type=click.Choice(ROUTERS), default="softmax", show_default=True)
+@click.option("--router-init", type=click.Choice(ROUTER_INITS), default="centered", show_default=True,
+              help="Router rows: random, random with the mean FFN input projected out (centered), or k-means "
+                   "centroids of the FFN inputs (kmeans); the last two read calibration tokens.")
+@click.option("--calibration-data", default=None, type=click.Path(),
+              help="Text or .bin of token ids for --router-init [the embedded text].")
 @click.option("--shared-experts", default=0, show_default=True, help="Always-on experts, each F/granularity wide.")
 @click.option("--granularity", default=1, show_default=True,
               help="Split each expert into M finer ones: E*M experts of width F/M, top K*M.")

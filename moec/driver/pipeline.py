@@ -32,8 +32,9 @@ from moec.passes.insert_collectives import InsertCollectives
 from moec.passes.lower_moe import LowerMoE
 from moec.passes.lower_to_triton import LowerToTriton
 from moec.passes.plan_sharding import PlanSharding
+from moec.passes.sample_ffn_inputs import SampleFFNInputs
 
-PIPELINE = ("find_ffn", "ffn_to_moe", "lower_moe", "plan_sharding", "insert_collectives", "lower_to_triton")
+PIPELINE = ("find_ffn", "sample_ffn_inputs", "ffn_to_moe", "lower_moe", "plan_sharding", "insert_collectives", "lower_to_triton")
 
 
 class PassFailed(RuntimeError):
@@ -45,11 +46,13 @@ def passes_for(options: Options, plan=None, stop_after: str | None = None) -> li
     for a planner's plan, insert_collectives for expert parallelism, lower_to_triton unless --no-triton."""
     if stop_after is not None and stop_after not in PIPELINE:
         raise MoecError(f"--stop-after {stop_after}: no such pass; passes: {', '.join(PIPELINE)}")
-    wanted = {"find_ffn": True, "ffn_to_moe": not options.dense, "lower_moe": not options.dense,
+    wanted = {"find_ffn": True, "sample_ffn_inputs": not options.dense and options.router_init != "random",
+              "ffn_to_moe": not options.dense, "lower_moe": not options.dense,
               "plan_sharding": plan is not None and not options.dense,
               "insert_collectives": options.ep > 1 and not options.dense,
               "lower_to_triton": options.triton and not options.dense}
-    make = {"find_ffn": FindFFN, "ffn_to_moe": lambda: FFNToMoE(options), "lower_moe": LowerMoE,
+    make = {"find_ffn": FindFFN, "sample_ffn_inputs": lambda: SampleFFNInputs(options),
+            "ffn_to_moe": lambda: FFNToMoE(options), "lower_moe": LowerMoE,
             "plan_sharding": lambda: PlanSharding(plan), "insert_collectives": lambda: InsertCollectives(options),
             "lower_to_triton": LowerToTriton}
     out = []

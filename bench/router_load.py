@@ -1,0 +1,71 @@
+"""Expert load after upcycling, per router initialisation: how evenly do the MoE layers route from the
+first step on?
+
+1. compile examples/gpt.py dense and train it --base-steps (hidden states of a trained model share a
+   large mean direction, which is what sends every token to one expert);
+2. upcycle its final weights with each --router-init and train --steps more, logging every step;
+3. print, per init, the worst layer's expert load max/mean at the chosen steps (1.0 is even; with
+   8 experts top-2, 4.0 means every token's slots go to the same two experts).
+
+    python bench/router_load.py --out build/router-load
+"""
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MOEC = (sys.executable, "-m", "moec.driver.cli")
+INITS = ("random", "centered", "kmeans")
+SHOWN = (1, 2, 5, 10, 20, 30, 50, 100)
+
+
+def sh(*cmd):
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
+
+
+def train(build: Path, run: Path, steps: int, every: int, args):
+    sh(sys.executable, build / "train.py", "--steps", steps, "--batch-size", args.batch_size, "--seq-len",
+       args.seq_len, "--lr", args.lr, "--eval-every", 0, "--log-every", every, "--ckpt-every", -1,
+       "--device", args.device, "--run-dir", run)
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "build" / "router-load"))
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--base-steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        sys.exit(f"{out} exists; pass another --out")
+    sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--dense", "-o", out / "dense")
+    train(out / "dense", out / "dense-run", args.base_steps, args.base_steps, args)
+    rows = {}
+    for init in INITS:
+        build = out / f"moe-{init}"
+        sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--experts", args.experts,
+           "--topk", args.topk, "--router-init", init, "--weights", out / "dense-run" / "final.safetensors",
+           "-o", build)
+        records = [r for r in train(build, out / f"run-{init}", args.steps, 1, args) if r["kind"] == "train"]
+        rows[init] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
+    steps = [s for s in SHOWN if s <= args.steps]
+    print(f"worst layer's expert load max/mean, {args.config} GPT, {args.experts} experts top-{args.topk}, "
+          f"upcycled after {args.base_steps} dense steps ({args.device})")
+    print(f"| router init | " + " | ".join(f"step {s}" for s in steps) + " |")
+    print("| --- |" + " --- |" * len(steps))
+    for init, by_step in rows.items():
+        print(f"| {init} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + " |")
+
+
+if __name__ == "__main__":
+    main()

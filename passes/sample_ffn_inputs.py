@@ -1,0 +1,74 @@
+"""sample_ffn_inputs: run calibration tokens through the dense graph and keep what each FFN reads.
+
+Matches: gm.meta["ffns"]. Rewrites nothing. Records gm.meta["ffn_inputs"]: {module: [N, D] float32 rows
+of that FFN's input} for SEQS windows of SEQ_LEN tokens of the calibration text (the embedded text unless
+--calibration-data), which ffn_to_moe's data-aware router initialisations read. A build without weights at
+compile time (meta tensors), or whose graph does not take token ids, records nothing and says so.
+"""
+import torch
+import torch.fx
+
+from moec.base.options import Options
+from moec.passes.base import Pass, PassResult
+from moec.runtime.training.data import load_tokens
+
+SEQS, SEQ_LEN = 16, 32  # 512 tokens: one forward of the dense model at compile time
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm, wanted: dict):
+        super().__init__(gm)
+        self.wanted, self.seen = wanted, {}
+
+    def run_node(self, n):
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.seen[self.wanted[n]] = value.detach().reshape(-1, value.shape[-1]).float()
+        return value
+
+
+class SampleFFNInputs(Pass):
+    name = "sample_ffn_inputs"
+    requires = ("ffns",)
+    provides = ("ffn_inputs",)
+
+    def __init__(self, options: Options):
+        self.o, self.skipped = options, None
+
+    def _tokens(self, gm) -> torch.Tensor | None:
+        inputs = gm.meta.get("inputs", [])
+        if len(inputs) != 1 or inputs[0][1] not in (torch.int64, torch.int32):
+            self.skipped = "the graph does not take token ids alone"
+            return None
+        if any(t.is_meta for t in gm.parameters()):
+            self.skipped = "the build has no weights at compile time"
+            return None
+        logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"]
+        stream = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % logits.shape[-1]
+        g = torch.Generator().manual_seed(self.o.seed)
+        starts = torch.randint(0, max(len(stream) - SEQ_LEN, 1), (SEQS,), generator=g)
+        device = next(gm.parameters()).device
+        return torch.stack([stream[s:s + SEQ_LEN] for s in starts.tolist()]).to(device, inputs[0][1])
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        tokens = self._tokens(gm)
+        found = {}
+        if tokens is not None:
+            recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]})
+            was = gm.training
+            gm.train(False)  # dropout off: the inputs the deterministic model sees
+            try:
+                with torch.no_grad():
+                    recorder.run(tokens)
+            finally:
+                gm.train(was)
+            found = recorder.seen
+        gm.meta["ffn_inputs"] = found
+        return PassResult(gm, False)
+
+    def warnings(self, gm) -> list[str]:
+        return [f"no calibration ({self.skipped}): routers start random"] if self.skipped else []
+
+    def report(self, gm) -> list[str]:
+        return [f"{m}: {tuple(x.shape)} rows, mean norm {x.mean(0).norm():.3g}, row norm {x.norm(dim=1).mean():.3g}"
+                for m, x in gm.meta["ffn_inputs"].items()]
