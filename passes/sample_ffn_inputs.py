@@ -3,7 +3,9 @@
 Matches: gm.meta["ffns"]. Rewrites nothing. Records gm.meta["ffn_inputs"]: {module: [N, D] float32 rows
 of that FFN's input} for SEQS windows of SEQ_LEN tokens of the calibration text (the embedded text unless
 --calibration-data), which ffn_to_moe's data-aware router initialisations read. A build without weights at
-compile time (meta tensors), or whose graph does not take token ids, records nothing and says so.
+compile time (meta tensors: the first pipeline run of every build, and builds over --max-weights-gb, which
+write no weights for a router to start from) records nothing; one whose graph does not take token ids says
+so on the console.
 """
 import torch
 import torch.fx
@@ -41,7 +43,6 @@ class SampleFFNInputs(Pass):
             self.skipped = "the graph does not take token ids alone"
             return None
         if any(t.is_meta for t in gm.parameters()):
-            self.skipped = "the build has no weights at compile time"
             return None
         logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"]
         stream = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % logits.shape[-1]
@@ -70,5 +71,7 @@ class SampleFFNInputs(Pass):
         return [f"no calibration ({self.skipped}): routers start random"] if self.skipped else []
 
     def report(self, gm) -> list[str]:
+        if not gm.meta["ffn_inputs"]:
+            return [f"nothing sampled ({self.skipped or 'no weights at compile time'})"]
         return [f"{m}: {tuple(x.shape)} rows, mean norm {x.mean(0).norm():.3g}, row norm {x.norm(dim=1).mean():.3g}"
                 for m, x in gm.meta["ffn_inputs"].items()]
