@@ -1,9 +1,11 @@
 """The emitted train.py end to end: loss goes down, metrics, export, bad input, NaN stop."""
 import json
 import re
+import statistics
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
@@ -12,6 +14,7 @@ from moec.base.options import Options
 from moec.driver.capture import capture
 from moec.driver.compiler import compile_model
 from moec.driver.model_shape import context_length
+from moec.runtime.training.metrics import expert_load, load_summary
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, run_train
 
@@ -38,7 +41,8 @@ def test_trains_and_reports(moe_build, tmp_path):
             assert layer["mean"] == 64 and 64 <= layer["max"] <= 128
             # capacity ceil(1.25 * 128 * 2 / 4) = 80 slots: at least the busiest expert's excess is dropped
             assert max(0, layer["max"] - 80) / 256 <= layer["dropped"] < 1
-    assert "expert load max/mean" in r.stderr and "validation loss" in r.stderr
+            assert 0 <= layer["cv"] <= 3 ** 0.5  # 4 experts: sqrt(E - 1) when one takes every slot
+    assert "expert load max/mean" in r.stderr and " cv " in r.stderr and "validation loss" in r.stderr
     # the export loads into the build's model under its own parameter names
     exported = load_file(str(run / "final.safetensors"))
     params = json.loads((moe_build / "config.json").read_text())["result"]["params"]
@@ -46,12 +50,15 @@ def test_trains_and_reports(moe_build, tmp_path):
     assert (run / "checkpoints" / "step_00000030").is_dir()
 
 
-def test_dropped_share_follows_capacity():
-    from moec.runtime.training.metrics import expert_load, load_summary
-    counts = [torch.tensor([100, 20, 8, 0], dtype=torch.int32)]  # 64 tokens, top-2
-    row = load_summary(expert_load(counts, 64, 2, 1.25), 1)[0]  # capacity ceil(1.25 * 128 / 4) = 40
-    assert row == {"max": 100.0, "mean": 32.0, "dropped": 60 / 128}
-    assert load_summary(expert_load(counts, 64, 2, 0.0), 1)[0]["dropped"] == 0
+def test_load_summary_of_each_layer():
+    counts = [torch.tensor([100, 20, 8, 0], dtype=torch.int32), torch.tensor([8, 8], dtype=torch.int32)]
+    row, even = load_summary(expert_load(counts, 64, 2, 1.25), [4, 2], 1)  # capacity ceil(1.25 * 128 / 4) = 40
+    assert row == pytest.approx({"max": 100.0, "mean": 32.0, "cv": statistics.pstdev([100, 20, 8, 0]) / 32,
+                                 "dropped": 60 / 128})
+    assert even["cv"] == 0 and even["max"] == even["mean"] == 8
+    assert load_summary(expert_load(counts, 64, 2, 0.0), [4, 2], 1)[0]["dropped"] == 0
+    summed = expert_load(counts, 64, 2, 0.0) * 2  # two ranks that routed alike: per rank, the same
+    assert load_summary(summed, [4, 2], 2)[0] == load_summary(expert_load(counts, 64, 2, 0.0), [4, 2], 1)[0]
 
 
 def test_bad_data_path_is_one_line_exit_2(moe_build, tmp_path):

@@ -71,19 +71,24 @@ def step_flops(active_params: int, tokens: int, attention_flops: float) -> float
 
 
 def expert_load(counts: list, tokens: int, k: int, capacity_factor: float) -> torch.Tensor:
-    """Per MoE layer: [slots routed to the busiest expert, slots per expert on average, slots dropped],
-    as a float tensor [L, 3] on the counts' device (sum it over ranks to get the global step)."""
+    """Flat float tensor on the counts' device: every MoE layer's slots per expert, then each layer's slots
+    dropped (sum it over ranks for the step's global counts; load_summary reads it)."""
+    parts = [c.detach().float() for c in counts]
+    if not parts:
+        return torch.zeros(0)
+    dropped = [(c - capacity(tokens, k, c.numel(), capacity_factor)).clamp(min=0).sum() if capacity_factor > 0
+               else c.new_zeros(()) for c in parts]
+    return torch.cat(parts + [torch.stack(dropped)])
+
+
+def load_summary(load: torch.Tensor, experts: list[int], ranks: int) -> list[dict]:
+    """expert_load summed over ranks, one dict per layer (of experts[i] experts): slots of the busiest
+    expert and of the average one, per rank; the coefficient of variation of the experts' slots (0 is
+    even); the share of slots dropped."""
+    counts, dropped = load[:sum(experts)].split(experts), load[sum(experts):]
     rows = []
-    for c in counts:
-        c = c.detach().float()
-        dropped = torch.zeros((), device=c.device)
-        if capacity_factor > 0:
-            dropped = (c - capacity(tokens, k, c.numel(), capacity_factor)).clamp(min=0).sum()
-        rows.append(torch.stack([c.max(), c.mean(), dropped, c.sum()]))
-    return torch.stack(rows) if rows else torch.zeros(0, 4)
-
-
-def load_summary(load: torch.Tensor, ranks: int) -> list[dict]:
-    """The [L, 4] sums over ranks of expert_load, as one dict per layer (tokens per expert per rank)."""
-    return [{"max": mx / ranks, "mean": mean / ranks, "dropped": dr / max(total, 1)}
-            for mx, mean, dr, total in load.tolist()]
+    for c, d in zip(counts, dropped.tolist()):
+        mean = c.mean().item()
+        rows.append({"max": c.max().item() / ranks, "mean": mean / ranks,
+                     "cv": c.std(correction=0).item() / mean if mean else 0.0, "dropped": d / max(c.sum().item(), 1)})
+    return rows

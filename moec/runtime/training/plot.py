@@ -25,7 +25,7 @@ def plot_run(run_dir: Path, out: Path) -> Path:
         raise MoecError(f"{path} holds no records yet; plot it after the first --log-every steps")
     layers = len(train[-1]["expert_load"]) if train else 0
     dropping = any(layer["dropped"] > 0 for r in train for layer in r["expert_load"])
-    panels = 1 + (layers > 0) + dropping
+    panels = 1 + 2 * (layers > 0) + dropping
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train LM loss")
@@ -40,8 +40,16 @@ def plot_run(run_dir: Path, out: Path) -> Path:
                     label=f"layer {i}")
         ax.set(xlabel="step", ylabel="max / mean tokens per expert", title="expert load")
         ax.legend(fontsize="small", ncol=2)
-    if dropping:
+    if layers:  # every layer at once: which ones stay uneven, and when
         ax = axes[0][2]
+        cv = [[r["expert_load"][i].get("cv", float("nan")) for r in train] for i in range(layers)]
+        steps = [r["step"] for r in train]
+        image = ax.imshow(cv, aspect="auto", origin="lower", cmap="viridis", vmin=0, interpolation="nearest",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, layers - 0.5))
+        fig.colorbar(image, ax=ax, label="coefficient of variation of tokens per expert")
+        ax.set(xlabel="step", ylabel="MoE layer", title="expert load by layer")
+    if dropping:
+        ax = axes[0][3]
         for i in range(layers):
             ax.plot([r["step"] for r in train], [r["expert_load"][i]["dropped"] for r in train], label=f"layer {i}")
         ax.set(xlabel="step", ylabel="share of slots dropped", title="dropped tokens")

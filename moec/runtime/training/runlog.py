@@ -105,15 +105,15 @@ class RunLog:
         tokens_per_s = self.tokens_per_step * steps_per_s if steps_per_s else None
         mfu = self.build.flops_per_step * steps_per_s / self.peak if self.peak and steps_per_s else None
         self.window_time, self.window_steps = 0.0, 0
-        layers = load_summary(load.cpu(), self.env.world)
+        layers = load_summary(load.cpu(), [c.numel() for c in counts], self.env.world)
         # this rank's high-water mark of allocated memory since the start
         peak_gib = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if self.env.device.type == "cuda" else None
         self.file.write({"kind": "train", "step": step, "loss": lm_mean + aux + z, "lm_loss": lm_mean,
                          "aux_loss": aux, "z_loss": z, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_s,
                          "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers})
         drop = self.build.options.capacity_factor > 0
-        load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f}" + (f" drop {r['dropped']:.1%}" if drop else "")
-                             for i, r in enumerate(layers))
+        load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f} cv {r['cv']:.2f}"
+                             + (f" drop {r['dropped']:.1%}" if drop else "") for i, r in enumerate(layers))
         self.bar.message(f"step {step}: lm {lm_mean:.4f}" + (f" aux {aux:.4f} z {z:.4f}" if "aux_loss" in out else "")
                          + f" lr {lr:.2e}"
                          + (f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
