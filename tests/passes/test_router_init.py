@@ -78,3 +78,23 @@ def test_a_graph_without_weights_samples_nothing():
     run(gm, p)
     assert gm.meta["ffn_inputs"] == {}
     assert p.report(gm) == ["nothing sampled (no weights at compile time)"] and p.warnings(gm) == []
+
+
+def test_a_model_that_fails_on_calibration_tokens_starts_random_and_says_so():
+    class Short(Offset):  # a learned position table of 16 rows: 32-token windows do not fit
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(16, D)
+
+        def forward(self, ids):
+            h = self.emb(ids) + self.pos(torch.arange(ids.shape[1])) + self.offset
+            return self.head(h + self.ffn(h))
+
+    gm = capture(Short(), (torch.zeros(2, 8, dtype=torch.long),))
+    run(gm, FindFFN())
+    p = SampleFFNInputs(Options(experts=E, topk=K))
+    run(gm, p)
+    assert gm.meta["ffn_inputs"] == {}
+    [line] = p.warnings(gm)
+    assert line.startswith("no calibration (the dense model failed on 16 x 32 calibration tokens: ")
+    assert line.endswith("routers start random")
