@@ -5,9 +5,9 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
+from moec.driver import compiler
 from moec.driver.cli import main
 
 GPT = Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
@@ -102,13 +102,13 @@ def test_where_no_build_dir_can_be_made_is_one_line(tmp_path):
     compile_tiny(tmp_path / "new" / "deeper" / "b", "--stop-after", "find_ffn")  # missing parents are made
 
 
-def test_a_parent_dir_that_is_not_writable_is_one_line(tmp_path):
+def test_a_parent_dir_that_is_not_writable_is_one_line(tmp_path, monkeypatch):
     ro = tmp_path / "ro"
-    ro.mkdir(mode=0o555)
-    try:
-        (ro / "probe").touch()
-        pytest.skip("this user writes into a 0555 dir (root)")
-    except PermissionError:
-        pass
+    ro.mkdir()
+
+    def refused(prefix, dir):  # what a 0555 parent gives a user without root's override
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x"))
+
+    monkeypatch.setattr(compiler.tempfile, "mkdtemp", refused)
     r = run("compile", GPT, "-o", ro / "b", *TINY)
     assert r.exit_code == 2 and r.output.strip() == f"error: cannot create {ro / 'b'}: permission denied in {ro}"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from moec.base.errors import MoecError
 from moec.base.graph import propagate_shapes
@@ -108,13 +109,15 @@ def example_inputs(mod, model, batch: int, seq: int, device: str = "cpu") -> tup
 
 
 def capture(model: torch.nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    # batch and sequence stay symbolic, so the program trains and evaluates at any size
+    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)
+    export = lambda: torch.export.export(model, inputs, dynamic_shapes=dims, strict=False).module()
     try:
-        # batch and sequence stay symbolic, so the program trains and evaluates at any size
-        dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in inputs)
-        gm = torch.export.export(model, inputs, dynamic_shapes=dims, strict=False).module()
-        frontend = "torch.export"
+        gm, frontend = export(), "torch.export"
     except Exception as export_error:
-        gm, frontend = _fallback(model, inputs, export_error), "torch.fx.symbolic_trace"
+        gm, frontend = _eval_mode_export(model, export, export_error), EVAL_FRONTEND
+        if gm is None:
+            gm, frontend = _fallback(model, inputs, export_error), "torch.fx.symbolic_trace"
     _normalise(gm)
     gm.meta["frontend"] = frontend
     gm.meta["inputs"] = [(tuple(t.shape), t.dtype) for t in inputs]
@@ -142,6 +145,23 @@ def _first_tensor(out):
     else:
         return None
     return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+EVAL_FRONTEND = "torch.export in eval mode (training mode branches on random data: no dropout in the graph)"
+
+
+def _eval_mode_export(model, export, export_error: Exception) -> torch.fx.GraphModule | None:
+    """The graph of the model in eval mode, when training mode failed only on a branch over data (OPT's
+    layer drop draws torch.rand([]) and compares it in Python, even at layerdrop 0); None otherwise."""
+    if not (model.training and isinstance(export_error, GuardOnDataDependentSymNode)):
+        return None
+    model.eval()
+    try:
+        return export()
+    except Exception:
+        return None
+    finally:
+        model.train()
 
 
 def _fallback(model, inputs, export_error: Exception) -> torch.fx.GraphModule:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SIGSTOP, and /proc to see a process exit")
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 3
 

@@ -84,7 +84,6 @@ def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path):
 
 
 def test_plot_of_a_run_killed_mid_append(tmp_path):
-    pytest.importorskip("matplotlib")
     _write(tmp_path / "metrics.jsonl", [_record(1), _record(2), _record(2, "val")], tail='{"kind": "tra')
     out = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert out.exit_code == 0, out.output
