@@ -19,6 +19,7 @@ import torch
 
 import moec
 from moec.base.errors import MoecError
+from moec.base.files import umask
 from moec.base.options import Options
 from moec.codegen import source
 from moec.codegen.program import model_source, weights, write_weights
@@ -91,8 +92,7 @@ def _replace(out: Path, tmp: Path) -> None:
 def _follow_umask(build: Path) -> None:
     """Give build and everything in it the modes mkdir and open would have: mkdtemp makes the dir 0700 and
     safetensors writes the weights 0600."""
-    mask = os.umask(0)  # reading the umask means setting it
-    os.umask(mask)
+    mask = umask()
     build.chmod(0o777 & ~mask)
     for root, dirs, files in os.walk(build):
         for name in dirs:

@@ -163,6 +163,15 @@ class Checkpointer:
         """The steps of this model's intact checkpoints, ascending."""
         return sorted(s for s, _ in self._ours())
 
+    def set_aside_after(self, step: int, aside: Path) -> list[str]:
+        """Move every checkpoint past step into aside (rank 0); their names."""
+        later = [p for s, p in self._steps() if s > step]
+        for p in later:
+            aside.mkdir(exist_ok=True)
+            shutil.rmtree(aside / p.name, ignore_errors=True)
+            p.rename(aside / p.name)
+        return sorted(p.name for p in later)
+
     def latest(self) -> Path | None:
         """This model's newest intact checkpoint."""
         ours = self._ours()

@@ -1,6 +1,6 @@
 """The pieces of train.py's loop that are not the recipe itself: process
-setup under torchrun, data-parallel wrapping, signals, the NaN stop, RNG
-state and the final export of the weights."""
+setup under torchrun (and naming the ranks a timed-out collective lost),
+data-parallel wrapping, signals, RNG state and the final export of the weights."""
 import contextlib
 import datetime
 import os

@@ -3,15 +3,13 @@
 On a terminal the bar redraws in place every step; otherwise (a log file, a
 batch job) it prints one line every `every` steps so logs stay readable.
 """
-import contextlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from moec.base.errors import MoecError
+from moec.base.files import replace_file
 
 
 def _duration(seconds: float) -> str:
@@ -63,28 +61,12 @@ class MetricsFile:
             self.path.write_text("")
         else:
             keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            _replace(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+            replace_file(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write path's new text so that a kill at any moment leaves the old file or the new one, never a cut one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.chmod(tmp, path.stat().st_mode & 0o777)  # not mkstemp's 0600: others may `moec plot` the run
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the name points at it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def read_metrics(path: Path) -> list[dict]:

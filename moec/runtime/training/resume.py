@@ -1,6 +1,5 @@
 """Where a run starts: step 0, or the step of the checkpoint --resume (--resume-from STEP) restores,
 said on the console with the flags that changed since the run's last start."""
-import shutil
 import sys
 
 from moec.base.errors import MoecError
@@ -23,25 +22,10 @@ def resume(ckpt, model, optimizer, args, before: dict, rank: int) -> int:
         raise MoecError(f"--resume: the run is at step {start} already and --steps is {args.steps}: pass a larger "
                         f"--steps to train on")
     set_rng_state(state["rng"])
-    if rank == 0:
-        _abandon_later(ckpt, start, say)
+    if rank == 0 and (moved := ckpt.set_aside_after(start, ckpt.root.parent / "abandoned")):
+        # a branch the run leaves (a divergence, or a damaged newest one): out of pruning's and --resume's way
+        say(f"resume: moved {', '.join(moved)} (past step {start}) to {ckpt.root.parent / 'abandoned'}")
     changed = changed_flags(before, args)
     say(f"resume: from {state['path']} (step {start}), training steps {start + 1}..{args.steps}"
         + (f"; changed since the last start, applied from step {start + 1}: {', '.join(changed)}" if changed else ""))
     return start
-
-
-def _abandon_later(ckpt, start: int, say) -> None:
-    """Checkpoints past the resumed step belong to a branch the run leaves (a divergence, or a damaged
-    newest one): moved to RUN_DIR/abandoned, so pruning and the next --resume see only this branch."""
-    later = [p for p in sorted(ckpt.root.glob("step_*")) if int(p.name.removeprefix("step_")) > start]
-    if not later:
-        return
-    aside = ckpt.root.parent / "abandoned"
-    aside.mkdir(exist_ok=True)
-    for p in later:
-        target = aside / p.name
-        if target.exists():
-            shutil.rmtree(target)
-        p.rename(target)
-    say(f"resume: moved {', '.join(p.name for p in later)} (past step {start}) to {aside}")

@@ -8,12 +8,12 @@ or start over with --overwrite (which deletes what train.py wrote there).
 given from the resumed step on; run.json tells which of them changed.
 """
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from moec.base.errors import MoecError
+from moec.base.files import replace_file
 
 RECORD = "run.json"
 WRITTEN = ("checkpoints", "abandoned", "metrics.jsonl", "final.safetensors", RECORD)  # what --overwrite deletes
@@ -23,22 +23,6 @@ NOT_RECORDED = {"resume", "resume_from", "overwrite", "run_dir", "log_every", "d
 
 def _flags(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECORDED}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class RunDir:
@@ -82,8 +66,8 @@ class RunDir:
                     target.unlink()
             record = None
         self._writable()
-        _write_json(self.path / RECORD, {"build": str(self.build_dir), "fingerprint": self.fingerprint,
-                                         "flags": _flags(args)})
+        replace_file(self.path / RECORD, json.dumps({"build": str(self.build_dir), "fingerprint": self.fingerprint,
+                                                     "flags": _flags(args)}, indent=1))
         return record["flags"] if record else {}
 
     def _writable(self) -> None:
