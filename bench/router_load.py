@@ -1,11 +1,12 @@
-"""Expert load after upcycling, per router initialisation: how evenly do the MoE layers route from the
-first step on?
+"""Expert load after upcycling, per router initialisation and balancing option: how evenly do the MoE
+layers route from the first step on?
 
 1. compile examples/gpt.py dense and train it --base-steps (hidden states of a trained model share a
    large mean direction, which is what sends every token to one expert);
-2. upcycle its final weights with each --router-init and train --steps more, logging every step;
-3. print, per init, the worst layer's expert load max/mean at the chosen steps (1.0 is even; with
-   8 experts top-2, 4.0 means every token's slots go to the same two experts).
+2. upcycle its final weights with each variant's compile flags and train --steps more, logging every step;
+3. print, per variant, the worst layer's expert load max/mean at the chosen steps (1.0 is even; with
+   8 experts top-2, 4.0 means every token's slots go to the same two experts), and its worst over all
+   steps.
 
     python bench/router_load.py --out build/router-load
 """
@@ -17,8 +18,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MOEC = (sys.executable, "-m", "moec.driver.cli")
-INITS = ("random", "centered", "kmeans")
-SHOWN = (1, 2, 5, 10, 20, 30, 50, 100)
+VARIANTS = {
+    "random": ["--router-init", "random"],
+    "centered": ["--router-init", "centered"],
+    "kmeans": ["--router-init", "kmeans"],
+    "centered, bias 1e-3": ["--router-init", "centered", "--expert-bias-rate", "1e-3"],
+    "centered, bias 1e-2": ["--router-init", "centered", "--expert-bias-rate", "1e-2"],
+    "kmeans, bias 1e-2": ["--router-init", "kmeans", "--expert-bias-rate", "1e-2"],
+}
+SHOWN = (1, 2, 5, 10, 20, 50, 100, 200)
 
 
 def sh(*cmd):
@@ -39,7 +47,9 @@ def main():
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--base-steps", type=int, default=100)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--flags", nargs="*", default=[], help="compile flags every variant gets")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -51,20 +61,20 @@ def main():
     sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--dense", "-o", out / "dense")
     train(out / "dense", out / "dense-run", args.base_steps, args.base_steps, args)
     rows = {}
-    for init in INITS:
-        build = out / f"moe-{init}"
+    for i, label in enumerate(args.variants):
+        build = out / f"moe-{i}"
         sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--experts", args.experts,
-           "--topk", args.topk, "--router-init", init, "--weights", out / "dense-run" / "final.safetensors",
+           "--topk", args.topk, *VARIANTS[label], *args.flags, "--weights", out / "dense-run" / "final.safetensors",
            "-o", build)
-        records = [r for r in train(build, out / f"run-{init}", args.steps, 1, args) if r["kind"] == "train"]
-        rows[init] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
+        records = [r for r in train(build, out / f"run-{i}", args.steps, 1, args) if r["kind"] == "train"]
+        rows[label] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
     steps = [s for s in SHOWN if s <= args.steps]
     print(f"worst layer's expert load max/mean, {args.config} GPT, {args.experts} experts top-{args.topk}, "
           f"upcycled after {args.base_steps} dense steps ({args.device})")
-    print(f"| router init | " + " | ".join(f"step {s}" for s in steps) + " |")
-    print("| --- |" + " --- |" * len(steps))
-    for init, by_step in rows.items():
-        print(f"| {init} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + " |")
+    print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + " | worst step |")
+    print("| --- |" + " --- |" * (len(steps) + 1))
+    for label, by_step in rows.items():
+        print(f"| {label} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + f" | {max(by_step.values()):.2f} |")
 
 
 if __name__ == "__main__":

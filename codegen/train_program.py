@@ -106,6 +106,7 @@ def main(args):
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
     log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0)
     guard = rt.LossGuard()
+    balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate)
     validate = args.val_fraction > 0
 
     def save(step):
@@ -131,9 +132,11 @@ def main(args):
                 with parallel.accumulating(micro + 1 < args.grad_accum):
                     (loss / args.grad_accum).backward()
                 lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
+                balance.add(out)  # every micro-batch's expert load
             guard.check(loss_sum, step + 1, ckpt)  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
+            balance.step()  # aux-loss-free balancing: the step's load moves the selection biases
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):

@@ -15,8 +15,14 @@ renormalised weights the routed part equals the dense FFN. With S shared
 experts (each F/M wide, holding segment i mod M): when M divides S they form
 u = S/M dense copies, and shared and routed outputs are scaled by
 u/(1+u) and 1/(1+u); otherwise the shared down-projections start at zero.
-Invariant after the pass, with no noise and no capacity: the model computes
-the dense model's logits.
+With --expert-bias-rate a zero buffer router.bias [E*M] steers selection
+(train.py moves it). --router-weights scaled takes the chosen experts'
+softmax scores times E/K instead of renormalising them: equal to the dense
+FFN under a uniform router only. --drop-upcycle R gives each coarse expert
+its own random share R of the F units drawn afresh from N(mean, std) of each
+dense matrix (Drop-Upcycling).
+Invariant after the pass, with no noise, no capacity, no drop-upcycling and
+renormalised weights: the model computes the dense model's logits.
 """
 import operator
 
@@ -27,7 +33,7 @@ from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.base.graph import delete_unused_attrs, set_param
 from moec.runtime.ops import elementwise
-from moec.runtime.ops.moe import load_balance_loss, moe_layer, z_loss
+from moec.runtime.ops.moe import load_balance_loss, moe_layer, sequence_balance_loss, z_loss
 from moec.passes.base import Pass, PassResult, inherit_provenance
 
 aten = torch.ops.aten
@@ -35,10 +41,27 @@ ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"
             "relu": (aten.relu.default, {}), "silu": (aten.silu.default, {})}
 
 
-def _segments(w, M, E):
-    """[F, ...] -> [E*M, F/M, ...]: entry b*M+s holds segment s."""
-    seg = w.reshape(M, w.shape[0] // M, *w.shape[1:])
-    return seg.repeat(E, *[1] * (seg.dim() - 1)).contiguous()
+def _segments(w, M, E, dropped=None, gen=None):
+    """[F, ...] -> [E*M, F/M, ...]: entry b*M+s holds segment s of expert b's copy of w. dropped: [E, F]
+    masks of the units each expert draws afresh from N(mean, std) of w (Drop-Upcycling), or None."""
+    copies = w.expand(E, *w.shape).clone()
+    if dropped is not None and not w.is_meta:
+        mean, std = w.float().mean(), w.float().std()
+        for e in range(E):
+            units = copies[e, dropped[e]]
+            copies[e, dropped[e]] = (mean + std * torch.randn(units.shape, generator=gen)).to(w)
+    return copies.reshape(E * M, w.shape[0] // M, *w.shape[1:])
+
+
+def _drop_masks(E: int, F: int, share: float, gen) -> torch.Tensor | None:
+    """[E, F]: round(share * F) units per expert, a different random set for each."""
+    n = round(share * F)
+    if n == 0:
+        return None
+    masks = torch.zeros(E, F, dtype=torch.bool)
+    for e in range(E):
+        masks[e, torch.randperm(F, generator=gen)[:n]] = True
+    return masks
 
 
 def _noisy(w, sigma, gen):
@@ -69,6 +92,30 @@ def router_rows(E: int, D: int, gen, init: str, x: torch.Tensor | None) -> torch
     return rows - (rows @ unit)[:, None] * unit
 
 
+def _scores(logits: torch.Tensor, router: str) -> torch.Tensor:
+    return torch.softmax(logits, -1) if router == "softmax" else torch.sigmoid(logits)
+
+
+def balancing_bias(scores: torch.Tensor, k: int, iters: int = 300) -> torch.Tensor:
+    """[E] zero-mean selection bias under which the top-k of scores + bias [N, E] spreads the N calibration
+    tokens' slots evenly, so training starts where its balancing would settle instead of far from it.
+    The training-time move (toward the mean load), with a step per expert that halves when its load
+    crosses the mean and grows while it does not (Rprop): the scores that separate tokens can differ by
+    far less than the scores of the experts do."""
+    E = scores.shape[1]
+    bias = torch.zeros(E)
+    step = scores.std(0).clamp_min(1e-12)  # [E] the spread of each expert's score over the tokens
+    last = torch.zeros(E)
+    for _ in range(iters):
+        counts = torch.bincount(torch.topk(scores + bias, k).indices.flatten(), minlength=E).float()
+        direction = torch.sign(counts.mean() - counts)
+        step = torch.where(direction * last < 0, step / 2, torch.where(direction * last > 0, step * 1.2, step))
+        bias += step * direction
+        bias -= bias.mean()
+        last = direction
+    return bias
+
+
 def _balanced_kmeans(x: torch.Tensor, E: int, gen, iters: int = 10) -> torch.Tensor:
     """[E, D] unit centroids: spherical k-means whose assignment gives each cluster at most ceil(N/E)
     points (greedy, most confident points first)."""
@@ -95,7 +142,7 @@ def _balanced_kmeans(x: torch.Tensor, E: int, gen, iters: int = 10) -> torch.Ten
 class FFNToMoE(Pass):
     name = "ffn_to_moe"
     requires = ("ffns",)
-    provides = ("moe_layers",)
+    provides = ("moe_layers", "router_biases")
 
     def __init__(self, options: Options):
         self.o = options
@@ -106,9 +153,17 @@ class FFNToMoE(Pass):
         W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
         u = S // M if S % M == 0 else 0
         x = gm.meta.get("ffn_inputs", {}).get(ffn.module)
-        w = {"router.weight": router_rows(E, W1.shape[1], gen, o.router_init, x).to(W1).repeat_interleave(M, 0)
-             if not W1.is_meta else W1.new_empty(E * M, W1.shape[1])}
-        seg = lambda t: None if t is None else _segments(t, M, E)
+        rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if not W1.is_meta else None
+        w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None else rows.to(W1).repeat_interleave(M, 0)}
+        if o.expert_bias_rate > 0:
+            w["router.bias"] = W1.new_zeros(E * M, dtype=torch.float32)
+            if rows is not None and x is not None:
+                # the selection score of a fine expert: its block's softmax share split M ways, or the sigmoid
+                per_fine = M if o.router == "softmax" else 1
+                coarse = _scores(x @ rows.t(), o.router)
+                w["router.bias"] = (balancing_bias(coarse, o.topk) / per_fine).repeat_interleave(M)
+        dropped = _drop_masks(E, W1.shape[0], o.drop_upcycle, gen)
+        seg = lambda t: None if t is None else _segments(t, M, E, dropped, gen)
         w["experts.w1"], w["experts.b1"], w["experts.w3"], w["experts.b3"] = seg(W1), seg(B1), seg(W3), seg(B3)
         w["experts.w2"] = seg(W2.t()).transpose(1, 2).contiguous() * (M / (1 + u))
         w["experts.b2"] = None if B2 is None else (B2 / (1 + u)).expand(E * M, -1).contiguous()
@@ -135,25 +190,28 @@ class FFNToMoE(Pass):
         if not layers:
             raise MoecError(f"ffn_to_moe: --first-dense {o.first_dense} leaves no FFN of {len(ffns)} to convert")
         pyramid_from = len(layers) - o.pyramid[1] if o.pyramid else len(layers)
-        stats = []
+        stats, prefixes = [], []
         for j, i in enumerate(layers):
             ffn = ffns[i]
             E = o.pyramid[0] if j >= pyramid_from else o.experts
             gen = torch.Generator().manual_seed(o.seed * 1000003 + i)
             prefix = f"{ffn.module}.moe" if ffn.module else f"moe{i}"
+            prefixes.append(prefix)
             weights = {n: t for n, t in self._weights(gm, ffn, E, gen).items() if t is not None}
             for name, t in weights.items():
-                set_param(gm, f"{prefix}.{name}", t.detach().clone())
+                set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name == "router.bias")
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
-                stats.append(self._rewrite(g, ffn, prefix, set(weights)))
+                stats.append(self._rewrite(g, ffn, prefix, set(weights), E))
         with inherit_provenance(g, None):
             self._outputs(g, stats)
         g.eliminate_dead_code()
         delete_unused_attrs(gm)
         gm.meta["moe_layers"] = [ffns[i].module for i in layers]
+        # in layer order, the order of the forward's expert_counts: train.py's balancer pairs them
+        gm.meta["router_biases"] = [f"{p}.router.bias" for p in prefixes] if o.expert_bias_rate > 0 else []
         return PassResult(gm, True)
 
-    def _rewrite(self, g, ffn, prefix, present):
+    def _rewrite(self, g, ffn, prefix, present, E):
         o, M = self.o, self.o.granularity
         attr = lambda name: g.get_attr(f"{prefix}.{name}") if name in present else None
         x = ffn.x
@@ -161,10 +219,12 @@ class FFNToMoE(Pass):
         xf = g.call_function(aten.reshape.default, (x, [-1, shape[-1]]))  # [T, D]
         logits = g.call_function(aten.linear.default, (xf, attr("router.weight")))  # [T, E*M]
         w = [attr(f"experts.{n}") for n in ("w1", "b1", "w3", "b3", "w2", "b2")]
-        moe = g.call_function(moe_layer, (xf, logits, *w), dict(
-            k=o.topk * M, score=o.router, renorm=True, capacity_factor=o.capacity_factor, activation=ffn.activation,
-            recompute=o.recompute_experts))
-        out, counts, probs_sum, zsum = (g.call_function(operator.getitem, (moe, i)) for i in range(4))
+        scaled = o.router_weights == "scaled"  # softmax over E*M, K*M picks: uniform weights sum to K/E
+        moe = g.call_function(moe_layer, (xf, logits, attr("router.bias"), *w), dict(
+            k=o.topk * M, score=o.router, renorm=not scaled, weight_scale=E / o.topk if scaled else 1,
+            capacity_factor=o.capacity_factor, activation=ffn.activation, recompute=o.recompute_experts,
+            force_balance=o.force_balance))
+        out, counts, probs_sum, zsum, indices = (g.call_function(operator.getitem, (moe, i)) for i in range(5))
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
         sizes = [g.call_function(aten.sym_size.int, (x, i)) for i in range(len(shape) - 1)]  # any batch, seq
@@ -172,7 +232,13 @@ class FFNToMoE(Pass):
         ffn.out.replace_all_uses_with(y)
         # the layer's own losses belong to the layer: an emitted block computes them, the model sums them
         k = o.topk * M
-        lb = g.call_function(load_balance_loss, (counts, probs_sum, k))
+        if o.aux_loss_scope == "sequence":
+            if len(shape) != 3:
+                raise MoecError(f"--aux-loss-scope sequence: {ffn.module or 'an FFN'} takes inputs of shape "
+                                f"{list(shape)}, not [batch, seq, hidden]; use --aux-loss-scope batch")
+            lb = g.call_function(sequence_balance_loss, (logits, indices, sizes[0], o.router))
+        else:
+            lb = g.call_function(load_balance_loss, (counts, probs_sum, k))
         return counts, lb, g.call_function(z_loss, (zsum, counts, k))
 
     @staticmethod

@@ -1,7 +1,8 @@
 """lower_moe: each MoE layer node becomes the moec:: primitive ops.
 
 Matches: call_function nodes whose target is moec.runtime.ops.moe.moe_layer.
-Rewrites: gate -> route -> permute -> experts -> unpermute, the capacity
+Rewrites: gate (its selection bias, --force-balance's dealt indices, the
+gate weights' scale) -> route -> permute -> experts -> unpermute, the capacity
 (when a capacity factor is set) computed from the symbolic token count, and
 the layer's outputs taken from the primitives; the graph calls ops only.
 Invariant: the graph computes exactly what it computed before (the layer
@@ -12,7 +13,7 @@ import operator
 import torch
 import torch.fx
 
-from moec.runtime.ops.moe import capacity, moe_layer
+from moec.runtime.ops.moe import balanced_indices, capacity, moe_layer
 from moec.passes.base import Pass, PassResult, inherit_provenance
 
 ops = torch.ops.moec
@@ -25,14 +26,19 @@ class LowerMoE(Pass):
         g = gm.graph
         layers = [n for n in g.nodes if n.op == "call_function" and n.target is moe_layer]
         for node in layers:
-            x, logits, w1, b1, w3, b3, w2, b2 = node.args
+            x, logits, bias, w1, b1, w3, b3, w2, b2 = node.args
             kw = node.kwargs
             k = kw["k"]
             with g.inserting_before(node), inherit_provenance(g, node):
-                gate = g.call_function(ops.gate.default, (logits, k, kw["score"], kw["renorm"], None, 1, 1))
+                gate = g.call_function(ops.gate.default, (logits, k, kw["score"], kw["renorm"], bias, 1, 1))
                 weights, indices, counts, probs_sum, zsum = (
                     g.call_function(operator.getitem, (gate, i)) for i in range(5))
                 num_experts = w1.meta["val"].shape[0]
+                if kw.get("force_balance"):
+                    forced = g.call_function(balanced_indices, (indices, num_experts))
+                    indices, counts = (g.call_function(operator.getitem, (forced, i)) for i in range(2))
+                if kw["weight_scale"] != 1:
+                    weights = g.call_function(torch.ops.aten.mul.Tensor, (weights, kw["weight_scale"]))
                 cap = 0
                 if kw["capacity_factor"] > 0:
                     tokens = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
@@ -43,7 +49,7 @@ class LowerMoE(Pass):
                 h = g.call_function(ops.experts.default, (y, offsets, w1, b1, w3, b3, w2, b2, kw["activation"],
                                                           kw.get("recompute", False)))
                 out = g.call_function(ops.unpermute.default, (h, row_map, weights))
-            results = (out, counts, probs_sum, zsum)
+            results = (out, counts, probs_sum, zsum, indices)
             for user in list(node.users):
                 user.replace_all_uses_with(results[user.args[1]])
                 g.erase_node(user)

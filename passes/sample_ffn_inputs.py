@@ -1,8 +1,8 @@
 """sample_ffn_inputs: run calibration tokens through the dense graph and keep what each FFN reads.
 
 Matches: gm.meta["ffns"]. Rewrites nothing. Records gm.meta["ffn_inputs"]: {module: [N, D] float32 rows
-of that FFN's input} for SEQS windows of SEQ_LEN tokens of the calibration text (the embedded text unless
---calibration-data), which ffn_to_moe's data-aware router initialisations read. A build without weights at
+of that FFN's input} for the windows of WINDOWS tokens of the calibration text (the embedded text unless
+--calibration-data) the model takes first, which ffn_to_moe's data-aware router initialisations read. A build without weights at
 compile time (meta tensors: the first pipeline run of every build, and builds over --max-weights-gb, which
 write no weights for a router to start from) records nothing; one whose graph does not take token ids says
 so on the console.
@@ -14,7 +14,10 @@ from moec.base.options import Options
 from moec.passes.base import Pass, PassResult
 from moec.runtime.training.data import load_tokens
 
-SEQS, SEQ_LEN = 16, 32  # 512 tokens: one forward of the dense model at compile time
+# 2048 tokens, one forward of the dense model at compile time, as long as train.py's default sequence: an
+# FFN input depends on its position (learned position tables), so a router calibrated on the first 32
+# positions routes positions 32-127 unevenly; models with a shorter context get the short windows
+WINDOWS = ((16, 128), (32, 32))
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -37,38 +40,40 @@ class SampleFFNInputs(Pass):
     def __init__(self, options: Options):
         self.o, self.skipped = options, None
 
-    def _tokens(self, gm) -> torch.Tensor | None:
-        inputs = gm.meta.get("inputs", [])
-        if len(inputs) != 1 or inputs[0][1] not in (torch.int64, torch.int32):
-            self.skipped = "the graph does not take token ids alone"
-            return None
-        if any(t.is_meta for t in gm.parameters()):
-            return None
+    def _tokens(self, gm, seqs: int, seq_len: int) -> torch.Tensor:
         logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"]
         stream = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % logits.shape[-1]
         g = torch.Generator().manual_seed(self.o.seed)
-        starts = torch.randint(0, max(len(stream) - SEQ_LEN, 1), (SEQS,), generator=g)
+        starts = torch.randint(0, max(len(stream) - seq_len, 1), (seqs,), generator=g)
         device = next(gm.parameters()).device
-        return torch.stack([stream[s:s + SEQ_LEN] for s in starts.tolist()]).to(device, inputs[0][1])
+        return torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(device, gm.meta["inputs"][0][1])
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        tokens = self._tokens(gm)
-        found = {}
-        if tokens is not None:
-            recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]})
-            was = gm.training
-            gm.train(False)  # dropout off: the inputs the deterministic model sees
-            try:
-                with torch.no_grad():
-                    recorder.run(tokens)
-                found = recorder.seen
-            except Exception as e:  # e.g. a context shorter than SEQ_LEN: the build goes on, routers random
-                self.skipped = f"the dense model failed on {SEQS} x {SEQ_LEN} calibration tokens: " \
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            finally:
-                gm.train(was)
-        gm.meta["ffn_inputs"] = found
+        gm.meta["ffn_inputs"] = {}
+        inputs = gm.meta.get("inputs", [])
+        if len(inputs) != 1 or inputs[0][1] not in (torch.int64, torch.int32):
+            self.skipped = "the graph does not take token ids alone"
+        elif not any(t.is_meta for t in gm.parameters()):
+            gm.meta["ffn_inputs"] = self._sample(gm)
         return PassResult(gm, False)
+
+    def _sample(self, gm) -> dict:
+        was = gm.training
+        gm.train(False)  # dropout off: the inputs the deterministic model sees
+        try:
+            for seqs, seq_len in WINDOWS:
+                recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]})
+                try:
+                    with torch.no_grad():
+                        recorder.run(self._tokens(gm, seqs, seq_len))
+                    self.skipped = None
+                    return recorder.seen
+                except Exception as e:  # e.g. a context shorter than the windows: the build goes on
+                    self.skipped = f"the dense model failed on {seqs} x {seq_len} calibration tokens: " \
+                                   f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return {}
+        finally:
+            gm.train(was)
 
     def warnings(self, gm) -> list[str]:
         return [f"no calibration ({self.skipped}): routers start random"] if self.skipped else []

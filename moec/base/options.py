@@ -13,6 +13,8 @@ from moec.base.errors import MoecError
 
 ROUTERS = ("softmax", "sigmoid")
 ROUTER_INITS = ("random", "centered", "kmeans")
+ROUTER_WEIGHTS = ("renorm", "scaled")
+AUX_LOSS_SCOPES = ("batch", "sequence")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
 
 
@@ -38,8 +40,13 @@ class Options:
     pyramid: tuple | None = None  # (experts, last MoE layers that get them)
     upcycle_noise: float = 0.0
     capacity_factor: float = 0.0  # 0: dropless
+    router_weights: str = "renorm"  # top-k scores over their sum, or all-expert softmax scores times E/K
+    drop_upcycle: float = 0.0  # share of each expert's FFN units re-initialised (Drop-Upcycling)
     aux_loss: float = 0.01
+    aux_loss_scope: str = "batch"  # "sequence": the balance loss per sequence, averaged
     z_loss: float = 0.001
+    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing, the selection bias's step a training step
+    force_balance: bool = False  # benchmarking aid: tokens dealt to experts round-robin, whatever the router says
     recompute_experts: bool = False
     expert_ffn: int | None = None  # expert width when not ffn / granularity (models trained as MoEs; planning)
     max_nodes_per_token: int = 0  # node-limited routing, for planning (0: no limit)
@@ -74,6 +81,16 @@ class Options:
             yield f"--router must be one of {', '.join(ROUTERS)} (got {self.router})"
         if self.router_init not in ROUTER_INITS:
             yield f"--router-init must be one of {', '.join(ROUTER_INITS)} (got {self.router_init})"
+        if self.router_weights not in ROUTER_WEIGHTS:
+            yield f"--router-weights must be one of {', '.join(ROUTER_WEIGHTS)} (got {self.router_weights})"
+        if self.router_weights == "scaled" and self.router != "softmax":
+            yield "--router-weights scaled keeps the dense output under a uniform softmax router: use --router softmax"
+        if self.aux_loss_scope not in AUX_LOSS_SCOPES:
+            yield f"--aux-loss-scope must be one of {', '.join(AUX_LOSS_SCOPES)} (got {self.aux_loss_scope})"
+        if not 0 <= self.drop_upcycle <= 1:
+            yield f"--drop-upcycle is a share of each expert's units, from 0 to 1 (got {self.drop_upcycle})"
+        if self.expert_bias_rate < 0:
+            yield f"--expert-bias-rate must be >= 0 (got {self.expert_bias_rate})"
         if self.granularity < 1:
             yield f"--granularity must be at least 1 (got {self.granularity})"
         if not 0 <= self.shared_experts < self.experts * self.granularity:

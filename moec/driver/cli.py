@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from moec.base.errors import MoecError
-from moec.base.options import EP_VARIANTS, ROUTER_INITS, ROUTERS, Options
+from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, Options
 
 
 def _set_debug(ctx, _param, value):
@@ -88,8 +88,20 @@ def _pyramid(value):
               help="Give the last LAYERS MoE layers EXPERTS experts (PR-MoE).")
 @click.option("--upcycle-noise", default=0.0, show_default=True, help="Gaussian noise (x weight std) on experts.")
 @click.option("--capacity-factor", default=0.0, show_default=True, help="0 = dropless.")
+@click.option("--router-weights", type=click.Choice(ROUTER_WEIGHTS), default="renorm", show_default=True,
+              help="Gate weights: the top-k scores over their sum (renorm), or the softmax scores of the chosen "
+                   "experts times E/K, not renormalised (scaled).")
+@click.option("--drop-upcycle", default=0.0, show_default=True,
+              help="Re-initialise this share of each expert's FFN units (a different share per expert).")
 @click.option("--aux-loss", default=0.01, show_default=True, help="Load-balancing loss coefficient.")
+@click.option("--aux-loss-scope", type=click.Choice(AUX_LOSS_SCOPES), default="batch", show_default=True,
+              help="Balance the load over the batch, or within each sequence (the loss averaged over sequences).")
 @click.option("--z-loss", default=0.001, show_default=True, help="Router z-loss coefficient.")
+@click.option("--expert-bias-rate", default=0.0, show_default=True,
+              help="Aux-loss-free balancing: each optimizer step moves a per-expert selection bias by this much "
+                   "toward the even load (0: off).")
+@click.option("--force-balance", is_flag=True,
+              help="Benchmarking aid: deal tokens to experts round-robin, whatever the router says.")
 @click.option("--recompute-experts", is_flag=True,
               help="Recompute the experts' [T*K, F] activations in backward instead of storing them.")
 @click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")

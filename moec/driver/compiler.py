@@ -112,7 +112,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> di
         o = o.with_plan(ep=plan.ep, zero=plan.zero)
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
-              "moe_layers": rows[-1]["moe_layers"], "context": context}
+              "moe_layers": rows[-1]["moe_layers"], "context": context,
+              "router_biases": gm.meta.get("router_biases", [])}
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False})
         return report

@@ -4,12 +4,13 @@ from its declaration, its weights and generated kernels, and what train.py
 trains it with (moec.runtime.training, moec.runtime.distributed)."""
 from moec.runtime import distributed, ops  # noqa: F401  registers the moec:: ops the graph calls
 from moec.runtime.kernels.generated import load_build as load_kernels  # noqa: F401
+from moec.runtime.training.balance import ExpertBias  # noqa: F401
 from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
 from moec.runtime.training.data import TokenData, load_tokens  # noqa: F401
 from moec.runtime.training.divergence import LossGuard  # noqa: F401
 from moec.runtime.training.flags import check_flags  # noqa: F401
 from moec.runtime.training.loop import (StopOnSignal, export_weights, parallelize, rng_state, run_main,  # noqa: F401
-                                        setup_distributed, teardown, wrap)
+                                        setup_distributed, teardown, unwrap, wrap)
 from moec.runtime.training.resume import resume  # noqa: F401
 from moec.runtime.training.rundir import RunDir  # noqa: F401
 from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401

@@ -80,21 +80,36 @@ def test_a_graph_without_weights_samples_nothing():
     assert p.report(gm) == ["nothing sampled (no weights at compile time)"] and p.warnings(gm) == []
 
 
-def test_a_model_that_fails_on_calibration_tokens_starts_random_and_says_so():
-    class Short(Offset):  # a learned position table of 16 rows: 32-token windows do not fit
-        def __init__(self):
-            super().__init__()
-            self.pos = nn.Embedding(16, D)
+class Positions(Offset):
+    """A learned position table of `rows` rows: longer windows do not fit."""
 
-        def forward(self, ids):
-            h = self.emb(ids) + self.pos(torch.arange(ids.shape[1])) + self.offset
-            return self.head(h + self.ffn(h))
+    def __init__(self, rows):
+        super().__init__()
+        self.pos = nn.Embedding(rows, D)
 
-    gm = capture(Short(), (torch.zeros(2, 8, dtype=torch.long),))
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1])) + self.offset
+        return self.head(h + self.ffn(h))
+
+
+def _sampled(model):
+    gm = capture(model, (torch.zeros(2, 8, dtype=torch.long),))
     run(gm, FindFFN())
     p = SampleFFNInputs(Options(experts=E, topk=K))
     run(gm, p)
+    return gm, p
+
+
+def test_calibration_windows_span_the_training_positions_the_context_allows():
+    gm, p = _sampled(Offset())
+    assert gm.meta["ffn_inputs"]["ffn"].shape == (16 * 128, D) and p.warnings(gm) == []
+    gm, p = _sampled(Positions(64))  # 128-token windows do not fit: 32-token ones
+    assert gm.meta["ffn_inputs"]["ffn"].shape == (32 * 32, D) and p.warnings(gm) == []
+
+
+def test_a_model_that_fails_on_calibration_tokens_starts_random_and_says_so():
+    gm, p = _sampled(Positions(16))
     assert gm.meta["ffn_inputs"] == {}
     [line] = p.warnings(gm)
-    assert line.startswith("no calibration (the dense model failed on 16 x 32 calibration tokens: ")
+    assert line.startswith("no calibration (the dense model failed on 32 x 32 calibration tokens: ")
     assert line.endswith("routers start random")

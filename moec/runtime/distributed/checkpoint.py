@@ -122,6 +122,7 @@ def named_state(model, optimizer, mesh) -> dict:
                         "cannot be saved by parameter name")
     names = {p: n for n, p in model.named_parameters()}
     state = {f"model.{n}": _wrap(n, p.detach(), mesh) for n, p in model.named_parameters()}
+    state.update({f"model.{n}": b for n, b in model.named_buffers()})  # replicated (router biases, rotary tables)
     if optimizer is not None:
         for p, s in optimizer.state.items():
             for k, v in s.items():

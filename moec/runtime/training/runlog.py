@@ -25,6 +25,7 @@ class BuildInfo:
     vocab: int
     flops_per_step: float  # per rank
     fingerprint: str  # of the parameter table: which checkpoints and run dirs are this model's
+    router_biases: list  # the aux-loss-free balancing biases, in the order of the forward's expert_counts
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
@@ -39,7 +40,8 @@ class BuildInfo:
         vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
         attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
-        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention), fingerprint(model_cls))
+        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention), fingerprint(model_cls),
+                   config["result"].get("router_biases", []))
 
 
 def fingerprint(model_cls) -> str:

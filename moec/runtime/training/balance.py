@@ -1,0 +1,42 @@
+"""Aux-loss-free load balancing (DeepSeek-V3): each MoE layer's router.bias
+is added to the router scores when experts are chosen (never to the gate
+weights), and after each optimizer step it moves by `rate` toward the even
+load: up for the experts that got fewer slots than the mean, down for those
+that got more. The counts are those of every micro-batch of the step, summed
+over all ranks, so gradient accumulation, data and expert parallelism count
+each token once and every rank moves its biases the same way. The biases are
+buffers of the model: checkpoints and the exported weights carry them."""
+import torch
+import torch.distributed as dist
+
+
+class ExpertBias:
+    def __init__(self, model: torch.nn.Module, names: list[str], rate: float):
+        """names: the router.bias buffers in the order of the forward's expert_counts."""
+        if rate > 0 and not names:
+            raise RuntimeError("the build balances with expert biases but config.json names none: recompile it")
+        self.rate = rate
+        self.biases = [model.get_buffer(n) for n in names] if rate > 0 else []
+        self.counts = None
+
+    def add(self, out: dict) -> None:
+        """Count one micro-batch's slots (the forward's expert_counts)."""
+        if not self.biases:
+            return
+        if len(out["expert_counts"]) != len(self.biases):
+            raise RuntimeError(f"the model routes {len(out['expert_counts'])} MoE layers and config.json names "
+                               f"{len(self.biases)} router biases: recompile the build")
+        counts = torch.cat([c.detach().to(torch.float64) for c in out["expert_counts"]])
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def step(self) -> None:
+        """Move the biases by the step's counts; call after optimizer.step()."""
+        if self.counts is None:
+            return
+        if dist.is_initialized():
+            dist.all_reduce(self.counts)
+        with torch.no_grad():
+            for bias, counts in zip(self.biases, self.counts.split([b.numel() for b in self.biases])):
+                bias += self.rate * torch.sign(counts.mean() - counts).to(bias)
+                bias -= bias.mean()  # only differences steer; a drifting mean would eat float precision
+        self.counts = None
