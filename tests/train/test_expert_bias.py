@@ -1,0 +1,114 @@
+"""Aux-loss-free balancing in train.py: the selection biases move once a step, by the slots of every
+micro-batch of the step on every rank (gradient accumulation, EP=2 under torchrun with gloo), stay zero-mean,
+and travel with checkpoints and the exported weights."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moec.base.options import Options
+from moec.driver.compiler import compile_model
+from moec.runtime import TokenData, load_tokens, load_weights
+from moec.runtime.distributed.checkpoint import load_state
+from moec.runtime.training.balance import ExpertBias
+from tests.train.conftest import ROOT, TINY, run_train
+
+RATE = 0.01
+BIAS = ("h.0.mlp.moe.router.bias", "h.1.mlp.moe.router.bias")
+
+
+def _build(tmp_path_factory, name, **options):
+    out = tmp_path_factory.mktemp("builds") / name
+    o = Options(experts=4, topk=2, overrides=TINY, verify=False, expert_bias_rate=RATE, **options)
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(out), o, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bias_build(tmp_path_factory):
+    return _build(tmp_path_factory, "gpt-bias")
+
+
+@pytest.fixture(scope="module")
+def bias_ep2_build(tmp_path_factory):
+    return _build(tmp_path_factory, "gpt-bias-ep2", ep=2)
+
+
+def _model(build):
+    spec = importlib.util.spec_from_file_location(f"bias_model_{build.name}", build / "model.py")
+    sys.path.insert(0, str(build))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(build))
+    model = module.Model()
+    load_weights(model, build / "model.safetensors")
+    return model
+
+
+def _after_one_step(build, sequences: int, world: int) -> dict:
+    """The biases train.py should hold after step 1: the compiled ones moved by the slots of all the step's
+    `sequences` per rank (32 tokens each, the run's --seed 0 data) summed over the `world` ranks."""
+    model = _model(build)
+    data = TokenData(load_tokens(None), 32, 0.05, 0)
+    counts = None
+    with torch.no_grad():
+        for rank in range(world):
+            out = model(data.batch("train", 0, sequences, rank, world)[0])["expert_counts"]
+            counts = out if counts is None else [a + b for a, b in zip(counts, out)]
+    want = {}
+    for name, c in zip(BIAS, counts):
+        b = model.get_buffer(name) + RATE * torch.sign(c.float().mean() - c.float())
+        want[name] = b - b.mean()
+    return want
+
+
+def test_the_step_counts_every_micro_batch_and_every_rank_once():
+    model = torch.nn.Module()
+    model.register_buffer("b", torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    bias = ExpertBias(model, ["b"], 0.5)
+    bias.add({"expert_counts": [torch.tensor([4, 0, 2, 2])]})
+    bias.add({"expert_counts": [torch.tensor([0, 4, 3, 1])]})  # sum [4, 4, 5, 3], mean 4
+    bias.step()
+    assert torch.equal(model.b, torch.tensor([0.0, 0.0, -0.5, 0.5]))
+    bias.step()  # nothing counted since: nothing moves
+    assert torch.equal(model.b, torch.tensor([0.0, 0.0, -0.5, 0.5]))
+    with pytest.raises(RuntimeError, match="names none"):
+        ExpertBias(model, [], 0.5)
+
+
+def test_grad_accum_moves_the_bias_by_the_whole_step(bias_build, tmp_path):
+    compiled = load_file(str(bias_build / "model.safetensors"))
+    assert all(compiled[n].abs().sum() > 0 for n in BIAS)  # calibrated at compile time
+    r = run_train(bias_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0, run_dir=tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(str(tmp_path / "run" / "final.safetensors"))
+    for name, want in _after_one_step(bias_build, 8, 1).items():
+        assert torch.allclose(got[name], want, atol=1e-6), name
+        assert abs(got[name].sum()) < 1e-6
+
+
+def test_ep2_ranks_move_the_bias_by_the_global_counts(bias_ep2_build, tmp_path):
+    run = tmp_path / "run"
+    r = run_train(bias_ep2_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0, run_dir=run, nproc=2,
+                  timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = {f"model.{n}": torch.zeros(4) for n in BIAS}
+    load_state(state, run / "checkpoints" / "step_00000001")
+    for name, want in _after_one_step(bias_ep2_build, 8, 2).items():
+        assert torch.allclose(state[f"model.{name}"], want, atol=1e-6), name
+
+
+def test_a_resumed_run_continues_from_the_saved_bias(bias_build, tmp_path):
+    whole = run_train(bias_build, "--steps", 3, "--eval-every", 0, run_dir=tmp_path / "whole")
+    part = run_train(bias_build, "--steps", 2, "--eval-every", 0, run_dir=tmp_path / "part")
+    resumed = run_train(bias_build, "--steps", 3, "--eval-every", 0, "--resume", run_dir=tmp_path / "part")
+    for r in (whole, part, resumed):
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "whole" / "final.safetensors")), load_file(str(tmp_path / "part" / "final.safetensors"))
+    compiled = load_file(str(bias_build / "model.safetensors"))
+    for name in BIAS:
+        assert torch.equal(a[name], b[name]) and not torch.equal(a[name], compiled[name])
