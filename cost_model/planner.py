@@ -101,7 +101,8 @@ def _divisors(n: int) -> list[int]:
 def enumerate_plans(shape: ModelShape, moe: Options, gpus: int, hw: Hardware, global_batch: int,
                     micro_batch: int = 1) -> list[tuple[Plan, dict]]:
     """Every candidate that satisfies the structural constraints, with its costs."""
-    routed = moe.experts * moe.granularity
+    # every MoE layer's routed experts: --pyramid gives the last layers another count
+    routed = [e * moe.granularity for e in [moe.experts] + ([moe.pyramid[0]] if moe.pyramid else [])]
     layout = Layout(hw, gpus, moe.routed_topk, moe.max_nodes_per_token)
     out = []
     for tp in _divisors(gpus):
@@ -112,7 +113,7 @@ def enumerate_plans(shape: ModelShape, moe: Options, gpus: int, hw: Hardware, gl
                 continue
             for ep in _divisors(gpus // (tp * pp)):
                 dp = gpus // (tp * pp * ep)
-                if routed % ep or global_batch % (micro_batch * ep * dp):
+                if any(e % ep for e in routed) or global_batch % (micro_batch * ep * dp):
                     continue
                 m = global_batch // (micro_batch * ep * dp)
                 if pp > 1 and m < pp:

@@ -165,8 +165,8 @@ def test_missing_file_and_non_empty_build_dir(tmp_path):
     r = run("compile", EXAMPLES / "gpt.py", "-o", out)
     assert r.exit_code == 2 and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
-    assert run("compile", EXAMPLES / "gpt.py", "-o", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "model.py").exists()
+    r = run("compile", EXAMPLES / "gpt.py", "-o", out, "--force")  # not a build: --force does not delete it
+    assert r.exit_code == 2 and "no moec config.json" in r.output and (out / "keep.txt").read_text() == "mine"
 
 
 def test_gpus_lets_the_planner_choose_and_records_it(tmp_path):

@@ -145,10 +145,13 @@ def ir_cmd(build_dir, pass_name, diff):
     if pass_name is None:
         if diff:
             raise MoecError("--diff needs --pass NAME")
-        click.echo(f"{'#':>2}  {'pass':<20}{'nodes':>7}{'params':>15}{'active/token':>15}{'MoE layers':>12}  changed")
-        for i, r in enumerate(rows):
-            click.echo(f"{i:02d}  {r['pass']:<20}{r['nodes']:>7}{r['params']:>15,}{r['active_params']:>15,}"
-                       f"{r['moe_layers']:>12}  {'yes' if r['modified'] else 'no'}")
+        table = [("#", "pass", "nodes", "params", "active/token", "MoE layers", "changed")]
+        table += [(f"{i:02d}", r["pass"], str(r["nodes"]), f"{r['params']:,}", f"{r['active_params']:,}",
+                   str(r["moe_layers"]), "yes" if r["modified"] else "no") for i, r in enumerate(rows)]
+        widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
+        for row in table:  # two spaces between columns however wide the numbers get; names and yes/no left
+            click.echo("  ".join(cell.ljust(w) if c in (1, 6) else cell.rjust(w)
+                                 for c, (cell, w) in enumerate(zip(row, widths))).rstrip())
         return
     names = [r["pass"] for r in rows]
     if pass_name not in names:

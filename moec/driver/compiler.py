@@ -5,6 +5,7 @@ a 70B model compiles in seconds). When the MoE model's weights fit the
 --max-weights-gb budget they are made for real: the dense model is built on
 the CPU (or loaded from --weights), captured and upcycled again. Everything is
 written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
+What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
 import importlib.util
 import json
@@ -25,9 +26,12 @@ from moec.codegen import source
 from moec.codegen.program import model_source, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
+from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, read_weights
 from moec.driver.model_shape import context_length
-from moec.driver.pipeline import passes_for, run_pipeline
+from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
+from moec.passes.find_ffn import FindFFN
 from moec.runtime import load_state
+from moec.runtime.weights import check_state
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
 BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
@@ -39,8 +43,12 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
     that pass. With force, an existing `out` is replaced, all but its runs/ (train.py's), which the new build
     keeps."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise MoecError(f"{out} exists and is not empty; pass --force to replace it (its runs/ are kept)")
+    check_build_dir(out, force)
+    check_expert_parallel(options)
+    check_file("--calibration-data", options.calibration_data)
+    check_stop_after(stop_after)
+    dense_state = read_weights(options.weights) if options.weights else None
+    hardware = _hardware(options)
     mod = load_module(model)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +60,7 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
     except OSError as e:  # e.filename: the dir it failed to make
         raise MoecError(f"cannot create {out}: {e.strerror.lower()} in {Path(e.filename or out).parent}") from e
     try:
-        report = _compile_into(model, options, mod, tmp, stop_after, log)
+        report = _compile_into(model, options, mod, tmp, stop_after, log, dense_state, hardware)
         _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,13 +109,16 @@ def _follow_umask(build: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> dict:
+def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense_state, hardware) -> dict:
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
+    if dense_state is not None:
+        load_dense(meta_model, dense_state, o.weights)  # names and shapes only: the model is on meta
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
+    _check_against_model(gm, o)
     context = context_length(gm, meta_model)
-    plan = _plan(model, o, gm, meta_model, tmp, log) if o.gpus else None
+    plan = _plan(model, o, gm, meta_model, tmp, log, hardware) if o.gpus else None
     if plan is not None:
         o = o.with_plan(ep=plan.ep, zero=plan.zero)
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
@@ -119,21 +130,21 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log) -> di
         return report
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= o.max_weights_gb * 2**30
-    report["weights_written"] = real
+    report["weights_written"], report["weights_bytes"] = real, nbytes
     if o.weights and not real:
-        raise MoecError(f"the MoE model's weights would take {nbytes / 2**30:.1f} GiB, over --max-weights-gb "
+        raise MoecError(f"the MoE model's weights would take {nbytes / 2**30:,.1f} GiB, over --max-weights-gb "
                         f"{o.max_weights_gb}; raise it to upcycle --weights")
     dense = None
     if real:
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        if o.weights:
-            load_dense(dense, o.weights)
+        if dense_state is not None:
+            load_dense(dense, dense_state, o.weights)
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
     else:
-        log(f"weights: {nbytes / 2**30:.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
+        log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
     if o.verify and not o.dense:
         report["verify_max_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
@@ -148,7 +159,23 @@ def runnable(plan) -> bool:
     return plan.tp == 1 and plan.pp == 1 and plan.zero <= 1 and not plan.recompute
 
 
-def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log):
+def _hardware(o: Options):
+    """The profile --gpus plans for, read before the capture so that a wrong --hardware is found at once."""
+    from moec.cost_model.hardware import load_hardware
+
+    return load_hardware(o.hardware or "dgx_h100") if o.gpus else None
+
+
+def _check_against_model(gm, o: Options) -> None:
+    """The options the captured model's shapes decide, checked before any pass runs."""
+    if o.dense:
+        return
+    FindFFN()(gm)  # records gm.meta["ffns"], rewriting nothing; the pipeline's find_ffn records them again
+    for f in gm.meta["ffns"]:
+        o.check_ffn_width(f.w1.fetch(gm).shape[0])
+
+
+def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     """The planner's best plan for --gpus on --hardware among those train.py carries out; plan.json records
     it and the runners-up."""
     from moec.cost_model import rank_plans
@@ -156,7 +183,7 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log):
     from moec.driver.model_shape import shape_from_graph
 
     shape = shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
-    ranked, enumerated = rank_plans(shape, o, o.gpus, o.hardware or "dgx_h100", allowed=runnable)
+    ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
@@ -242,23 +269,12 @@ def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> flo
     return err
 
 
-def load_dense(model: torch.nn.Module, path: str) -> None:
-    """Load dense weights (safetensors, or a torch state dict loaded with weights_only)."""
-    p = Path(path)
-    if not p.is_file():
-        raise MoecError(f"--weights {path}: no such file")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MoecError(f"--weights {path}: cannot read it ({type(e).__name__}: {e})") from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+def load_dense(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load the dense weights read from path (moec.driver.inputs.read_weights) into the model; into a model on
+    the meta device, check only that they fit it."""
     target = model.model if isinstance(model, LogitsOnly) else model
+    meta = any(t.is_meta for t in target.state_dict().values())
     try:
-        load_state(target, state)
+        (check_state if meta else load_state)(target, state)
     except RuntimeError as e:
         raise MoecError(f"--weights {path}: {e}") from e

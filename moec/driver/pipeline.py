@@ -41,11 +41,15 @@ class PassFailed(RuntimeError):
     """A pass broke on a graph it should have handled: a bug to report, not a user error."""
 
 
+def check_stop_after(stop_after: str | None) -> None:
+    if stop_after is not None and stop_after not in PIPELINE:
+        raise MoecError(f"--stop-after {stop_after}: no such pass; passes: {', '.join(PIPELINE)}")
+
+
 def passes_for(options: Options, plan=None, stop_after: str | None = None) -> list:
     """The passes a build runs, in PIPELINE's order: a dense build only finds the FFNs; plan_sharding runs
     for a planner's plan, insert_collectives for expert parallelism, lower_to_triton unless --no-triton."""
-    if stop_after is not None and stop_after not in PIPELINE:
-        raise MoecError(f"--stop-after {stop_after}: no such pass; passes: {', '.join(PIPELINE)}")
+    check_stop_after(stop_after)
     wanted = {"find_ffn": True, "sample_ffn_inputs": not options.dense and options.router_init != "random",
               "ffn_to_moe": not options.dense, "lower_moe": not options.dense,
               "plan_sharding": plan is not None and not options.dense,
@@ -123,10 +127,19 @@ def _dump(gm, p, result, i, before: str, ir_dir: Path) -> str:
 
 
 def _count(n: int) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:,}"
+
+
+def _grouped(lines: list[str]) -> list[str]:
+    """Each line once, and lines that differ only in their numbers (one warning in every layer) as one."""
+    groups: dict[str, dict[str, None]] = {}
+    for line in lines:
+        groups.setdefault(re.sub(r"\d+", "#", line), {})[line] = None
+    return [next(iter(same)) + (f" (and {len(same) - 1} more like it)" if len(same) > 1 else "")
+            for same in groups.values()]
 
 
 def run_pipeline(gm: torch.fx.GraphModule, passes: list, ir_dir: Path | None = None, log=lambda s: None):
@@ -145,7 +158,7 @@ def run_pipeline(gm: torch.fx.GraphModule, passes: list, ir_dir: Path | None = N
         log(f"  {i:02d} {p.name:<18} {stats['nodes']:>6} nodes  {_count(stats['params']):>10} params  "
             f"{'changed' if result.modified else 'unchanged'}  "
             f"{time.perf_counter() - t:.1f} s")
-        for line in p.warnings(gm):
+        for line in _grouped(p.warnings(gm)):
             log(f"     {p.name}: {line}")
         if ir_dir is not None:
             before = _dump(gm, p, result, i, before, ir_dir)

@@ -1,4 +1,5 @@
 """A compiled model's parameters from its declaration table, and its weights."""
+import json
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ def declare(module: torch.nn.Module, params: dict, buffers: dict, tied: dict, de
         for name, (shape, dtype) in table.items():
             *path, leaf = name.split(".")
             owner = _owner(module, path)
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            t = _empty(name, shape, getattr(torch, dtype), device)
             if is_buffer:
                 owner.register_buffer(leaf, t)
             else:
@@ -24,6 +25,17 @@ def declare(module: torch.nn.Module, params: dict, buffers: dict, tied: dict, de
         _owner(module, path).register_parameter(leaf, getattr(_owner(module, spath), sleaf))
 
 
+def _empty(name: str, shape, dtype, device) -> torch.Tensor:
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        gib = torch.Size(shape).numel() * dtype.itemsize / 2**30
+        raise MoecError(f"the model does not fit in {device} memory: allocating {name} {tuple(shape)} "
+                        f"({gib:.1f} GiB) failed") from None
+
+
 def _owner(module, path):
     for p in path:
         if not hasattr(module, p):
@@ -32,24 +44,53 @@ def _owner(module, path):
     return module
 
 
+def require_weights(path) -> None:
+    """That the weights file exists; train.py asks before it allocates the model, since a build compiled
+    without weights is most often one too large to allocate here."""
+    path = Path(path)
+    if path.is_file():
+        return
+    why = "`moec compile` writes no weights above --max-weights-gb (default 4)"
+    try:  # the build's config.json says how large they would have been
+        config = json.loads((path.parent / "config.json").read_text())
+        gib, limit = config["result"]["weights_bytes"] / 2**30, config["options"]["max_weights_gb"]
+        why = f"the build was compiled without weights: their {gib:,.1f} GiB are over --max-weights-gb {limit:g}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise MoecError(f"{path} does not exist: {why}; compile it again with a larger --max-weights-gb, on a "
+                    f"machine with the memory for them")
+
+
 def load_weights(model: torch.nn.Module, path) -> None:
     """Load a safetensors file written by `moec compile` or a training checkpoint export."""
     from safetensors.torch import load_file
 
-    if not Path(path).is_file():
-        raise MoecError(f"{path} does not exist: `moec compile` writes no weights above --max-weights-gb "
-                        f"(default 4); compile again with a larger --max-weights-gb")
+    require_weights(path)
     load_state(model, load_file(str(path)))
+
+
+def check_state(model: torch.nn.Module, state: dict) -> None:
+    """That state holds every tensor of the model's state dict, in its shape, and nothing else (a tied name
+    may be absent: it loads through its source); a one-line RuntimeError if not."""
+    own = model.state_dict()
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
+    missing = [n for n in own if n not in state and id(_get(model, n)) not in loaded]
+    unexpected = [n for n in state if n not in own]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                           f"{' ...' if len(missing) > 3 or len(unexpected) > 3 else ''}")
+    wrong = [n for n, t in state.items() if t.shape != own[n].shape]
+    if wrong:
+        n = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise RuntimeError(f"weights do not match the model: {n} is {tuple(state[n].shape)}, the model's "
+                           f"{tuple(own[n].shape)}{more}")
 
 
 def load_state(model: torch.nn.Module, state: dict) -> None:
     """load_state_dict that accepts a tied name being absent (it loads through its source)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
-    missing = [n for n in missing if id(_get(model, n)) not in loaded]
-    if missing or unexpected:
-        raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                           f"{' ...' if len(missing) > 3 or len(unexpected) > 3 else ''}")
+    check_state(model, state)
+    model.load_state_dict(state, strict=False)
 
 
 def _get(module, name):

@@ -1,0 +1,154 @@
+"""What a new user meets first: mistakes reported in one line before the capture, --force replacing only a
+build, weight files that are not safe to load named as such, a build without weights refused before its
+model is allocated, and tables whose columns stay apart at 70B scale."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import moec.runtime
+from moec.base.errors import MoecError
+from moec.driver import compiler
+from moec.driver.cli import main
+from moec.driver.pipeline import _count
+
+GPT = Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
+TINY = ["--experts", "4", "--no-verify", *[a for kv in ("n_layer=2", "n_head=2", "n_embd=32", "vocab_size=64",
+                                                     "block_size=32") for a in ("--set", kv)]]
+# ~550B parameters on the meta device: compiles in seconds, writes no weights, cannot be allocated on CPU
+HUGE = ["--experts", "64", "--no-verify", "--set", "n_layer=1", "--set", "n_head=1", "--set", "n_embd=32768"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line(r) -> str:
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_force_replaces_only_a_build(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "a").write_text("x")
+    line = one_line(run("compile", GPT, "-o", mine, "--force", *TINY))
+    assert "no moec config.json" in line and (mine / "a").read_text() == "x"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for force in ([], ["--force"]):
+        assert "is a file, not a directory" in one_line(run("compile", GPT, "-o", afile, *force, *TINY))
+        assert afile.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run("compile", GPT, "-o", empty, *TINY, "--stop-after", "find_ffn").exit_code == 0
+    assert run("compile", GPT, "-o", empty, *TINY, "--stop-after", "find_ffn", "--force").exit_code == 0
+
+
+def _files(tmp_path: Path) -> None:
+    """Inputs that are wrong in every way a compile can find before it captures the model."""
+    torch.save({"a": object()}, tmp_path / "pickle.pt")
+    torch.save({"a": np.zeros(3)}, tmp_path / "numpy.pt")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    torch.save({"a": 1}, tmp_path / "int.pt")
+    torch.save({"wte.weight": torch.zeros(3, 3)}, tmp_path / "names.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    (tmp_path / "afile").write_text("x")
+
+
+BEFORE_CAPTURE = [
+    (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
+    (["--weights", "."], "--weights .: is not a file"),
+    (["--weights", "pickle.pt"], "not a safe weights file: it pickles object"),
+    (["--weights", "numpy.pt"], "it pickles numpy"),
+    (["--weights", "list.pt"], "holds a list, not a state dict"),
+    (["--weights", "int.pt"], "'a' is not a tensor but int"),
+    (["--weights", "names.pt"], "weights do not match the model: missing"),
+    (["--weights", "junk.safetensors"], "cannot read it (SafetensorError"),
+    (["--calibration-data", "missing.txt"], "--calibration-data missing.txt: no such file"),
+    (["--calibration-data", "odd.bin"], "3 bytes is not a whole number of uint16 token ids"),
+    (["--gpus", "8", "--hardware", "nope"], "no hardware profile 'nope'"),
+    (["--stop-after", "nowhere"], "--stop-after nowhere: no such pass"),
+    (["--ep", "3"], "--ep 3 does not divide the 4 routed experts of a layer; pick an EP that divides 4"),
+    (["--ep", "2", "--pyramid", "3:1"], "the 3 and 4 routed experts"),
+    (["-o", "afile"], "-o afile is a file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BEFORE_CAPTURE)
+def test_mistakes_are_one_line_before_the_capture(tmp_path, monkeypatch, args, message):
+    _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compiler, "capture", lambda *a: pytest.fail("captured before finding the mistake"))
+    out = [] if "-o" in args else ["-o", "out"]
+    line = one_line(run("compile", GPT, *TINY, *out, *args))
+    assert message in line and "weights_only=False" not in line
+    if args[-1] in ("pickle.pt", "numpy.pt", "list.pt", "int.pt", "junk.safetensors"):  # the format is wrong
+        assert ".safetensors file or a torch.save'd state dict of tensors" in line
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".moec-") for p in tmp_path.iterdir())
+
+
+def test_granularity_is_checked_on_the_capture_before_any_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiler, "run_pipeline", lambda *a: pytest.fail("ran the passes"))
+    r = run("compile", GPT, *TINY, "-o", tmp_path / "out", "--granularity", "5")
+    first, last = r.output.strip().splitlines()
+    assert r.exit_code == 2 and first.startswith("capture:")
+    assert last == "error: --granularity 5 does not divide the FFN width 128; pick a divisor of 128"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def huge_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("huge") / "b"
+    r = run("compile", GPT, "-o", out, *HUGE)
+    assert r.exit_code == 0 and "none written" in r.output, r.output
+    (out / "compile.log").write_text(r.output)
+    return out
+
+
+def test_train_py_of_a_build_without_weights_is_one_line(huge_build):
+    config = json.loads((huge_build / "config.json").read_text())["result"]
+    assert not config["weights_written"] and config["weights_bytes"] > 2**40
+    r = subprocess.run([sys.executable, huge_build / "train.py", "--steps", "1", "--run-dir", huge_build / "r"],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    # train.py allocates the model before it loads the weights: either refusal is a single line
+    assert ("the model does not fit in cpu memory" in lines[0]
+            or "model.safetensors does not exist: the build was compiled without weights" in lines[0]), lines[0]
+
+
+def test_missing_weights_say_how_large_they_would_be(huge_build):
+    with pytest.raises(MoecError) as e:
+        moec.runtime.weights.require_weights(huge_build / "model.safetensors")
+    gib = json.loads((huge_build / "config.json").read_text())["result"]["weights_bytes"] / 2**30
+    assert f"their {gib:,.1f} GiB are over --max-weights-gb 4" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ir_columns_stay_apart_for_a_huge_model(huge_build):
+    r = run("ir", huge_build)
+    header, *rows = r.output.splitlines()
+    assert header.split() == ["#", "pass", "nodes", "params", "active/token", "MoE", "layers", "changed"]
+    summary = json.loads((huge_build / "ir" / "summary.json").read_text())
+    for line, expected in zip(rows, summary, strict=True):
+        cells = line.split()
+        assert len(cells) == 7, line
+        assert int(cells[3].replace(",", "")) == expected["params"] > 0
+        assert int(cells[4].replace(",", "")) == expected["active_params"]
+    assert len(f"{max(s['params'] for s in summary):,}") >= 15  # as wide as the columns used to be
+
+
+def test_compile_log_counts_in_units(huge_build):
+    summary = json.loads((huge_build / "ir" / "summary.json").read_text())
+    logged = [ln.split() for ln in (huge_build / "compile.log").read_text().splitlines() if ln.startswith("  0")]
+    assert [ln[1] for ln in logged] == [s["pass"] for s in summary[1:]]
+    assert [ln[4:6] for ln in logged] == [[f"{s['params'] / 1e9:.2f}", "B"] for s in summary[1:]]
+    assert [_count(n) for n in (999, 858_880, 4_550_912, 3_620_419_674_112)] == ["999", "858.88 K", "4.55 M",
+                                                                                "3.62 T"]
