@@ -147,7 +147,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
     if o.verify and not o.dense:
-        report["verify_max_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
+        report["verify_max_rel_error"], report["step0_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
     config = _write_config(tmp, model, o, report)
     write_train_program(tmp, config)
     return report
@@ -236,37 +236,59 @@ def _write_config(tmp: Path, model: str, o: Options, report: dict) -> dict:
     return config
 
 
-def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> float | None:
-    """Max relative error between the dense model and the emitted model.py holding upcycled weights (no
-    noise, no capacity). upcycled: the build's graph when it holds real weights made that way, else None
-    (a copy is made for the check, on a shrunk config when the weights were too large, and emitted beside)."""
+def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> tuple:
+    """(max relative error between the dense model's logits and the emitted model.py's holding upcycled
+    weights made exact (no noise, capacity, drop-upcycling or scaled weights): a MoecError over the
+    tolerance; the build's own step-0 error when its options leave the dense function, else None).
+    upcycled: the build's graph when it holds real weights, else None (copies are made for the check, on a
+    shrunk config when the weights were too large, and emitted beside)."""
     shrunk = dense is None
     if shrunk:
         shrink = getattr(mod, "VERIFY_OVERRIDES", None)
         if shrink is None:
             log("verify: skipped (weights too large and the model file defines no VERIFY_OVERRIDES)")
-            return None
+            return None, None
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, {**o.overrides, **shrink}, "cpu")
     inputs = example_inputs(mod, dense, BATCH, SEQ)
-    exact = replace(o, upcycle_noise=0.0, capacity_factor=0.0, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
-                    pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
+    # the build's math on one process (its pyramid on the last layer, which a shrunk config also has)
+    single = replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
+                     pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
+    exact = replace(single, upcycle_noise=0.0, capacity_factor=0.0, drop_upcycle=0.0, router_weights="renorm")
     dense.eval()  # dropout off: compare the deterministic function
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="verify.", dir=tmp) as scratch:
         ref = logits_of(dense(*inputs))
-        if upcycled is None or exact != replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1):
-            upcycled, _ = run_pipeline(capture(dense, inputs), passes_for(exact))
-            _emit(upcycled, model, exact, mod, Path(scratch))
-            program = _load_program(Path(scratch), upcycled)
-        else:
-            program = _load_program(tmp, upcycled)
-        got = program.eval()(*inputs)["logits"]
-    err = ((got - ref).abs().max() / ref.abs().max()).item()
-    log(f"verify: model.py vs the dense model, logits max relative error {err:.2e}{' (on a shrunk config)' if shrunk else ''}")
-    if not err <= VERIFY_TOLERANCE:
-        raise MoecError(f"verify: the upcycled model differs from the dense one by {err:.2e} (relative), over "
-                        f"{VERIFY_TOLERANCE:.0e}; rerun with --debug and report it, or pass --no-verify")
-    return err
+
+        def error(options: Options, name: str) -> float:
+            """Of the model.py these options emit, holding weights upcycled from dense."""
+            if upcycled is not None and options == replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1):
+                program = _load_program(tmp, upcycled)
+            else:
+                gm, _ = run_pipeline(capture(dense, inputs), passes_for(options))
+                _emit(gm, model, options, mod, Path(scratch) / name)
+                program = _load_program(Path(scratch) / name, gm)
+            got = program.eval()(*inputs)["logits"]
+            return ((got - ref).abs().max() / ref.abs().max()).item()
+
+        err = error(exact, "exact")
+        where = " (on a shrunk config)" if shrunk else ""
+        log(f"verify: model.py vs the dense model, logits max relative error {err:.2e}{where}")
+        if not err <= VERIFY_TOLERANCE:
+            raise MoecError(f"verify: the upcycled model differs from the dense one by {err:.2e} (relative), over "
+                            f"{VERIFY_TOLERANCE:.0e}; rerun with --debug and report it, or pass --no-verify")
+        start = None
+        if single != exact:  # options that leave the dense function by design: how far, reported, not refused
+            start = error(single, "as-built")
+            log(f"verify: with {', '.join(_inexact(o))} the build starts {start:.2e} (relative) from the dense "
+                f"model's logits{where}")
+    return err, start
+
+
+def _inexact(o: Options) -> list[str]:
+    """The options that make step 0 differ from the dense model."""
+    return [flag for flag, on in (("--upcycle-noise", o.upcycle_noise > 0), ("--capacity-factor", o.capacity_factor > 0),
+                                  ("--drop-upcycle", o.drop_upcycle > 0),
+                                  ("--router-weights scaled", o.router_weights == "scaled")) if on]
 
 
 def load_dense(model: torch.nn.Module, state: dict, path: str) -> None:
