@@ -17,7 +17,7 @@ from moec.cost_model.explain import explain
 from moec.cost_model.hardware import load_hardware
 from moec.cost_model.known_models import KNOWN_MODELS
 from moec.cost_model.planner import rank_plans
-from moec.cost_model.report import table, write_plan_json
+from moec.cost_model.report import LEGEND, table, write_plan_json
 from moec.base.options import Options
 from moec.cost_model.shape import ModelShape
 
@@ -86,6 +86,7 @@ def plan_command(provider: ShapeProvider) -> click.Command:
         click.echo(f"{shape.name} + MoE E={moe.experts} K={moe.topk} on {gpus} x {hw.gpu_name} ({hw.name}): "
                    f"{len(ranked)} of {enumerated} plans fit\n")
         click.echo(table(ranked, top))
+        click.echo(f"\n{LEGEND}")
         click.echo(f"\nbest: {ranked[0].why}")
         if show_formulas:
             click.echo("\n" + explain(ranked[0], shape, moe, hw, latex=latex))

@@ -40,9 +40,13 @@ def explain(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, latex: bo
     values = values_for(plan, shape, moe, hw)
     out = [f"Plan {plan.label()} for {shape.name} on {plan.gpus} x {hw.gpu_name} ({hw.name})", "",
            "Where (symbols and the numbers substituted):"]
-    model_syms = sorted((k for k in values if not str(k).startswith(("alpha_", "beta_"))), key=str)
+    collective = {*time_model.alpha.values(), *time_model.beta.values()}  # listed under Collectives below
+    model_syms = sorted((k for k in values if k not in collective), key=str)
     meaning = {**s.MEANING, time_model.peak: "peak FLOP/s per GPU", time_model.eta: "large-GEMM efficiency",
-               time_model.m_half: "GEMM rows at half efficiency", time_model.omega: "share of compute sync hides under"}
+               time_model.m_half: "GEMM rows at half efficiency", time_model.omega: "share of compute sync hides under",
+               time_model.bw: "memory copy bandwidth per GPU, bytes/s",
+               time_model.kappa: "memory-bound passes over the activations per micro-batch (profile's "
+                                 "elementwise_passes)"}
     num = lambda x: f"{x:.6g}" if isinstance(x, float) else str(x)
     out += [f"  {f'{k} = {num(values[k])}':<24}{meaning.get(k, '')}" for k in model_syms]
     out += ["", "Collectives (alpha, beta read off the cluster graph):"]

@@ -94,6 +94,11 @@ def values_for(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> dic
     return v
 
 
+def gib(n: float) -> str:
+    """Bytes as GiB, to two significant digits below one."""
+    return f"{n / 2**30:,.1f}" if n >= 2**30 else f"{n / 2**30:.2g}"
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -189,7 +194,7 @@ def _default_batch(gpus: int, seq_len: int) -> int:
 def _why(p: Plan, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
     top = max(p.time_s, key=p.time_s.get)
     text = (f"{p.label()}: predicted {p.step_time_s * 1e3:.1f} ms/step, MFU {p.mfu:.1%}, "
-            f"{p.peak_memory_bytes / 2**30:.1f} of {hw.memory_bytes / 2**30:.1f} GiB; rank {fit.index(p) + 1} of "
+            f"{gib(p.peak_memory_bytes)} of {gib(hw.memory_bytes)} GiB; rank {fit.index(p) + 1} of "
             f"{len(fit)} plans that fit ({enumerated} enumerated); largest term: {top}")
     if p is fit[0] and len(fit) > 1:
         nxt = fit[1]

@@ -3,22 +3,31 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from moec.cost_model.planner import Plan
+from moec.cost_model.planner import Plan, gib
 from moec.base.options import Options
 from moec.cost_model.shape import ModelShape
 
-GiB = 2**30
-COLUMNS = ("rank", "plan", "M", "weights+opt GiB", "act GiB", "total GiB", "compute ms", "a2a ms", "tp ms",
-           "pp ms", "grad ms", "step ms", "MFU")
+COLUMNS = ("rank", "plan", "M", "params+opt GiB", "grads GiB", "transient GiB", "peak GiB", "compute ms",
+           "w-traffic ms", "act-traffic ms", "a2a ms", "tp ms", "pp ms", "grad ms", "step ms", "MFU")
+LEGEND = """\
+M: micro-batches per step. Memory per GPU: params+opt, the fp32 weights and Adam moments; grads, the fp32
+gradients; transient, the activations, bf16 weight copies, logits and all-to-all buffers; peak, params+opt
+and the larger of grads and transient (train.py frees the gradients before each forward).
+Time per step: compute, the GEMMs (pipeline bubble included); w-traffic, the optimizer, clipping and
+autocast casts of the weights; act-traffic, the memory-bound elementwise work (kappa passes over the
+activations, the profile's elementwise_passes, and the loss over the logits); a2a, dispatch/combine;
+tp, tensor-parallel collectives; pp, pipeline sends; grad, gradient sync not hidden under backward;
+step, their sum. MFU: model FLOPs over the GPUs' peak (recomputation not counted)."""
 
 
 def _row(i: int, p: Plan) -> tuple:
     m, t = p.memory_bytes, p.time_s
-    states = m["parameters"] + m["gradients"] + m["optimizer state"]
-    return (str(i), p.label(), str(p.micro_batches), f"{states / GiB:.1f}", f"{m['activations'] / GiB:.1f}",
-            f"{p.peak_memory_bytes / GiB:.1f}", f"{t['compute'] * 1e3:.0f}", f"{t['all-to-all'] * 1e3:.0f}",
-            f"{t['tensor parallel'] * 1e3:.0f}", f"{t['pipeline sends'] * 1e3:.0f}",
-            f"{t['gradient sync (exposed)'] * 1e3:.0f}", f"{p.step_time_s * 1e3:.0f}", f"{p.mfu:.1%}")
+    transient = m["bf16 weight copies"] + m["activations"] + m["logits"] + m["all-to-all buffers"]
+    ms = lambda term: f"{t[term] * 1e3:,.0f}"  # noqa: E731
+    return (str(i), p.label(), str(p.micro_batches), gib(m["parameters"] + m["optimizer state"]),
+            gib(m["gradients"]), gib(transient), gib(p.peak_memory_bytes), ms("compute"), ms("weight traffic"),
+            ms("activation traffic"), ms("all-to-all"), ms("tensor parallel"), ms("pipeline sends"),
+            ms("gradient sync (exposed)"), f"{p.step_time_s * 1e3:,.0f}", f"{p.mfu:.1%}")
 
 
 def table(plans: list[Plan], top: int) -> str:

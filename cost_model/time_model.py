@@ -14,12 +14,16 @@ moments, and in every micro-batch autocast makes the bf16 weight copies and
 casts their gradients back (bytes per parameter below).
 
 The elementwise work around the GEMMs (norms, casts, activations, the
-routing copies, the loss) is memory-bound too: kappa passes over the saved
-activations (at least 4: each byte written in forward, read in backward, its
-gradient written and read; eager PyTorch, one kernel per elementwise op,
-makes more, so the profile calibrates kappa), and the loss passes over the
-logits LOGIT_TRAFFIC bytes per element. Kernel launch cost is not modelled: runs whose GPU work per step is
-short are bound by the host and take longer than predicted.
+routing copies, the loss) is memory-bound too: kappa passes over the
+activations forward computes (at least 4: each byte written in forward, read
+in backward, its gradient written and read; eager PyTorch, one kernel per
+elementwise op, makes more, so the profile calibrates kappa), and the loss
+passes over the logits LOGIT_TRAFFIC bytes per element. Recomputation keeps
+fewer activations but computes them again, so it never makes a step faster:
+full recompute (R) runs forward's share of the passes again, a third as for
+the GEMMs (backward costs two forwards); the experts' (R_x) GEMMs write their
+pre-activations once more. Kernel launch cost is not modelled: runs whose GPU
+work per step is short are bound by the host and take longer than predicted.
 
 Expert GEMMs are short: each local expert sees S*B*EP*K/E rows per
 micro-batch, and a GEMM of m rows runs at eta * m / (m + m_half), m_half
@@ -29,7 +33,7 @@ Expert parallelism buys longer expert GEMMs; the all-to-all is its price.
 import sympy as sp
 
 from moec.cost_model import comm, memory, params
-from moec.cost_model.symbols import B, E, EP, G, K, L, M, PP, R, R_x, S, TP, V, Z, define, f, n_W
+from moec.cost_model.symbols import B, E, EP, F_e, G, K, L, M, PP, R, R_x, S, TP, V, Z, b, define, f, n_W
 
 peak, eta, omega, m_half, bw, kappa = sp.symbols("Pi eta omega m_half beta_mem kappa", positive=True)
 # bytes moved per parameter: fused AdamW reads weight, gradient, m, v and writes weight, m, v (28);
@@ -73,9 +77,14 @@ weight_traffic = define("T_w", (OPTIMIZER_TRAFFIC * sharded_state + CLIP_TRAFFIC
                                 + CAST_TRAFFIC * M * weights_local) / bw,
                         "optimizer, clipping and autocast casts of the weights per step")
 
+# bytes per micro-batch and stage that forward computes (memory.act_layer lacks the expert
+# pre-activations R_x drops), and the passes recomputation adds over them
+expert_pre = memory.tokens_local * L / PP * f * b * K * G * (n_W - 1) * F_e
+computed = memory.tokens_local * L / PP * memory.act_layer + R_x * expert_pre
+recompute_traffic = R * kappa / 3 * computed + (1 - R) * R_x * expert_pre
 activation_traffic = define(
-    "T_act", M * (kappa * memory.activations / sp.Min(PP, M) + LOGIT_TRAFFIC * memory.tokens_local * V
-                  ) / bw, "memory-bound elementwise work per step")
+    "T_act", M * (kappa * computed + recompute_traffic + LOGIT_TRAFFIC * memory.tokens_local * V) / bw,
+    "memory-bound elementwise work per step")
 
 TERMS = {
     "compute": define("T_comp", bubble * compute, "compute time per step, pipeline bubble included"),

@@ -20,7 +20,8 @@ def test_plan_prints_table_explains_and_writes_plan_json(tmp_path):
     result = CliRunner().invoke(plan, ["Mixtral-8x7B", "--gpus", "64", "--hardware", "dgx_h100", "--top", "3",
                                        "--explain", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "weights+opt GiB" in result.output and "best: EP" in result.output
+    assert "params+opt GiB" in result.output and "best: EP" in result.output
+    assert "kappa passes over the" in result.output  # the legend under the table
     assert "Memory per GPU" in result.output and "P_d" in result.output and "GiB" in result.output
     record = json.loads((tmp_path / "plan.json").read_text())
     assert record["chosen"]["gpus"] == 64 and record["model"]["name"] == "Mixtral-8x7B"

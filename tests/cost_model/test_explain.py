@@ -33,3 +33,13 @@ def test_explain_shows_substitutions_and_collective_derivation(explained):
     assert f"EP = {plan.ep} " in text and "F_e = 1408 " in text
     assert f"a2a: dispatch/combine all-to-all over EP: {plan.collectives['a2a']['algorithm']}" in text
     assert "busiest link" in text
+
+
+def test_every_symbol_substituted_says_what_it_is(explained):
+    _, text = explained
+    lines = text.splitlines()
+    start = lines.index("Where (symbols and the numbers substituted):") + 1
+    block = lines[start:lines.index("", start)]
+    assert block and all(len(line[2:].split(None, 3)) == 4 for line in block), block  # NAME = VALUE MEANING
+    assert any(line.lstrip().startswith("kappa = ") and "elementwise_passes" in line for line in block)
+    assert any(line.lstrip().startswith("beta_mem = ") for line in block)

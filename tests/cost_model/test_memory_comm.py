@@ -112,3 +112,15 @@ def test_peak_holds_gradients_or_activations_not_both():
         assert evaluate(memory.peak, extra={s.B: batch}) == pytest.approx(states + max(grads, transient))
     # a long batch is activation-bound, a short one gradient-bound
     assert evaluate(memory.transient, extra={s.B: 64}) > grads > evaluate(memory.transient, extra={s.B: 1, s.S: 8})
+
+
+def test_recompute_adds_elementwise_traffic_instead_of_saving_it():
+    """Recomputation keeps fewer activations but computes them again: the memory-bound work grows."""
+    hw = {time_model.bw: 1e12, time_model.kappa: 18}
+    act = time_model.TERMS["activation traffic"]
+    plain, experts, full = (evaluate(act, recompute=r, extra=hw | {s.R_x: x}) for r, x in ((0, 0), (0, 1), (1, 0)))
+    # the experts' GEMMs write their pre-activations once more: one F_e-wide bf16 row per routed slot
+    # (plain FFN), K slots per token, every layer, M = 4 micro-batches of S tokens
+    assert experts - plain == pytest.approx(4 * SHAPE.seq_len * SHAPE.layers * 2 * MOE.topk * SHAPE.ffn / 1e12)
+    logits = 4 * time_model.LOGIT_TRAFFIC * SHAPE.seq_len * SHAPE.vocab / 1e12
+    assert full - plain == pytest.approx((plain - logits) / 3)  # forward's third of the kappa passes again

@@ -9,8 +9,9 @@ import sympy as sp
 from moec.base.errors import MoecError
 from moec.cost_model import Plan, best_plan, load_hardware, params, rank_plans
 from moec.cost_model.known_models import DEEPSEEKMOE_16B, MIXTRAL_8X7B
-from moec.cost_model.report import plan_record, table
-from moec.cost_model.shape import model_values
+from moec.base.options import Options
+from moec.cost_model.report import COLUMNS, plan_record, table
+from moec.cost_model.shape import ModelShape, model_values
 from moec.cost_model.symbols import f
 
 
@@ -80,3 +81,35 @@ def test_hardware_errors_say_what_to_do(tmp_path):
     path.write_text(json.dumps(profile))
     with pytest.raises(MoecError, match="no NICs"):
         best_plan(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 16, str(path))
+
+
+# examples/llama.py's default configuration
+TINY_LLAMA = ModelShape(layers=4, hidden=128, ffn=384, vocab=256, heads=4, kv_heads=2, gated=True,
+                        tied_embeddings=False, seq_len=256, name="llama.py:default")
+
+
+@pytest.mark.parametrize("shape,moe,gpus", [(TINY_LLAMA, Options(experts=8, topk=2), 16),
+                                            (MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 64)])
+def test_recompute_never_makes_the_same_plan_faster(shape, moe, gpus):
+    ranked, _ = rank_plans(shape, moe, gpus, "dgx_h100")
+    steps = {}
+    for p in ranked:
+        steps.setdefault((p.ep, p.dp, p.tp, p.pp, p.zero), {})[p.recompute] = p.step_time_s
+    pairs = [s for s in steps.values() if len(s) == 2]
+    assert pairs and all(s[True] > s[False] for s in pairs)
+    if shape is TINY_LLAMA:  # everything fits: nothing calls for recomputation
+        assert not ranked[0].recompute
+
+
+def test_plan_table_columns_add_up(mixtral_64):
+    ranked, _ = mixtral_64
+    header, _, *rows = table(ranked, 5).splitlines()
+    for line, plan in zip(rows, ranked):
+        rank, rest = line.split(plan.label())
+        cells = dict(zip(COLUMNS, [rank.strip(), plan.label(), *rest.split()], strict=True))
+        num = lambda c: float(cells[c].replace(",", "").rstrip("%"))  # noqa: E731
+        memory = num("params+opt GiB") + max(num("grads GiB"), num("transient GiB"))
+        assert num("peak GiB") == pytest.approx(memory, abs=0.15)
+        times = [c for c in COLUMNS if c.endswith(" ms") and c != "step ms"]
+        assert num("step ms") == pytest.approx(sum(num(c) for c in times), abs=len(times) / 2)
+        assert num("step ms") == pytest.approx(plan.step_time_s * 1e3, abs=0.5)
