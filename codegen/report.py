@@ -61,16 +61,24 @@ def _nvidia_resources(ptx: str) -> dict:
             "scratch": int(frame.group(1)) if frame else 0}
 
 
+def _fp_fusion() -> bool:
+    """What a launch that does not choose gets (Triton's default, or TRITON_DEFAULT_FP_FUSION), chosen here:
+    left unchosen, Triton 3.9 prints a warning that its default will change above the report."""
+    import triton
+
+    return getattr(getattr(getattr(triton, "knobs", None), "language", None), "default_fp_fusion", True)
+
+
 def compile_all(archs) -> list[dict]:
     """One row per (kernel, target): registers, spills (bytes on NVIDIA, registers on AMD), scratch, shared."""
     from moec.codegen.cross_compile import compile_for
     from moec.runtime.kernels.launch import LDS_LIMIT
 
-    rows = []
+    rows, fusion = [], _fp_fusion()
     for mod in spec_modules():
         for arch in archs:
             for name, fn, signature, constexprs, options in mod.portable_specs(arch):
-                k = compile_for(fn, signature, constexprs, arch, options)
+                k = compile_for(fn, signature, constexprs, arch, {"enable_fp_fusion": fusion, **options})
                 res = _amd_resources(k.asm["amdgcn"]) if arch.startswith("gfx") else _nvidia_resources(k.asm["ptx"])
                 rows.append(dict(module=mod.__name__.rsplit(".", 1)[-1], kernel=name, arch=arch,
                                  shared=k.metadata.shared, shared_limit=LDS_LIMIT[arch], **res))

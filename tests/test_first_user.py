@@ -2,8 +2,10 @@
 build, weight files that are not safe to load named as such, a build without weights refused before its
 model is allocated, and tables whose columns stay apart at 70B scale."""
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +154,33 @@ def test_compile_log_counts_in_units(huge_build):
     assert [ln[4:6] for ln in logged] == [[f"{s['params'] / 1e9:.2f}", "B"] for s in summary[1:]]
     assert [_count(n) for n in (999, 858_880, 4_550_912, 3_620_419_674_112)] == ["999", "858.88 K", "4.55 M",
                                                                                 "3.62 T"]
+
+
+FUSION_WARNINGS = """
+import warnings
+from triton import _utils
+from moec.codegen import report, routing
+from moec.codegen.cross_compile import compile_for
+
+spec = routing.portable_specs("gfx942")[0]
+report.spec_modules = lambda: [type("One", (), {"__name__": "routing", "portable_specs": lambda arch: [spec]})]
+
+def fusion_warnings(run):
+    _utils.warn_once.cache_clear()  # Triton warns once a process
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run()
+    return sum("TRITON_DEFAULT_FP_FUSION" in str(w.message) for w in seen)
+
+print(fusion_warnings(lambda: compile_for(*spec[1:4], "gfx942", spec[4])),
+      fusion_warnings(lambda: report.compile_all(["gfx942"])))
+"""
+
+
+def test_kernels_report_prints_no_triton_warning_above_the_table():
+    # a fresh process: Triton's interpreter, which the other tests run kernels under on CPU, cannot compile
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    r = subprocess.run([sys.executable, "-c", FUSION_WARNINGS], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # compile_for alone leaves the choice to Triton, which warns; the report makes it
+    assert r.stdout.split() == ["1", "0"]
