@@ -3,6 +3,7 @@ build, weight files that are not safe to load named as such, a build without wei
 model is allocated, and tables whose columns stay apart at 70B scale."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -184,3 +185,14 @@ def test_kernels_report_prints_no_triton_warning_above_the_table():
     assert r.returncode == 0, r.stderr
     # compile_for alone leaves the choice to Triton, which warns; the report makes it
     assert r.stdout.split() == ["1", "0"]
+
+
+def test_progress_bar_and_metrics_line_agree_on_tokens_per_second(tmp_path):
+    build = tmp_path / "b"
+    assert run("compile", GPT, "-o", build, *TINY, "--set", "vocab_size=256").exit_code == 0  # bytes
+    r = subprocess.run([sys.executable, build / "train.py", "--steps", "20", "--log-every", "5", "--eval-every",
+                        "0", "--ckpt-every", "-1", "--batch-size", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    bar = {int(m[0]): m[1] for m in re.findall(r"\] (\d+)/20 loss \S+ ([\d,]+) tok/s", r.stderr)}
+    line = {int(m[0]): m[1] for m in re.findall(r"^step (\d+): lm .* ([\d,]+) tok/s", r.stderr, re.M)}
+    assert sorted(line) == [5, 10, 15, 20] and all(bar[s] == line[s] for s in line), r.stderr

@@ -1,7 +1,9 @@
 """Progress on stderr and metrics in RUN_DIR/metrics.jsonl (rank 0 only).
 
 On a terminal the bar redraws in place every step; otherwise (a log file, a
-batch job) it prints one line every `every` steps so logs stay readable.
+batch job) it prints one line every `every` steps so logs stay readable. Its
+tokens/s is the metrics line's: tokens over seconds of the steps since the last
+metrics line, the first step of the process (warm-up) left out.
 """
 import json
 import sys
@@ -22,25 +24,33 @@ class Progress:
         self.total, self.start, self.every, self.stream, self.enabled = total, start, every, stream, enabled
         self.tty = stream.isatty()
         self.t0 = None
+        self.window_steps, self.window_seconds_per_token = 0, 0.0
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Called after step `step` (0-based) finished."""
+        """Called after step `step` (0-based) finished in tokens / tokens_per_s seconds."""
         if not self.enabled:
             return
         if self.t0 is None:  # the first step compiles and warms up: time from its end
             self.t0, self.first = time.perf_counter(), step + 1
+        else:
+            self.window_steps += 1
+            self.window_seconds_per_token += 1 / tokens_per_s
         done = step + 1
+        # every step has the same tokens: the window's tokens over its seconds is the harmonic mean of the rates
+        shown = f"{self.window_steps / self.window_seconds_per_token:,.0f}" if self.window_steps else "?"
         rate = (done - self.first) / max(time.perf_counter() - self.t0, 1e-9)
         eta = _duration((self.total - done) / rate) if rate > 0 else "?"
         width = 24
         fill = int(width * done / self.total)
         line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} loss {loss:.4f} "
-                f"{tokens_per_s:,.0f} tok/s ETA {eta}")
+                f"{shown} tok/s ETA {eta}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K" + ("\n" if done == self.total else ""))
         elif done % self.every == 0 or done == self.total:
             self.stream.write(line + "\n")
         self.stream.flush()
+        if done % self.every == 0:  # the metrics line of this step closed the window
+            self.window_steps, self.window_seconds_per_token = 0, 0.0
 
     def message(self, text: str) -> None:
         """A line of its own that the bar does not overwrite."""
