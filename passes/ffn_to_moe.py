@@ -21,8 +21,13 @@ softmax scores times E/K instead of renormalising them: equal to the dense
 FFN under a uniform router only. --drop-upcycle R gives each coarse expert
 its own random share R of the F units drawn afresh from N(mean, std) of each
 dense matrix (Drop-Upcycling).
-Invariant after the pass, with no noise, no capacity, no drop-upcycling and
-renormalised weights: the model computes the dense model's logits.
+--hash-layers: those MoE layers have no router; a buffer router.table
+[vocab, K*M] gives each token id K blocks (balanced over the calibration
+text's token frequencies) at weight 1/K. --routing expert-choice: each expert
+takes its top tokens of the batch (moec.runtime.ops.moe.expert_choice).
+Invariant after the pass, with no noise, no capacity, no drop-upcycling,
+renormalised weights and top-k or hash routing: the model computes the dense
+model's logits.
 """
 import operator
 
@@ -33,8 +38,9 @@ from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.base.graph import delete_unused_attrs, set_param
 from moec.runtime.ops import elementwise
-from moec.runtime.ops.moe import load_balance_loss, moe_layer, sequence_balance_loss, z_loss
+from moec.runtime.ops.moe import hash_experts, load_balance_loss, moe_layer, sequence_balance_loss, z_loss
 from moec.passes.base import Pass, PassResult, inherit_provenance
+from moec.runtime.training.data import load_tokens
 
 aten = torch.ops.aten
 ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
@@ -92,6 +98,36 @@ def router_rows(E: int, D: int, gen, init: str, x: torch.Tensor | None) -> torch
     return rows - (rows @ unit)[:, None] * unit
 
 
+BUFFERS = ("router.bias", "router.table")  # state that is not trained by gradients
+
+
+def _vocab(gm) -> int:
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"].shape[-1]
+
+
+def _hash_table(vocab: int, E: int, K: int, M: int, gen, device, frequency) -> torch.Tensor:
+    """[vocab, K*M] int32: K distinct blocks per token id, each block's M fine experts in a row. Hash Layers'
+    balanced assignment: the token ids of the calibration text, most frequent first, each to the K blocks
+    with the fewest calibration tokens so far; ids the text lacks get K random blocks."""
+    if device.type == "meta":
+        return torch.empty(vocab, K * M, dtype=torch.int32, device="meta")
+    blocks = torch.rand(vocab, E, generator=gen).argsort(-1)[:, :K]  # [V, K]
+    load = torch.zeros(E, dtype=torch.float64)
+    seen = frequency.nonzero().flatten()
+    for v in seen[frequency[seen].argsort(descending=True, stable=True)].tolist():
+        blocks[v] = torch.topk(-load, K).indices
+        load[blocks[v]] += frequency[v].item()
+    return (blocks[:, :, None] * M + torch.arange(M)).reshape(vocab, K * M).to(torch.int32)
+
+
+def _token_ids(g) -> torch.fx.Node:
+    ids = [n for n in g.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+           and not n.meta["val"].is_floating_point()]
+    if len(ids) != 1:
+        raise MoecError("--hash-layers routes by token id: the model must take one tensor of token ids")
+    return ids[0]
+
+
 def _scores(logits: torch.Tensor, router: str) -> torch.Tensor:
     return torch.softmax(logits, -1) if router == "softmax" else torch.sigmoid(logits)
 
@@ -147,14 +183,21 @@ class FFNToMoE(Pass):
     def __init__(self, options: Options):
         self.o = options
 
-    def _weights(self, gm, ffn, E, gen):
+    def _weights(self, gm, ffn, E, gen, hashed: bool):
         o, M, S = self.o, self.o.granularity, self.o.shared_experts
         fetch = lambda ref: None if ref is None else ref.fetch(gm)
         W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
         u = S // M if S % M == 0 else 0
         x = gm.meta.get("ffn_inputs", {}).get(ffn.module)
         rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if not W1.is_meta else None
-        w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None else rows.to(W1).repeat_interleave(M, 0)}
+        if hashed:  # no router: a fixed table of K whole blocks per token id
+            V = _vocab(gm)
+            frequency = torch.bincount(torch.from_numpy(load_tokens(o.calibration_data).astype("int64")) % V,
+                                       minlength=V)
+            w = {"router.table": _hash_table(V, E, o.topk, M, gen, W1.device, frequency)}
+        else:
+            w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None
+                 else rows.to(W1).repeat_interleave(M, 0)}
         if o.expert_bias_rate > 0:
             w["router.bias"] = W1.new_zeros(E * M, dtype=torch.float32)
             if rows is not None and x is not None:
@@ -189,6 +232,9 @@ class FFNToMoE(Pass):
         layers = o.moe_layer_indices(len(ffns))
         if not layers:
             raise MoecError(f"ffn_to_moe: --first-dense {o.first_dense} leaves no FFN of {len(ffns)} to convert")
+        if o.hash_layers and max(o.hash_layers) >= len(layers):
+            raise MoecError(f"--hash-layers {max(o.hash_layers)}: the model has {len(layers)} MoE layers, "
+                            f"numbered from 0")
         pyramid_from = len(layers) - o.pyramid[1] if o.pyramid else len(layers)
         stats, prefixes = [], []
         for j, i in enumerate(layers):
@@ -197,11 +243,12 @@ class FFNToMoE(Pass):
             gen = torch.Generator().manual_seed(o.seed * 1000003 + i)
             prefix = f"{ffn.module}.moe" if ffn.module else f"moe{i}"
             prefixes.append(prefix)
-            weights = {n: t for n, t in self._weights(gm, ffn, E, gen).items() if t is not None}
+            hashed = j in o.hash_layers
+            weights = {n: t for n, t in self._weights(gm, ffn, E, gen, hashed).items() if t is not None}
             for name, t in weights.items():
-                set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name == "router.bias")
+                set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
-                stats.append(self._rewrite(g, ffn, prefix, set(weights), E))
+                stats.append(self._rewrite(g, ffn, prefix, set(weights), E, _token_ids(g) if hashed else None))
         with inherit_provenance(g, None):
             self._outputs(g, stats)
         g.eliminate_dead_code()
@@ -211,19 +258,28 @@ class FFNToMoE(Pass):
         gm.meta["router_biases"] = [f"{p}.router.bias" for p in prefixes] if o.expert_bias_rate > 0 else []
         return PassResult(gm, True)
 
-    def _rewrite(self, g, ffn, prefix, present, E):
+    def warnings(self, gm) -> list[str]:
+        if self.o.routing != "expert-choice":
+            return []
+        return ["expert-choice routing: a token's experts depend on the other tokens of its batch, later ones of "
+                "its own sequence included, so training sees the future through the routing (see the README)"]
+
+    def _rewrite(self, g, ffn, prefix, present, E, token_ids):
         o, M = self.o, self.o.granularity
         attr = lambda name: g.get_attr(f"{prefix}.{name}") if name in present else None
         x = ffn.x
         shape = x.meta["val"].shape
         xf = g.call_function(aten.reshape.default, (x, [-1, shape[-1]]))  # [T, D]
-        logits = g.call_function(aten.linear.default, (xf, attr("router.weight")))  # [T, E*M]
+        if token_ids is None:
+            logits, hashed = g.call_function(aten.linear.default, (xf, attr("router.weight"))), None  # [T, E*M]
+        else:
+            logits, hashed = None, g.call_function(hash_experts, (attr("router.table"), token_ids))  # [T, K*M]
         w = [attr(f"experts.{n}") for n in ("w1", "b1", "w3", "b3", "w2", "b2")]
         scaled = o.router_weights == "scaled"  # softmax over E*M, K*M picks: uniform weights sum to K/E
-        moe = g.call_function(moe_layer, (xf, logits, attr("router.bias"), *w), dict(
+        moe = g.call_function(moe_layer, (xf, logits, attr("router.bias"), hashed, *w), dict(
             k=o.topk * M, score=o.router, renorm=not scaled, weight_scale=E / o.topk if scaled else 1,
             capacity_factor=o.capacity_factor, activation=ffn.activation, recompute=o.recompute_experts,
-            force_balance=o.force_balance))
+            force_balance=o.force_balance, routing=o.routing))
         out, counts, probs_sum, zsum, indices = (g.call_function(operator.getitem, (moe, i)) for i in range(5))
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
@@ -232,7 +288,7 @@ class FFNToMoE(Pass):
         ffn.out.replace_all_uses_with(y)
         # the layer's own losses belong to the layer: an emitted block computes them, the model sums them
         k = o.topk * M
-        if o.aux_loss_scope == "sequence":
+        if o.aux_loss_scope == "sequence" and token_ids is None:
             if len(shape) != 3:
                 raise MoecError(f"--aux-loss-scope sequence: {ffn.module or 'an FFN'} takes inputs of shape "
                                 f"{list(shape)}, not [batch, seq, hidden]; use --aux-loss-scope batch")

@@ -15,6 +15,7 @@ ROUTERS = ("softmax", "sigmoid")
 ROUTER_INITS = ("random", "centered", "kmeans")
 ROUTER_WEIGHTS = ("renorm", "scaled")
 AUX_LOSS_SCOPES = ("batch", "sequence")
+ROUTINGS = ("topk", "expert-choice")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
 
 
@@ -31,6 +32,8 @@ class Options:
     experts: int = 8
     topk: int = 2
     router: str = "softmax"
+    routing: str = "topk"  # or "expert-choice": each expert takes its top tokens of the batch
+    hash_layers: tuple = ()  # MoE layers (0-based, in order) routed by a fixed token-id table (Hash Layers)
     router_init: str = "centered"  # how router rows start: see passes/ffn_to_moe.py
     calibration_data: str | None = None  # text or .bin whose FFN inputs data-aware router inits read
     shared_experts: int = 0
@@ -81,6 +84,19 @@ class Options:
             yield f"--router must be one of {', '.join(ROUTERS)} (got {self.router})"
         if self.router_init not in ROUTER_INITS:
             yield f"--router-init must be one of {', '.join(ROUTER_INITS)} (got {self.router_init})"
+        if self.routing not in ROUTINGS:
+            yield f"--routing must be one of {', '.join(ROUTINGS)} (got {self.routing})"
+        if any(i < 0 for i in self.hash_layers) or len(set(self.hash_layers)) != len(self.hash_layers):
+            yield f"--hash-layers {','.join(map(str, self.hash_layers))}: distinct MoE layer numbers from 0"
+        special = [flag for flag, on in (("--routing expert-choice", self.routing == "expert-choice"),
+                                         ("--hash-layers", bool(self.hash_layers))) if on]
+        for other, on in (("--ep", self.ep > 1 or self.gpus > 0), ("--force-balance", self.force_balance),
+                          ("--expert-bias-rate", self.expert_bias_rate > 0), ("--router-weights scaled",
+                                                                              self.router_weights == "scaled")):
+            if special and on:
+                yield f"{special[0]} does not combine with {other} (it chooses experts its own way)"
+        if self.routing == "expert-choice" and self.aux_loss_scope == "sequence":
+            yield "--aux-loss-scope sequence balances top-k routing; expert-choice routing is balanced by construction"
         if self.router_weights not in ROUTER_WEIGHTS:
             yield f"--router-weights must be one of {', '.join(ROUTER_WEIGHTS)} (got {self.router_weights})"
         if self.router_weights == "scaled" and self.router != "softmax":
@@ -167,4 +183,5 @@ class Options:
         data = dict(data)
         if data.get("pyramid") is not None:
             data["pyramid"] = tuple(data["pyramid"])
+        data["hash_layers"] = tuple(data.get("hash_layers", ()))
         return cls(**data).validate()

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from moec.base.errors import MoecError
-from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, Options
+from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, ROUTINGS, Options
 
 
 def _set_debug(ctx, _param, value):
@@ -56,6 +56,15 @@ def _overrides(pairs) -> dict:
     return out
 
 
+def _layer_list(flag: str, value) -> tuple:
+    if value is None:
+        return ()
+    parts = value.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise MoecError(f"{flag} {value}: expected MoE layer numbers separated by commas, e.g. 0,1")
+    return tuple(int(p) for p in parts)
+
+
 def _pyramid(value):
     if value is None:
         return None
@@ -74,6 +83,12 @@ def _pyramid(value):
 @click.option("--experts", default=8, show_default=True, help="Experts per MoE layer (before --granularity).")
 @click.option("--topk", default=2, show_default=True, help="Experts each token is routed to (before --granularity).")
 @click.option("--router", type=click.Choice(ROUTERS), default="softmax", show_default=True)
+@click.option("--routing", type=click.Choice(ROUTINGS), default="topk", show_default=True,
+              help="Each token picks its top-k experts, or each expert picks its top tokens of the batch "
+                   "(expert-choice: it reads later tokens of a sequence; see the README).")
+@click.option("--hash-layers", default=None, metavar="I,J,...",
+              help="MoE layers (0-based) routed by a fixed token-id -> experts table, balanced over the "
+                   "calibration text's token frequencies (Hash Layers).")
 @click.option("--router-init", type=click.Choice(ROUTER_INITS), default="centered", show_default=True,
               help="Router rows: random, random with the mean FFN input projected out (centered), or k-means "
                    "centroids of the FFN inputs (kmeans); the last two read calibration tokens.")
@@ -123,11 +138,12 @@ def _pyramid(value):
 @click.option("--stop-after", default=None, metavar="PASS",
               help="Run the pipeline up to this pass and write only ir/ and config.json.")
 @click.option("--force", is_flag=True, help="Replace a non-empty build directory (its runs/ are kept).")
-def compile_cmd(model, out, sets, pyramid, no_triton, no_verify, stop_after, force, **chosen):
+def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, **chosen):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.driver.compiler import compile_model
 
     options = Options(**chosen, overrides=_overrides(sets), pyramid=_pyramid(pyramid), triton=not no_triton,
+                      hash_layers=_layer_list("--hash-layers", hash_layers),
                       verify=not no_verify).validate()
     compile_model(model, out, options, force=force, stop_after=stop_after, log=click.echo)
 

@@ -254,7 +254,8 @@ def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> tup
     # the build's math on one process (its pyramid on the last layer, which a shrunk config also has)
     single = replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
                      pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
-    exact = replace(single, upcycle_noise=0.0, capacity_factor=0.0, drop_upcycle=0.0, router_weights="renorm")
+    exact = replace(single, upcycle_noise=0.0, capacity_factor=0.0, drop_upcycle=0.0, router_weights="renorm",
+                    routing="topk")
     dense.eval()  # dropout off: compare the deterministic function
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="verify.", dir=tmp) as scratch:
         ref = logits_of(dense(*inputs))
@@ -288,7 +289,8 @@ def _inexact(o: Options) -> list[str]:
     """The options that make step 0 differ from the dense model."""
     return [flag for flag, on in (("--upcycle-noise", o.upcycle_noise > 0), ("--capacity-factor", o.capacity_factor > 0),
                                   ("--drop-upcycle", o.drop_upcycle > 0),
-                                  ("--router-weights scaled", o.router_weights == "scaled")) if on]
+                                  ("--router-weights scaled", o.router_weights == "scaled"),
+                                  ("--routing expert-choice", o.routing == "expert-choice")) if on]
 
 
 def load_dense(model: torch.nn.Module, state: dict, path: str) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 import moec.runtime.ops.experts  # noqa: F401  registers moec::experts
-import moec.runtime.ops.routing  # noqa: F401  registers the routing ops
+from moec.runtime.ops.routing import acc  # importing it registers the routing ops
 
 moec_ops = torch.ops.moec
 
@@ -22,13 +22,22 @@ def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
     return -(-(tokens * k * f.numerator) // (num_experts * f.denominator))
 
 
-def moe_layer(x: Tensor, logits: Tensor, bias, w1: Tensor, b1, w3, b3, w2: Tensor, b2, *, k: int, score: str,
+def moe_layer(x: Tensor, logits, bias, hashed, w1: Tensor, b1, w3, b3, w2: Tensor, b2, *, k: int, score: str,
               renorm: bool, weight_scale: float, capacity_factor: float, activation: str, recompute: bool = False,
-              force_balance: bool = False):
-    """x [T, D], router logits [T, E], selection bias [E] or None
-    -> (out [T, D], counts [E], probs_sum [E], zsum [], indices [T, K])."""
-    weights, indices, counts, probs_sum, zsum = moec_ops.gate(logits, k, score, renorm, bias, 1, 1)
+              force_balance: bool = False, routing: str = "topk"):
+    """x [T, D], router logits [T, E] (None for a hash layer), selection bias [E] or None, hashed: the
+    experts [T, K] a hash layer's table gives the tokens, or None
+    -> (out [T, D], counts [E], probs_sum [E], zsum [], indices [T, K] or None)."""
     E = w1.shape[0]
+    if routing == "expert-choice":
+        weights, counts, probs_sum, zsum, row_map, offsets = expert_choice(logits, k, capacity_factor)
+        y = moec_ops.permute(x, row_map, E)  # [E*C, D] rows (C tokens per expert), the rest unused
+        h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute)
+        return moec_ops.unpermute(h, row_map, weights), counts, probs_sum, zsum, None
+    if hashed is not None:
+        weights, indices, counts, probs_sum, zsum = fixed_gate(hashed, E)
+    else:
+        weights, indices, counts, probs_sum, zsum = moec_ops.gate(logits, k, score, renorm, bias, 1, 1)
     if force_balance:
         indices, counts = balanced_indices(indices, E)
     if weight_scale != 1:
@@ -38,6 +47,38 @@ def moe_layer(x: Tensor, logits: Tensor, bias, w1: Tensor, b1, w3, b3, w2: Tenso
     y = moec_ops.permute(x, row_map, k)  # [T*K, D]
     h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute)
     return moec_ops.unpermute(h, row_map, weights), counts, probs_sum, zsum, indices
+
+
+def fixed_gate(indices: Tensor, num_experts: int):
+    """gate's outputs for experts chosen by a table (hash layers): equal weights 1/K, the slots' counts, and
+    no router to balance or regularise (zero probs_sum and zsum)."""
+    T, K = indices.shape
+    weights = torch.full((T, K), 1.0 / K, device=indices.device)
+    counts = torch.bincount(indices.flatten().long(), minlength=num_experts).to(torch.int32)
+    zero = torch.zeros((), device=indices.device)
+    return weights, indices, counts, torch.zeros(num_experts, device=indices.device), zero
+
+
+def hash_experts(table: Tensor, token_ids: Tensor) -> Tensor:
+    """The [T, K] experts of each token from a hash layer's [V, K] table."""
+    return table[token_ids.reshape(-1).long()]
+
+
+def expert_choice(logits: Tensor, k: int, capacity_factor: float):
+    """Expert-choice routing of T tokens over E experts: scores softmax over the experts, each expert takes
+    C = capacity(T, k, E, factor or 1) tokens by score (moec::choose_tokens); a token's weights are the
+    scores of the experts that took it over their sum (so an upcycled layer starts as the dense FFN for
+    every token some expert took; a token none took gets zero). -> (weights [T, E], counts [E],
+    probs_sum [E], zsum [], row_map [T*E], offsets [E+1])."""
+    T, E = logits.shape
+    x = acc(logits)
+    scores = torch.softmax(x, -1)
+    row_map, offsets = moec_ops.choose_tokens(scores, capacity(T, k, E, capacity_factor or 1.0))
+    taken = row_map.view(T, E) >= 0
+    picked = torch.where(taken, scores, torch.zeros_like(scores))
+    weights = picked / picked.sum(-1, keepdim=True).clamp_min(1e-30)
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
+    return weights, counts, scores.sum(0), torch.logsumexp(x, -1).pow(2).sum(), row_map, offsets
 
 
 def balanced_indices(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:

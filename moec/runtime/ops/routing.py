@@ -154,6 +154,28 @@ def _(indices, num_experts, capacity):
     return indices.new_empty(n, dtype=torch.int32), indices.new_empty(num_experts + 1, dtype=torch.int32)
 
 
+@torch.library.custom_op("moec::choose_tokens", mutates_args=())
+def choose_tokens(scores: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """Expert-choice routing: expert e takes the `capacity` tokens with the highest scores[:, e] (ties: the
+    lower token first). scores [T, E] -> row_map [T*E] i32 (slot t*E+e: buffer row, -1 if e did not take
+    t), offsets [E+1] i32; rows ordered by expert, then by token, as route orders them."""
+    T, E = scores.shape
+    c = min(capacity, T)
+    order = torch.sort(acc(scores).t(), dim=-1, descending=True, stable=True).indices[:, :c]  # [E, c]
+    taken = torch.zeros(E, T, dtype=torch.bool, device=scores.device).scatter_(1, order, True)
+    rank = torch.cumsum(taken.to(torch.int64), 1) - 1  # row of each taken token inside its expert
+    starts = torch.arange(E, device=scores.device)[:, None] * c
+    rows = torch.where(taken, starts + rank, torch.full_like(rank, -1))  # [E, T]
+    offsets = torch.arange(E + 1, device=scores.device) * c
+    return rows.t().reshape(-1).to(torch.int32), offsets.to(torch.int32)
+
+
+@choose_tokens.register_fake
+def _(scores, capacity):
+    T, E = scores.shape
+    return scores.new_empty(T * E, dtype=torch.int32), scores.new_empty(E + 1, dtype=torch.int32)
+
+
 @torch.library.custom_op("moec::permute", mutates_args=())
 def permute(x: Tensor, row_map: Tensor, k: int) -> Tensor:
     """tokens [T, D] -> expert-grouped buffer [T*K, D]; row row_map[t*K+j] = x[t]."""
