@@ -98,12 +98,15 @@ def test_mistakes_are_one_line_before_the_capture(tmp_path, monkeypatch, args, m
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".moec-") for p in tmp_path.iterdir())
 
 
-def test_granularity_is_checked_on_the_capture_before_any_pass(tmp_path, monkeypatch):
+@pytest.mark.parametrize("args,message", [
+    (["--granularity", "5"], "--granularity 5 does not divide the FFN width 128; pick a divisor of 128"),
+    (["--first-dense", "2"], "--first-dense 2 leaves none of the model's 2 FFNs to convert"),
+])
+def test_what_needs_the_model_is_checked_on_the_capture_before_any_pass(tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(compiler, "run_pipeline", lambda *a: pytest.fail("ran the passes"))
-    r = run("compile", GPT, *TINY, "-o", tmp_path / "out", "--granularity", "5")
+    r = run("compile", GPT, *TINY, "-o", tmp_path / "out", *args)
     first, last = r.output.strip().splitlines()
-    assert r.exit_code == 2 and first.startswith("capture:")
-    assert last == "error: --granularity 5 does not divide the FFN width 128; pick a divisor of 128"
+    assert r.exit_code == 2 and first.startswith("capture:") and last == f"error: {message}"
     assert not (tmp_path / "out").exists()
 
 

@@ -171,8 +171,11 @@ def _check_against_model(gm, o: Options) -> None:
     if o.dense:
         return
     FindFFN()(gm)  # records gm.meta["ffns"], rewriting nothing; the pipeline's find_ffn records them again
-    for f in gm.meta["ffns"]:
+    ffns = gm.meta["ffns"]
+    for f in ffns:
         o.check_ffn_width(f.w1.fetch(gm).shape[0])
+    if not o.moe_layer_indices(len(ffns)):
+        raise MoecError(f"--first-dense {o.first_dense} leaves none of the model's {len(ffns)} FFNs to convert")
 
 
 def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
