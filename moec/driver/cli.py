@@ -137,7 +137,7 @@ def _pyramid(value):
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
 @click.option("--stop-after", default=None, metavar="PASS",
               help="Run the pipeline up to this pass and write only ir/ and config.json.")
-@click.option("--force", is_flag=True, help="Replace a non-empty build directory (its runs/ are kept).")
+@click.option("--force", is_flag=True, help="Replace a build moec wrote there before (its runs/ are kept).")
 def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, **chosen):
     """Compile MODEL (a .py file with a model factory) into an MoE training program."""
     from moec.driver.compiler import compile_model
