@@ -365,7 +365,7 @@ def source(cfg: GateConfig) -> str:
     xk = tl.load(logits_ptr + rows[:, None].to(tl.int64) * {E} + idx, mask=ok, other=0.0).to(tl.float32)
     {_PICKED[cfg.score]}
     picked = tl.where(ok, picked, 0.0)
-    total = tl.sum(picked, 1)
+    total = tl.where(row_ok, tl.sum(picked, 1), 1.0)  # rows past T sum nothing: no 0/0
     gw = (gw - (tl.sum(gw * picked, 1) / total)[:, None]) / total[:, None]"""
     subs = dict(
         DESC=desc, NAME=cfg.name, E=E, K=K, G=G, S=S, GP=GP, SP=SP, KP=next_pow2(K), TOPK_GROUP=cfg.topk_group,

@@ -80,6 +80,7 @@ def parse_args():
 
 def main(args):
     rt.check_flags(args)
+    rt.weights.require_weights(HERE / "model.safetensors")  # before the model is allocated
     env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
     model = Model(device=env.device)

@@ -51,10 +51,9 @@ def test_family_trains_on_gpu(tmp_path, family):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
-def test_cli_reports_the_moe_rewrite():
-    with CliRunner().isolated_filesystem():
-        r = CliRunner().invoke(main, ["compile", str(EXAMPLE), "--config", "falcon", "--experts", "4", "--topk", "2",
-                                      "-o", "b"])
+def test_cli_reports_the_moe_rewrite(tmp_path):
+    r = CliRunner().invoke(main, ["compile", str(EXAMPLE), "--config", "falcon", "--experts", "4", "--topk", "2",
+                                  "-o", str(tmp_path / "b")])
     assert r.exit_code == 0, r.output
     ffn_line = next(line for line in r.output.splitlines() if "03 ffn_to_moe" in line)
     assert "changed" in ffn_line.split()  # the word, not "unchanged"
