@@ -1,14 +1,17 @@
 """Expert load after upcycling, per router initialisation and balancing option: how evenly do the MoE
 layers route from the first step on?
 
-1. compile examples/gpt.py dense and train it --base-steps (hidden states of a trained model share a
-   large mean direction, which is what sends every token to one expert);
-2. upcycle its final weights with each variant's compile flags and train --steps more, logging every step;
+1. compile --model (examples/gpt.py) dense and train it --base-steps (hidden states of a trained model
+   share a large mean direction, which is what sends every token to one expert); --base-steps 0 upcycles
+   the model's random initialisation instead;
+2. upcycle those weights with each variant's compile flags and train --steps more, logging every step;
 3. print, per variant, the worst layer's expert load max/mean at the chosen steps (1.0 is even; with
    8 experts top-2, 4.0 means every token's slots go to the same two experts), and its worst over all
    steps.
 
     python bench/router_load.py --out build/router-load
+    python bench/router_load.py --model examples/llama.py --config 1b --base-steps 0 --batch-size 4 \
+        --seq-len 2048 --device cuda --flags --max-weights-gb 24 --no-verify      # one GPU
 """
 import argparse
 import json
@@ -19,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MOEC = (sys.executable, "-m", "moec.driver.cli")
 VARIANTS = {
-    "random": ["--router-init", "random"],
-    "centered": ["--router-init", "centered"],
-    "kmeans": ["--router-init", "kmeans"],
+    "random": ["--router-init", "random", "--expert-bias-rate", "0"],
+    "centered": ["--router-init", "centered", "--expert-bias-rate", "0"],
+    "kmeans": ["--router-init", "kmeans", "--expert-bias-rate", "0"],
     "centered, bias 1e-3": ["--router-init", "centered", "--expert-bias-rate", "1e-3"],
     "centered, bias 1e-2": ["--router-init", "centered", "--expert-bias-rate", "1e-2"],
     "kmeans, bias 1e-2": ["--router-init", "kmeans", "--expert-bias-rate", "1e-2"],
@@ -43,13 +46,15 @@ def train(build: Path, run: Path, steps: int, every: int, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "build" / "router-load"))
+    p.add_argument("--model", default=str(ROOT / "examples" / "gpt.py"))
     p.add_argument("--config", default="tiny")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--flags", nargs="*", default=[], help="compile flags every variant gets")
+    p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="compile flags every variant gets (last)")
+    p.add_argument("--experts-label", default=None, help="how the table names the layer shape")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -58,19 +63,22 @@ def main():
     out = Path(args.out)
     if out.exists():
         sys.exit(f"{out} exists; pass another --out")
-    sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--dense", "-o", out / "dense")
-    train(out / "dense", out / "dense-run", args.base_steps, args.base_steps, args)
+    weights = []
+    if args.base_steps:
+        sh(*MOEC, "compile", args.model, "--config", args.config, "--dense", *args.flags, "-o", out / "dense")
+        train(out / "dense", out / "dense-run", args.base_steps, args.base_steps, args)
+        weights = ["--weights", out / "dense-run" / "final.safetensors"]
     rows = {}
     for i, label in enumerate(args.variants):
         build = out / f"moe-{i}"
-        sh(*MOEC, "compile", ROOT / "examples" / "gpt.py", "--config", args.config, "--experts", args.experts,
-           "--topk", args.topk, *VARIANTS[label], *args.flags, "--weights", out / "dense-run" / "final.safetensors",
-           "-o", build)
+        sh(*MOEC, "compile", args.model, "--config", args.config, "--experts", args.experts, "--topk", args.topk,
+           *VARIANTS[label], *weights, *args.flags, "-o", build)
         records = [r for r in train(build, out / f"run-{i}", args.steps, 1, args) if r["kind"] == "train"]
         rows[label] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
     steps = [s for s in SHOWN if s <= args.steps]
-    print(f"worst layer's expert load max/mean, {args.config} GPT, {args.experts} experts top-{args.topk}, "
-          f"upcycled after {args.base_steps} dense steps ({args.device})")
+    shape = args.experts_label or f"{args.experts} experts top-{args.topk}"
+    print(f"worst layer's expert load max/mean, {Path(args.model).name} {args.config}, {shape}, upcycled after "
+          f"{args.base_steps} dense steps, batch {args.batch_size} x {args.seq_len} ({args.device})")
     print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + " | worst step |")
     print("| --- |" + " --- |" * (len(steps) + 1))
     for label, by_step in rows.items():

@@ -198,7 +198,7 @@ class FFNToMoE(Pass):
         else:
             w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None
                  else rows.to(W1).repeat_interleave(M, 0)}
-        if o.expert_bias_rate > 0:
+        if o.expert_bias_rate > 0 and o.routing == "topk" and not hashed:  # the layers a router's top-k routes
             w["router.bias"] = W1.new_zeros(E * M, dtype=torch.float32)
             if rows is not None and x is not None:
                 # the selection score of a fine expert: its block's softmax share split M ways, or the sigmoid
@@ -242,9 +242,9 @@ class FFNToMoE(Pass):
             E = o.pyramid[0] if j >= pyramid_from else o.experts
             gen = torch.Generator().manual_seed(o.seed * 1000003 + i)
             prefix = f"{ffn.module}.moe" if ffn.module else f"moe{i}"
-            prefixes.append(prefix)
             hashed = j in o.hash_layers
             weights = {n: t for n, t in self._weights(gm, ffn, E, gen, hashed).items() if t is not None}
+            prefixes.append(prefix if "router.bias" in weights else None)
             for name, t in weights.items():
                 set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
@@ -255,7 +255,7 @@ class FFNToMoE(Pass):
         delete_unused_attrs(gm)
         gm.meta["moe_layers"] = [ffns[i].module for i in layers]
         # in layer order, the order of the forward's expert_counts: train.py's balancer pairs them
-        gm.meta["router_biases"] = [f"{p}.router.bias" for p in prefixes] if o.expert_bias_rate > 0 else []
+        gm.meta["router_biases"] = [p and f"{p}.router.bias" for p in prefixes]  # None: a layer without
         return PassResult(gm, True)
 
     def warnings(self, gm) -> list[str]:

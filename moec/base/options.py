@@ -48,7 +48,7 @@ class Options:
     aux_loss: float = 0.01
     aux_loss_scope: str = "batch"  # "sequence": the balance loss per sequence, averaged
     z_loss: float = 0.001
-    expert_bias_rate: float = 0.0  # > 0: aux-loss-free balancing, the selection bias's step a training step
+    expert_bias_rate: float = 1e-3  # > 0: aux-loss-free balancing, the selection bias's step a training step
     force_balance: bool = False  # benchmarking aid: tokens dealt to experts round-robin, whatever the router says
     recompute_experts: bool = False
     expert_ffn: int | None = None  # expert width when not ffn / granularity (models trained as MoEs; planning)
@@ -91,8 +91,7 @@ class Options:
         special = [flag for flag, on in (("--routing expert-choice", self.routing == "expert-choice"),
                                          ("--hash-layers", bool(self.hash_layers))) if on]
         for other, on in (("--ep", self.ep > 1 or self.gpus > 0), ("--force-balance", self.force_balance),
-                          ("--expert-bias-rate", self.expert_bias_rate > 0), ("--router-weights scaled",
-                                                                              self.router_weights == "scaled")):
+                          ("--router-weights scaled", self.router_weights == "scaled")):
             if special and on:
                 yield f"{special[0]} does not combine with {other} (it chooses experts its own way)"
         if self.routing == "expert-choice" and self.aux_loss_scope == "sequence":

@@ -112,9 +112,9 @@ def _pyramid(value):
 @click.option("--aux-loss-scope", type=click.Choice(AUX_LOSS_SCOPES), default="batch", show_default=True,
               help="Balance the load over the batch, or within each sequence (the loss averaged over sequences).")
 @click.option("--z-loss", default=0.001, show_default=True, help="Router z-loss coefficient.")
-@click.option("--expert-bias-rate", default=0.0, show_default=True,
+@click.option("--expert-bias-rate", default=1e-3, show_default=True,
               help="Aux-loss-free balancing: each optimizer step moves a per-expert selection bias by this much "
-                   "toward the even load (0: off).")
+                   "toward the even load (0: off; top-k layers only).")
 @click.option("--force-balance", is_flag=True,
               help="Benchmarking aid: deal tokens to experts round-robin, whatever the router says.")
 @click.option("--recompute-experts", is_flag=True,

@@ -46,7 +46,7 @@ def test_balancing_bias_evens_out_skewed_scores():
 
 @pytest.mark.parametrize("lower", [False, True])
 def test_calibrated_bias_balances_from_step_0_and_keeps_the_dense_output(lower):
-    _, plain = _upcycled(lower, router_init="random")
+    _, plain = _upcycled(lower, router_init="random", expert_bias_rate=0.0)
     model, gm = _upcycled(lower, router_init="random", expert_bias_rate=1e-3)
     bias = gm.get_buffer("ffn.moe.router.bias")
     assert bias.shape == (E,) and bias.abs().sum() > 0 and "ffn.moe.router.bias" not in dict(gm.named_parameters())
@@ -90,8 +90,8 @@ def test_sequence_aux_loss_is_the_batch_loss_of_each_sequence_averaged():
 
 
 def test_sequence_scope_reaches_the_aux_loss():
-    model, seq = _upcycled(router_init="centered", aux_loss_scope="sequence")
-    _, batch = _upcycled(router_init="centered")
+    model, seq = _upcycled(router_init="centered", aux_loss_scope="sequence", expert_bias_rate=0.0)
+    _, batch = _upcycled(router_init="centered", expert_bias_rate=0.0)
     ids = (97 + torch.arange(8))[:, None].expand(8, 64)  # one letter per sequence: each routes alone
     h = (model.emb(ids) + model.offset).reshape(-1, model.offset.shape[0])  # the FFN's input
     logits = h @ seq.get_parameter("ffn.moe.router.weight").t()

@@ -35,7 +35,7 @@ class Offset(nn.Module):
 def _upcycled(init: str):
     model = Offset()
     gm = capture(model, (torch.zeros(2, 8, dtype=torch.long),))
-    o = Options(experts=E, topk=K, router_init=init)
+    o = Options(experts=E, topk=K, router_init=init, expert_bias_rate=0.0)  # the rows alone
     for p in (FindFFN(), SampleFFNInputs(o), FFNToMoE(o)):
         run(gm, p)
     return model, gm

@@ -76,8 +76,13 @@ def test_the_step_counts_every_micro_batch_and_every_rank_once():
     assert torch.equal(model.b, torch.tensor([0.0, 0.0, -0.5, 0.5]))
     bias.step()  # nothing counted since: nothing moves
     assert torch.equal(model.b, torch.tensor([0.0, 0.0, -0.5, 0.5]))
-    with pytest.raises(RuntimeError, match="names none"):
-        ExpertBias(model, [], 0.5)
+    with pytest.raises(RuntimeError, match="routes 1 MoE layers and config.json names 0"):
+        ExpertBias(model, [], 0.5).add({"expert_counts": [torch.tensor([1, 2, 3, 4])]})  # a build from before
+    model.register_buffer("c", torch.zeros(2))
+    skipping = ExpertBias(model, [None, "c"], 1.0)  # a hash layer first: no bias of its own
+    skipping.add({"expert_counts": [torch.tensor([9, 0, 0, 0]), torch.tensor([1, 3])]})
+    skipping.step()
+    assert torch.equal(model.c, torch.tensor([1.0, -1.0]))
 
 
 def test_grad_accum_moves_the_bias_by_the_whole_step(bias_build, tmp_path):

@@ -84,3 +84,14 @@ def test_sigterm_saves_a_checkpoint(moe_build, tmp_path):
     assert "stopped by SIGTERM" in err
     (saved,) = (tmp_path / "checkpoints").iterdir()
     assert verify(saved) is None and 0 < int(saved.name.removeprefix("step_")) < 400
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_keeps_the_run(moe_build, tmp_path):
+    run = tmp_path / "run"
+    assert run_train(moe_build, "--steps", 4, "--ckpt-every", 2, "--eval-every", 0, run_dir=run).returncode == 0
+    final = (run / "final.safetensors").read_bytes()
+    r = run_train(moe_build, "--steps", 2, "--resume", "--eval-every", 0, run_dir=run)
+    assert r.returncode == 2 and "--resume: the run is at step 4 already and --steps is 2" in r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_00000002", "step_00000004"]  # no checkpoint named for a step it does not hold
+    assert (run / "final.safetensors").read_bytes() == final

@@ -43,10 +43,12 @@ def test_trains_and_reports(moe_build, tmp_path):
             assert max(0, layer["max"] - 80) / 256 <= layer["dropped"] < 1
             assert 0 <= layer["cv"] <= 3 ** 0.5  # 4 experts: sqrt(E - 1) when one takes every slot
     assert "expert load max/mean" in r.stderr and " cv " in r.stderr and "validation loss" in r.stderr
-    # the export loads into the build's model under its own parameter names
+    # the export loads into the build's model under its own parameter and buffer names
     exported = load_file(str(run / "final.safetensors"))
-    params = json.loads((moe_build / "config.json").read_text())["result"]["params"]
-    assert sum(t.numel() for t in exported.values()) == params
+    result = json.loads((moe_build / "config.json").read_text())["result"]
+    biases = result["router_biases"]
+    assert len(biases) == 2 and all(exported[n].shape == (4,) for n in biases)  # aux-loss-free balancing's state
+    assert sum(t.numel() for n, t in exported.items() if n not in biases) == result["params"]
     assert (run / "checkpoints" / "step_00000030").is_dir()
 
 

@@ -11,22 +11,25 @@ import torch.distributed as dist
 
 
 class ExpertBias:
-    def __init__(self, model: torch.nn.Module, names: list[str], rate: float):
-        """names: the router.bias buffers in the order of the forward's expert_counts."""
-        if rate > 0 and not names:
-            raise RuntimeError("the build balances with expert biases but config.json names none: recompile it")
+    def __init__(self, model: torch.nn.Module, names: list, rate: float):
+        """names: the router.bias buffer of each MoE layer in the order of the forward's expert_counts, None
+        for a layer without one (hash and expert-choice layers)."""
         self.rate = rate
-        self.biases = [model.get_buffer(n) for n in names] if rate > 0 else []
+        self.layers = [None if n is None else model.get_buffer(n) for n in names] if rate > 0 else []
+        self.biases = [b for b in self.layers if b is not None]
         self.counts = None
 
     def add(self, out: dict) -> None:
         """Count one micro-batch's slots (the forward's expert_counts)."""
+        if self.rate == 0 or "expert_counts" not in out:
+            return
+        if len(out["expert_counts"]) != len(self.layers):
+            raise RuntimeError(f"the model routes {len(out['expert_counts'])} MoE layers and config.json names "
+                               f"{len(self.layers)}: recompile the build")
         if not self.biases:
             return
-        if len(out["expert_counts"]) != len(self.biases):
-            raise RuntimeError(f"the model routes {len(out['expert_counts'])} MoE layers and config.json names "
-                               f"{len(self.biases)} router biases: recompile the build")
-        counts = torch.cat([c.detach().to(torch.float64) for c in out["expert_counts"]])
+        counts = torch.cat([c.detach().to(torch.float64)
+                            for c, b in zip(out["expert_counts"], self.layers) if b is not None])
         self.counts = counts if self.counts is None else self.counts + counts
 
     def step(self) -> None:
