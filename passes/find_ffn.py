@@ -229,6 +229,12 @@ def _describe(n) -> str:
     return _op_name(n) if n.op == "call_function" else f"{n.op} {n.target}"
 
 
+def _in_module(node, module: str) -> bool:
+    """Whether node belongs to module or a submodule of it ("" is the root's own nodes only)."""
+    where = _where(node)
+    return where == module or bool(module) and where.startswith(module + ".")
+
+
 def _blocked_ffn(blockers, width: int, module: str) -> str | None:
     """The reason a block is an FFN moec cannot rewrite: an op that is not elementwise stands between a
     projection of the down projection's input width, in the same module, and the down projection."""
@@ -237,7 +243,7 @@ def _blocked_ffn(blockers, width: int, module: str) -> str | None:
             _, ups, _ = _region(a, set())
             for leaf in ups:
                 val = leaf.meta.get("val")
-                if isinstance(val, torch.Tensor) and val.shape[-1] == width and _where(leaf).startswith(module):
+                if isinstance(val, torch.Tensor) and val.shape[-1] == width and _in_module(leaf, module):
                     return f"{_describe(b)} between the projections is not elementwise"
     return None
 
@@ -318,7 +324,9 @@ def _match(down_node: torch.fx.Node) -> FFN | None:
         return None  # two projections in a row: no elementwise part
     region, ups, blockers = _region(h, nodes)
     if blockers:
-        if ups:
+        # a projection behind a norm in another module (the residual stream: attention's output before
+        # the FFN's norm, the last FFN before the head's) is no FFN of this one
+        if any(_in_module(up, _where(down_node)) for up in ups):
             raise Rejected(f"{_describe(blockers[0])} between the projections is not elementwise")
         why = _blocked_ffn(blockers, h.meta["val"].shape[-1], _where(down_node))
         if why:

@@ -130,3 +130,17 @@ def test_a_projection_that_also_feeds_attention_is_named_with_the_module():
     gm = capture(Model(), (torch.randn(2, 5, 16),))
     with pytest.raises(MoecError, match=r"^find_ffn: no feed-forward block moec can upcycle: layer: left dense: "):
         run(gm, FindFFN())
+
+
+@pytest.mark.parametrize("example, layers", [("gpt.py", 4), ("llama.py", 4)])
+def test_the_examples_norms_on_the_residual_stream_raise_no_false_alarm(example, layers):
+    from pathlib import Path
+
+    from moec.driver.capture import build, example_inputs, load_module
+
+    mod = load_module(str(Path(__file__).resolve().parents[2] / "examples" / example))
+    model = build(mod, "build_model", None, {}, "meta")
+    gm = capture(model, example_inputs(mod, model, 2, 16, "meta"))
+    p = FindFFN()
+    run(gm, p)
+    assert len(gm.meta["ffns"]) == layers and p.warnings(gm) == []  # every FFN found, nothing "left dense"
