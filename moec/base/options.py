@@ -183,4 +183,5 @@ class Options:
         if data.get("pyramid") is not None:
             data["pyramid"] = tuple(data["pyramid"])
         data["hash_layers"] = tuple(data.get("hash_layers", ()))
+        data.setdefault("expert_bias_rate", 0.0)  # a build from before the option has no biases to move
         return cls(**data).validate()

@@ -125,3 +125,9 @@ def test_drop_upcycling_redraws_a_different_share_of_each_experts_units():
     redrawn = w1[changed]
     assert redrawn.mean().item() == pytest.approx(dense_w1.mean().item(), abs=0.05)
     assert redrawn.std().item() == pytest.approx(dense_w1.std().item(), rel=0.1)
+
+
+def test_a_config_from_before_the_bias_reads_back_without_one():
+    old = {k: v for k, v in Options().to_json().items() if k != "expert_bias_rate"}
+    assert Options.from_json(old).expert_bias_rate == 0.0  # its model has no router.bias to move
+    assert Options.from_json(Options().to_json()).expert_bias_rate == 1e-3
