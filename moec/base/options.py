@@ -34,7 +34,7 @@ class Options:
     router: str = "softmax"
     routing: str = "topk"  # or "expert-choice": each expert takes its top tokens of the batch
     hash_layers: tuple = ()  # MoE layers (0-based, in order) routed by a fixed token-id table (Hash Layers)
-    router_init: str = "centered"  # how router rows start: see passes/ffn_to_moe.py
+    router_init: str = "centered"  # how router rows start: see passes/routers.py
     calibration_data: str | None = None  # text or .bin whose FFN inputs data-aware router inits read
     shared_experts: int = 0
     granularity: int = 1

@@ -6,7 +6,8 @@ import torch
 
 from moec.base.options import Options
 from moec.driver.capture import capture
-from moec.passes.ffn_to_moe import FFNToMoE, balancing_bias
+from moec.passes.ffn_to_moe import FFNToMoE
+from moec.passes.routers import balancing_bias
 from moec.passes.find_ffn import FindFFN
 from moec.passes.lower_moe import LowerMoE
 from moec.passes.sample_ffn_inputs import SampleFFNInputs

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from moec.base.options import Options
 from moec.driver.capture import capture
-from moec.passes.ffn_to_moe import FFNToMoE, router_rows
+from moec.passes.ffn_to_moe import FFNToMoE
+from moec.passes.routers import router_rows
 from moec.passes.find_ffn import FindFFN
 from moec.passes.sample_ffn_inputs import SampleFFNInputs
 from tests.models import run

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from moec.base.options import Options
 from moec.driver.capture import capture
-from moec.passes.ffn_to_moe import FFNToMoE, _hash_table
+from moec.passes.ffn_to_moe import FFNToMoE
+from moec.passes.routers import hash_table
 from moec.passes.find_ffn import FindFFN
 from moec.passes.lower_moe import LowerMoE
 from moec.passes.sample_ffn_inputs import SampleFFNInputs
@@ -90,7 +91,7 @@ def test_a_hash_layer_averages_the_experts_its_table_gives_forward_and_backward(
 def test_the_hash_table_balances_skewed_token_frequencies():
     frequency = torch.tensor([1000, 500, 400, 300, 200, 100, 50, 0, 0, 0])
     M = 2
-    table = _hash_table(10, E, K, M, torch.Generator().manual_seed(0), torch.device("cpu"), frequency)
+    table = hash_table(10, E, K, M, torch.Generator().manual_seed(0), torch.device("cpu"), frequency)
     assert table.shape == (10, K * M)
     blocks = table.view(10, K, M)[:, :, 0] // M
     assert torch.equal(table.view(10, K, M) % M, torch.arange(M).expand(10, K, M))  # whole blocks
