@@ -99,6 +99,14 @@ class FFNToMoE(Pass):
 
     def __init__(self, options: Options):
         self.o = options
+        self._counted = None
+
+    def _frequency(self) -> torch.Tensor:
+        """[vocab] how often each token id occurs in the calibration text, read once for every hash layer."""
+        if self._counted is None:
+            ids = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % self._vocab
+            self._counted = torch.bincount(ids, minlength=self._vocab)
+        return self._counted
 
     def _weights(self, gm, ffn, E, gen, hashed: bool):
         o, M, S = self.o, self.o.granularity, self.o.shared_experts
@@ -106,12 +114,10 @@ class FFNToMoE(Pass):
         W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
         u = S // M if S % M == 0 else 0
         x = gm.meta.get("ffn_inputs", {}).get(ffn.module)
-        rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if not W1.is_meta else None
+        rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if not (W1.is_meta or hashed) else None
         if hashed:  # no router: a fixed table of K whole blocks per token id
-            V = _vocab(gm)
-            frequency = torch.bincount(torch.from_numpy(load_tokens(o.calibration_data).astype("int64")) % V,
-                                       minlength=V)
-            w = {"router.table": hash_table(V, E, o.topk, M, gen, W1.device, frequency)}
+            frequency = None if W1.is_meta else self._frequency()
+            w = {"router.table": hash_table(self._vocab, E, o.topk, M, gen, W1.device, frequency)}
         else:
             w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None
                  else rows.to(W1).repeat_interleave(M, 0)}
@@ -152,8 +158,10 @@ class FFNToMoE(Pass):
         if o.hash_layers and max(o.hash_layers) >= len(layers):
             raise MoecError(f"--hash-layers {max(o.hash_layers)}: the model has {len(layers)} MoE layers, "
                             f"numbered from 0")
+        self._vocab, self._counted = _vocab(gm) if o.hash_layers else 0, None
         pyramid_from = len(layers) - o.pyramid[1] if o.pyramid else len(layers)
         stats, prefixes = [], []
+        token_ids = _token_ids(g) if o.hash_layers else None
         for j, i in enumerate(layers):
             ffn = ffns[i]
             E = o.pyramid[0] if j >= pyramid_from else o.experts
@@ -165,7 +173,7 @@ class FFNToMoE(Pass):
             for name, t in weights.items():
                 set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
-                stats.append(self._rewrite(g, ffn, prefix, set(weights), E, _token_ids(g) if hashed else None))
+                stats.append(self._rewrite(g, ffn, prefix, set(weights), E, token_ids if hashed else None))
         with inherit_provenance(g, None):
             self._outputs(g, stats)
         g.eliminate_dead_code()

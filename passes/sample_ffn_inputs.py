@@ -40,9 +40,7 @@ class SampleFFNInputs(Pass):
     def __init__(self, options: Options):
         self.o, self.skipped = options, None
 
-    def _tokens(self, gm, seqs: int, seq_len: int) -> torch.Tensor:
-        logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"]
-        stream = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % logits.shape[-1]
+    def _tokens(self, gm, stream: torch.Tensor, seqs: int, seq_len: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.o.seed)
         starts = torch.randint(0, max(len(stream) - seq_len, 1), (seqs,), generator=g)
         device = next(gm.parameters()).device
@@ -58,6 +56,8 @@ class SampleFFNInputs(Pass):
         return PassResult(gm, False)
 
     def _sample(self, gm) -> dict:
+        logits = next(n for n in gm.graph.nodes if n.op == "output").args[0]["logits"].meta["val"]
+        stream = torch.from_numpy(load_tokens(self.o.calibration_data).astype("int64")) % logits.shape[-1]
         was = gm.training
         gm.train(False)  # dropout off: the inputs the deterministic model sees
         try:
@@ -65,7 +65,7 @@ class SampleFFNInputs(Pass):
                 recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]})
                 try:
                     with torch.no_grad():
-                        recorder.run(self._tokens(gm, seqs, seq_len))
+                        recorder.run(self._tokens(gm, stream, seqs, seq_len))
                     self.skipped = None
                     return recorder.seen
                 except Exception as e:  # e.g. a context shorter than the windows: the build goes on

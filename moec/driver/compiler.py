@@ -254,9 +254,9 @@ def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> tup
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, {**o.overrides, **shrink}, "cpu")
     inputs = example_inputs(mod, dense, BATCH, SEQ)
-    # the build's math on one process (its pyramid on the last layer, which a shrunk config also has)
-    single = replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1,
-                     pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
+    one_process = replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1)  # the build's math
+    # with its pyramid on the last layer, which a shrunk config also has
+    single = replace(one_process, pyramid=o.pyramid and (o.pyramid[0], min(o.pyramid[1], 1)))
     exact = replace(single, upcycle_noise=0.0, capacity_factor=0.0, drop_upcycle=0.0, router_weights="renorm",
                     routing="topk")
     dense.eval()  # dropout off: compare the deterministic function
@@ -265,7 +265,7 @@ def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> tup
 
         def error(options: Options, name: str) -> float:
             """Of the model.py these options emit, holding weights upcycled from dense."""
-            if upcycled is not None and options == replace(o, ep=1, ep_variant="flat", node_size=0, ep_chunks=1):
+            if upcycled is not None and options == one_process:
                 program = _load_program(tmp, upcycled)
             else:
                 gm, _ = run_pipeline(capture(dense, inputs), passes_for(options))

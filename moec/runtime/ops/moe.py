@@ -4,6 +4,7 @@ calls for capacity and losses.
 
 Legend: T tokens, D hidden, E experts, K top-k.
 """
+import operator
 from fractions import Fraction
 
 import torch
@@ -22,31 +23,42 @@ def capacity(tokens: int, k: int, num_experts: int, factor: float) -> int:
     return -(-(tokens * k * f.numerator) // (num_experts * f.denominator))
 
 
-def moe_layer(x: Tensor, logits, bias, hashed, w1: Tensor, b1, w3, b3, w2: Tensor, b2, *, k: int, score: str,
-              renorm: bool, weight_scale: float, capacity_factor: float, activation: str, recompute: bool = False,
-              force_balance: bool = False, routing: str = "topk"):
+def moe_layer(x: Tensor, logits, bias, hashed, w1: Tensor, b1, w3, b3, w2: Tensor, b2, **kw):
     """x [T, D], router logits [T, E] (None for a hash layer), selection bias [E] or None, hashed: the
-    experts [T, K] a hash layer's table gives the tokens, or None
+    experts [T, K] a hash layer's table gives the tokens, or None; kw: primitives' options
     -> (out [T, D], counts [E], probs_sum [E], zsum [], indices [T, K] or None)."""
-    E = w1.shape[0]
+    return primitives(lambda fn, args: fn(*args), w1.shape[0], x, logits, bias, hashed, w1, b1, w3, b3, w2, b2, **kw)
+
+
+def primitives(call, num_experts: int, x, logits, bias, hashed, w1, b1, w3, b3, w2, b2, *, k: int, score: str,
+               renorm: bool, weight_scale: float, capacity_factor: float, activation: str, recompute: bool = False,
+               force_balance: bool = False, routing: str = "topk"):
+    """The MoE layer as the moec:: primitives, each made by call(fn, args): run at once (moe_layer), or added
+    to a graph (lower_moe), so the layer node and its lowering are one sequence: gate (its selection bias,
+    --force-balance's dealt indices, the weights' scale; a hash layer's fixed_gate) -> route -> permute ->
+    experts -> unpermute, or for expert-choice routing expert_choice -> permute -> experts -> unpermute with
+    a slot per expert and token."""
+    E = num_experts
+    parts = lambda t, n: [call(operator.getitem, (t, i)) for i in range(n)]
     if routing == "expert-choice":
-        weights, counts, probs_sum, zsum, row_map, offsets = expert_choice(logits, k, capacity_factor)
-        y = moec_ops.permute(x, row_map, E)  # [E*C, D] rows (C tokens per expert), the rest unused
-        h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute)
-        return moec_ops.unpermute(h, row_map, weights), counts, probs_sum, zsum, None
-    if hashed is not None:
-        weights, indices, counts, probs_sum, zsum = fixed_gate(hashed, E)
+        weights, counts, probs_sum, zsum, row_map, offsets = parts(call(expert_choice, (logits, k, capacity_factor)), 6)
+        indices, slots = None, E  # [E*C, D] rows used (C tokens per expert), the rest unused
     else:
-        weights, indices, counts, probs_sum, zsum = moec_ops.gate(logits, k, score, renorm, bias, 1, 1)
-    if force_balance:
-        indices, counts = balanced_indices(indices, E)
-    if weight_scale != 1:
-        weights = weights * weight_scale
-    cap = capacity(x.shape[0], k, E, capacity_factor) if capacity_factor > 0 else 0
-    row_map, offsets = moec_ops.route(indices, E, cap)
-    y = moec_ops.permute(x, row_map, k)  # [T*K, D]
-    h = moec_ops.experts(y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute)
-    return moec_ops.unpermute(h, row_map, weights), counts, probs_sum, zsum, indices
+        gate = (call(fixed_gate, (hashed, E)) if hashed is not None else
+                call(moec_ops.gate.default, (logits, k, score, renorm, bias, 1, 1)))
+        weights, indices, counts, probs_sum, zsum = parts(gate, 5)
+        if force_balance:
+            indices, counts = parts(call(balanced_indices, (indices, E)), 2)
+        if weight_scale != 1:
+            weights = call(torch.ops.aten.mul.Tensor, (weights, weight_scale))
+        cap = 0
+        if capacity_factor > 0:  # from the token count, symbolic in a graph
+            cap = call(capacity, (call(torch.ops.aten.sym_size.int, (x, 0)), k, E, capacity_factor))
+        row_map, offsets = parts(call(moec_ops.route.default, (indices, E, cap)), 2)
+        slots = k  # [T*K, D]
+    y = call(moec_ops.permute.default, (x, row_map, slots))
+    h = call(moec_ops.experts.default, (y, offsets, w1, b1, w3, b3, w2, b2, activation, recompute))
+    return call(moec_ops.unpermute.default, (h, row_map, weights)), counts, probs_sum, zsum, indices
 
 
 def fixed_gate(indices: Tensor, num_experts: int):
