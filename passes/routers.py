@@ -28,15 +28,18 @@ def router_rows(E: int, D: int, gen, init: str, x: torch.Tensor | None) -> torch
 def hash_table(vocab: int, E: int, K: int, M: int, gen, device, frequency) -> torch.Tensor:
     """[vocab, K*M] int32: K distinct blocks per token id, each block's M fine experts in a row. Hash Layers'
     balanced assignment: the token ids of the calibration text, most frequent first, each to the K blocks
-    with the fewest calibration tokens so far; ids the text lacks get K random blocks."""
+    with the fewest calibration tokens so far, ties broken in an order drawn from gen, so that layers with
+    generators of their own hash differently; ids the text lacks get K random blocks."""
     if device.type == "meta":
         return torch.empty(vocab, K * M, dtype=torch.int32, device="meta")
     blocks = torch.rand(vocab, E, generator=gen).argsort(-1)[:, :K]  # [V, K]
-    load = torch.zeros(E, dtype=torch.float64)
+    order = torch.randperm(E, generator=gen)  # the blocks in tie-breaking order
+    load = torch.zeros(E, dtype=torch.float64)  # in that order
     seen = frequency.nonzero().flatten()
     for v in seen[frequency[seen].argsort(descending=True, stable=True)].tolist():
-        blocks[v] = torch.topk(-load, K).indices
-        load[blocks[v]] += frequency[v].item()
+        least = torch.sort(load, stable=True).indices[:K]  # equal loads: earlier in the order first
+        blocks[v] = order[least]
+        load[least] += frequency[v].item()
     return (blocks[:, :, None] * M + torch.arange(M)).reshape(vocab, K * M).to(torch.int32)
 
 

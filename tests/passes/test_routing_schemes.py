@@ -136,3 +136,15 @@ def test_expert_choice_leaks_later_tokens_into_earlier_outputs_and_top_k_does_no
         assert torch.equal(a, b) != leaks, routing
     with pytest.raises(Exception, match="does not combine with --ep"):
         Options(experts=E, topk=K, routing="expert-choice", ep=2).validate()
+
+
+def test_hash_layers_with_their_own_generators_route_differently():
+    frequency = torch.tensor([1000, 500, 400, 300, 200, 100, 50, 25, 10, 5])
+    tables = [hash_table(10, E, K, 1, torch.Generator().manual_seed(s), torch.device("cpu"), frequency)
+              for s in (1, 2)]
+    assert not torch.equal(tables[0], tables[1])
+    for table in tables:  # still balanced
+        load = torch.zeros(E)
+        for v, row in enumerate(table.long()):
+            load[row] += frequency[v]
+        assert load.max() / load.mean() < 1.25

@@ -9,7 +9,8 @@ say it itself.
 
 A batch is a pure function of (seed, split, step, rank): resuming at step N
 reads exactly the batches an uninterrupted run would have read, so the data
-position is the step counter and nothing else needs saving.
+position is the step counter and nothing else needs saving. Validation batches
+leave the seed out, so runs of different seeds are measured on the same ones.
 """
 import gzip
 import hashlib
@@ -67,7 +68,9 @@ class TokenData:
     def batch(self, split: str, step: int, batch_size: int, rank: int = 0, world: int = 1):
         """(inputs, targets), each [batch_size, seq_len] int64, for this rank at this step."""
         data = self.splits[split]
-        key = hashlib.blake2b(f"{self.seed}/{split}/{step}/{rank}/{world}".encode(), digest_size=8).digest()
+        # the held-out batches are the same whatever --seed: runs of different seeds are compared on them
+        seed = self.seed if split == "train" else 0
+        key = hashlib.blake2b(f"{seed}/{split}/{step}/{rank}/{world}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(key, "little"))
         starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=g).tolist()
         rows = np.stack([np.asarray(data[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
