@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MOEC = (sys.executable, "-m", "moec.driver.cli")
 VARIANTS = {
+    "defaults": [],
     "random": ["--router-init", "random", "--expert-bias-rate", "0"],
     "centered": ["--router-init", "centered", "--expert-bias-rate", "0"],
     "kmeans": ["--router-init", "kmeans", "--expert-bias-rate", "0"],
@@ -38,7 +39,8 @@ def sh(*cmd):
 
 def train(build: Path, run: Path, steps: int, every: int, args):
     sh(sys.executable, build / "train.py", "--steps", steps, "--batch-size", args.batch_size, "--seq-len",
-       args.seq_len, "--lr", args.lr, "--eval-every", 0, "--log-every", every, "--ckpt-every", -1,
+       args.seq_len, "--grad-accum", args.grad_accum, "--lr", args.lr, "--eval-every", 0, "--log-every", every,
+       "--ckpt-every", -1,
        "--device", args.device, "--run-dir", run)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,7 +59,9 @@ def main():
     p.add_argument("--experts-label", default=None, help="how the table names the layer shape")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--target", type=float, default=1.3, help="the table counts the steps whose worst layer is above it")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     out = Path(args.out)
@@ -78,11 +82,14 @@ def main():
     steps = [s for s in SHOWN if s <= args.steps]
     shape = args.experts_label or f"{args.experts} experts top-{args.topk}"
     print(f"worst layer's expert load max/mean, {Path(args.model).name} {args.config}, {shape}, upcycled after "
-          f"{args.base_steps} dense steps, batch {args.batch_size} x {args.seq_len} ({args.device})")
-    print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + " | worst step |")
-    print("| --- |" + " --- |" * (len(steps) + 1))
+          f"{args.base_steps} dense steps, batch {args.batch_size} x {args.seq_len} x {args.grad_accum} micro-batches, "
+          f"lr {args.lr} ({args.device})")
+    print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + f" | worst step | mean | steps over {args.target} |")
+    print("| --- |" + " --- |" * (len(steps) + 3))
     for label, by_step in rows.items():
-        print(f"| {label} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + f" | {max(by_step.values()):.2f} |")
+        worst = list(by_step.values())
+        print(f"| {label} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + f" | {max(worst):.2f} | "
+              f"{sum(worst) / len(worst):.2f} | {sum(w > args.target for w in worst)} of {len(worst)} |")
 
 
 if __name__ == "__main__":

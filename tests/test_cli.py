@@ -94,6 +94,21 @@ def test_weights_upcycles_a_dense_checkpoint(tmp_path):
     assert torch.allclose(model(tokens)["logits"], dense(tokens), atol=1e-5)
 
 
+
+def test_a_dense_builds_weights_upcycle_with_its_buffers(tmp_path):
+    """A build's weights (model.safetensors, or a run's final.safetensors) hold the buffers of its graph,
+    llama's rotary tables among them, which the model file computes itself: --weights accepts them."""
+    dense = tmp_path / "dense"
+    assert run("compile", EXAMPLES / "llama.py", "--dense", "-o", dense).exit_code == 0
+    from safetensors.torch import load_file
+    assert any("rope" in n for n in load_file(str(dense / "model.safetensors")))
+    out = tmp_path / "moe"
+    result = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "-o", out,
+                 "--weights", dense / "model.safetensors")
+    assert result.exit_code == 0, result.output
+    tokens = torch.randint(0, 256, (2, 16))
+    assert torch.allclose(load_build(out)(tokens)["logits"], load_build(dense)(tokens)["logits"], atol=1e-5)
+
 BROKEN = {
     "import_error.py": ("import torch\nraise ValueError('boom')\n", "import_error.py:2: importing it failed"),
     "no_factory.py": ("import torch\n", "defines no factory 'build_model'"),

@@ -71,15 +71,18 @@ def load_weights(model: torch.nn.Module, path) -> None:
 
 def check_state(model: torch.nn.Module, state: dict) -> None:
     """That state holds every tensor of the model's state dict, in its shape, and nothing else (a tied name
-    may be absent: it loads through its source); a one-line RuntimeError if not."""
+    may be absent: it loads through its source; a non-persistent buffer of the model, such as a rotary table,
+    may be present: a build's own weights hold its buffers, and the model computes them itself); a one-line
+    RuntimeError if not."""
     own = model.state_dict()
+    derived = {n for n, _ in model.named_buffers()} - set(own)
     loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
     missing = [n for n in own if n not in state and id(_get(model, n)) not in loaded]
-    unexpected = [n for n in state if n not in own]
+    unexpected = [n for n in state if n not in own and n not in derived]
     if missing or unexpected:
         raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
                            f"{' ...' if len(missing) > 3 or len(unexpected) > 3 else ''}")
-    wrong = [n for n, t in state.items() if t.shape != own[n].shape]
+    wrong = [n for n, t in state.items() if n in own and t.shape != own[n].shape]
     if wrong:
         n = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
