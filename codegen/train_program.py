@@ -119,6 +119,12 @@ def main(args):
         lm = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
         return lm, out
 
+    if start == 0 and balance.biases:  # a fresh run fits the selection biases to its data and length first
+        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(
+            "train", -1, args.batch_size * args.grad_accum, env.rank, env.world))  # a batch no step reads
+        before, after = balance.calibrate(model, loss_of, inputs, targets)
+        log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
+
     with rt.StopOnSignal() as stop:
         for step in range(start, args.steps):
             optimizer.zero_grad(set_to_none=True)

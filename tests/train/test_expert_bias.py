@@ -1,6 +1,6 @@
 """Aux-loss-free balancing in train.py: the selection biases move once a step, by the slots of every
 micro-batch of the step on every rank (gradient accumulation, EP=2 under torchrun with gloo), stay zero-mean,
-and travel with checkpoints and the exported weights."""
+and travel with checkpoints and the exported weights; a fresh run first fits them to a batch of its own data."""
 import importlib.util
 import sys
 
@@ -49,11 +49,26 @@ def _model(build):
     return model
 
 
+def _fit(model, data, sequences: int, world: int) -> None:
+    """What a fresh train.py does first with --grad-accum 2: fit the biases to the first micro-batch (half of
+    `sequences`) of the batch no step reads, on every rank, their counts summed."""
+    batches = [data.batch("train", -1, sequences, rank, world)[0].chunk(2)[0] for rank in range(world)]
+
+    def loss_of(inputs, targets):  # every rank's forward at once, as the all-reduce would add them up
+        outs = [model(b)["expert_counts"] for b in batches]
+        return None, {"expert_counts": [sum(layer) for layer in zip(*outs)]}
+
+    before, after = ExpertBias(model, list(BIAS), RATE).calibrate(model, loss_of, None, None)
+    assert after <= before
+
+
 def _after_one_step(build, sequences: int, world: int) -> dict:
-    """The biases train.py should hold after step 1: the compiled ones moved by the slots of all the step's
-    `sequences` per rank (32 tokens each, the run's --seed 0 data) summed over the `world` ranks."""
+    """The biases train.py should hold after step 1: the compiled ones fitted to the start batch, then moved
+    by the slots of all the step's `sequences` per rank (32 tokens each, the run's --seed 0 data) summed over
+    the `world` ranks."""
     model = _model(build)
     data = TokenData(load_tokens(None), 32, 0.05, 0)
+    _fit(model, data, sequences, world)
     counts = None
     with torch.no_grad():
         for rank in range(world):
@@ -117,3 +132,24 @@ def test_a_resumed_run_continues_from_the_saved_bias(bias_build, tmp_path):
     compiled = load_file(str(bias_build / "model.safetensors"))
     for name in BIAS:
         assert torch.equal(a[name], b[name]) and not torch.equal(a[name], compiled[name])
+
+
+def test_fitting_the_biases_to_a_batch_evens_its_load():
+    torch.manual_seed(0)
+    E, T = 8, 512
+    centres = torch.randn(E) * 0.3 + torch.linspace(0, 2, E)  # experts the router favours unevenly
+    scores = torch.softmax(centres + 0.2 * torch.randn(T, E), -1)
+    model = torch.nn.Module()
+    model.register_buffer("b", torch.zeros(E))
+    seen = []
+
+    def loss_of(inputs, targets):
+        seen.append(model.training)
+        chosen = torch.topk(scores + model.b, 2).indices.flatten()
+        return None, {"expert_counts": [torch.bincount(chosen, minlength=E)]}
+
+    model.train()
+    before, after = ExpertBias(model, ["b"], RATE).calibrate(model, loss_of, None, None)
+    counts = loss_of(None, None)[1]["expert_counts"][0].float()
+    assert before > 3 and after == counts.max() / counts.mean() < 1.1  # the kept biases are the best seen
+    assert abs(model.b.sum()) < 1e-6 and not any(seen[:-1]) and model.training  # eval while fitting

@@ -5,7 +5,13 @@ load: up for the experts that got fewer slots than the mean, down for those
 that got more. The counts are those of every micro-batch of the step, summed
 over all ranks, so gradient accumulation, data and expert parallelism count
 each token once and every rank moves its biases the same way. The biases are
-buffers of the model: checkpoints and the exported weights carry them."""
+buffers of the model: checkpoints and the exported weights carry them.
+
+A fresh run first fits the biases to its own first micro-batch (calibrate): the
+compile-time bias balances the calibration text at its window length, and the
+hidden states the routers see change with the data, the sequence length (a
+token's FFN input depends on how many tokens it attends to) and the device's
+arithmetic; a fixed step a training step takes many steps to cover that gap."""
 import torch
 import torch.distributed as dist
 
@@ -31,6 +37,46 @@ class ExpertBias:
         counts = torch.cat([c.detach().to(torch.float64)
                             for c, b in zip(out["expert_counts"], self.layers) if b is not None])
         self.counts = counts if self.counts is None else self.counts + counts
+
+    @torch.no_grad()
+    def calibrate(self, model: torch.nn.Module, loss_of, inputs, targets, iters: int = 40):
+        """Fit the biases to one micro-batch before training: forwards with no gradient (eval mode, so no
+        dropout draws), each moving every bias by its own step toward the even load of the counts summed
+        over the ranks; a step grows while its expert stays on one side of the mean and halves when it
+        crosses (Rprop), since how far a bias must move depends on how close the scores lie. Every rank runs
+        the same forwards and keeps the same best biases. Returns the worst layer's max/mean load before and
+        after, or None when no layer has a bias."""
+        if not self.biases:
+            return None
+        was_training = model.training
+        model.eval()
+        steps = [torch.full_like(b, 0.01 / b.numel()) for b in self.biases]
+        last = [torch.zeros_like(b) for b in self.biases]
+        first = best = None
+        for i in range(iters + 1):
+            _, out = loss_of(inputs, targets)
+            counts = torch.cat([c.to(torch.float64) for c, b in zip(out["expert_counts"], self.layers)
+                                if b is not None])
+            if dist.is_initialized():
+                dist.all_reduce(counts)
+            parts = counts.split([b.numel() for b in self.biases])
+            worst = max((c.max() / c.mean()).item() for c in parts)
+            first = worst if first is None else first
+            if best is None or worst < best[0]:
+                best = worst, [b.clone() for b in self.biases]
+            if i == iters:
+                break
+            for bias, c, step, previous in zip(self.biases, parts, steps, last):
+                direction = torch.sign(c.mean() - c).to(bias)
+                step.copy_(torch.where(direction * previous < 0, step / 2,
+                                       torch.where(direction * previous > 0, step * 1.2, step)))
+                bias += step * direction
+                bias -= bias.mean()
+                previous.copy_(direction)
+        for bias, kept in zip(self.biases, best[1]):
+            bias.copy_(kept)
+        model.train(was_training)
+        return first, best[0]
 
     def step(self) -> None:
         """Move the biases by the step's counts; call after optimizer.step()."""
