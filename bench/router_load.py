@@ -15,6 +15,7 @@ layers route from the first step on?
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--target", type=float, default=1.3, help="the table counts the steps whose worst layer is above it")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--keep", action="store_true", help="keep each variant's build and final weights")
     args = p.parse_args()
     out = Path(args.out)
     if out.exists():
@@ -79,6 +81,9 @@ def main():
            *VARIANTS[label], *weights, *args.flags, "-o", build)
         records = [r for r in train(build, out / f"run-{i}", args.steps, 1, args) if r["kind"] == "train"]
         rows[label] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
+        if not args.keep:  # a full-depth model's weights are tens of GB a variant: the next needs the disk
+            shutil.rmtree(build)
+            (out / f"run-{i}" / "final.safetensors").unlink(missing_ok=True)
     steps = [s for s in SHOWN if s <= args.steps]
     shape = args.experts_label or f"{args.experts} experts top-{args.topk}"
     print(f"worst layer's expert load max/mean, {Path(args.model).name} {args.config}, {shape}, upcycled after "
