@@ -177,6 +177,22 @@ def ir_cmd(build_dir, pass_name, diff):
     click.echo(path.read_text(), nl=False)
 
 
+@main.command("export")
+@click.argument("source", type=click.Path())
+@click.option("--format", "format_name", required=True, type=click.Choice(["mixtral", "qwen2_moe", "qwen3_moe"]),
+              help="The Hugging Face MoE family to write.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Directory to write the checkpoint into.")
+@click.option("--step", default=None, type=int, help="Export this checkpoint of the run [the newest weights].")
+@click.option("--drop-bias", is_flag=True,
+              help="Leave out the aux-loss-free selection biases, which the format cannot hold (routing changes).")
+@click.option("--force", is_flag=True, help="Replace an export moec wrote there before.")
+def export_cmd(source, format_name, out, step, drop_bias, force):
+    """Write SOURCE (a build, a run dir or one of its checkpoints) as a Hugging Face MoE checkpoint."""
+    from moec.driver.export import export
+
+    export(source, format_name, out, force=force, drop_bias=drop_bias, step=step, log=click.echo)
+
+
 def _commands_beside_their_subsystems():
     from moec.codegen.report import kernels
     from moec.cost_model.cli import plan_command
