@@ -1,8 +1,8 @@
 """A Hugging Face checkpoint directory as `moec compile`'s model, and as --weights of a model file: tiny
 Llama and Qwen2 saved in several shards compile to a build whose model.py computes the transformers
-model's logits, and train; a damaged directory is one line naming what is wrong."""
+model's logits (tests/test_hf_export.py trains such builds); a damaged directory is one line naming what
+is wrong."""
 import json
-import math
 import shutil
 
 import pytest
@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from moec.driver.cli import main
 from tests.hf_checkpoints import EXAMPLES, hf_logits, load_program, save_tiny
-from tests.train.conftest import run_train
 
 
 def run(*args):
@@ -25,7 +24,7 @@ def one_line(r) -> str:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_a_sharded_directory_compiles_to_the_transformers_models_logits_and_trains(tmp_path, family):
+def test_a_sharded_directory_compiles_to_the_transformers_models_logits(tmp_path, family):
     directory = save_tiny(family, tmp_path / family)
     assert len(list(directory.glob("model-*.safetensors"))) > 2  # several shards, read one by one
     build = tmp_path / "build"
@@ -38,12 +37,6 @@ def test_a_sharded_directory_compiles_to_the_transformers_models_logits_and_trai
         got = load_program(build)(ids)["logits"]
     want = hf_logits(directory, ids)  # the checkpoint's own weights, loaded by transformers
     assert (got - want).abs().max() / want.abs().max() < 1e-5
-    r = run_train(build, "--steps", "3", "--log-every", "1", "--eval-every", "0", "--ckpt-every", "0",
-                  run_dir=tmp_path / "run")
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,6 @@ def export(source: str, format_name: str, out: str, force: bool = False, drop_bi
     check_expressible(fmt, options, hf_config)
     out = Path(out)
     _check_out(out, force)
-    log(f"export: reading {weights}")
     tensors, fields = map_tensors(fmt, options, hf_config, _read(weights), drop_bias, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".moec-", dir=out.parent))
@@ -59,7 +58,7 @@ def export(source: str, format_name: str, out: str, force: bool = False, drop_bi
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {out}/ ({fmt.name}: {len(tensors)} tensors, {fields['num_hidden_layers']} layers)")
+    log(f"wrote {out}/ ({fmt.name}, {len(tensors)} tensors, from {weights})")
 
 
 def locate(source: Path, step: int | None) -> tuple[Path, Path]:
