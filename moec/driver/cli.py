@@ -119,7 +119,8 @@ def _pyramid(value):
               help="Benchmarking aid: deal tokens to experts round-robin, whatever the router says.")
 @click.option("--recompute-experts", is_flag=True,
               help="Recompute the experts' [T*K, F] activations in backward instead of storing them.")
-@click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
+@click.option("--weights", default=None, type=click.Path(),
+              help="Dense weights to upcycle: safetensors, .pt, or a Hugging Face directory or its index json.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
 @click.option("--gpus", default=0, help="Let the planner pick the parallel plan for this many GPUs (plan.json).")
@@ -139,7 +140,8 @@ def _pyramid(value):
               help="Run the pipeline up to this pass and write only ir/ and config.json.")
 @click.option("--force", is_flag=True, help="Replace a build moec wrote there before (its runs/ are kept).")
 def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, **chosen):
-    """Compile MODEL (a .py file with a model factory) into an MoE training program."""
+    """Compile MODEL (a .py file with a model factory, or a Hugging Face checkpoint directory) into an MoE
+    training program."""
     from moec.driver.compiler import compile_model
 
     options = Options(**chosen, overrides=_overrides(sets), pyramid=_pyramid(pyramid), triton=not no_triton,
