@@ -23,23 +23,22 @@ def load_hf_dir(path: str) -> types.ModuleType:
     """A stand-in for an imported model file: build_model(**overrides) builds the directory's architecture
     with the config's fields overridden (--set); weights are not loaded (see dense_weights)."""
     directory = Path(path).resolve()
-    config = _config(directory)
+    hf_config = _config(directory)
     mod = types.ModuleType(f"moec_hf_{directory.name.replace('-', '_')}")
     mod.__file__ = str(directory / CONFIG)
-    mod.hf_directory = str(directory)
 
-    def build_model(config_name=None, **overrides):
-        if config_name is not None:
+    def build_model(config=None, **overrides):
+        if config is not None:
             raise MoecError(f"--config picks a configuration of a model file; {path} has one, its {CONFIG}: "
                             f"drop --config (--set KEY=VALUE changes a field)")
-        cfg = config.__class__.from_dict(config.to_dict())
+        cfg = hf_config.__class__.from_dict(hf_config.to_dict())
         for key, value in overrides.items():
             if not hasattr(cfg, key):
                 raise MoecError(f"--set {key}: {path}/{CONFIG} ({cfg.model_type}) has no field {key!r}")
             setattr(cfg, key, value)
         return _build(cfg)
 
-    mod.build_model = lambda config=None, **overrides: build_model(config, **overrides)
+    mod.build_model = build_model
     return mod
 
 
