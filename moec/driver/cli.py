@@ -7,6 +7,7 @@ import click
 
 from moec.base.errors import MoecError
 from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, ROUTINGS, Options
+from moec.driver.export_formats import FORMATS
 
 
 def _set_debug(ctx, _param, value):
@@ -181,7 +182,7 @@ def ir_cmd(build_dir, pass_name, diff):
 
 @main.command("export")
 @click.argument("source", type=click.Path())
-@click.option("--format", "format_name", required=True, type=click.Choice(["mixtral", "qwen2_moe", "qwen3_moe"]),
+@click.option("--format", "format_name", required=True, type=click.Choice(list(FORMATS)),
               help="The Hugging Face MoE family to write.")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Directory to write the checkpoint into.")
 @click.option("--step", default=None, type=int, help="Export this checkpoint of the run [the newest weights].")
