@@ -8,15 +8,21 @@ derived buffers, such as rotary frequency tables, are rebuilt from the configura
 the format needs comes from the source; a leftover or missing one is an error that names it. What the
 format cannot express is refused before anything is read (moec.driver.export_formats).
 
+Memory: a safetensors source is read one tensor (an expert's slice alone) at a time, as the export writes
+it, one shard of at most SHARD_BYTES at a time; a checkpoint is read whole.
+
 Two rewrites keep the function exact: --router-weights scaled multiplies each expert's gate weight by E/K,
 which the experts' down projections take instead; a shared expert's sigmoid gate is zero (sigmoid 0 = 1/2)
 and its down projection doubled.
 """
 import json
+import math
 import re
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -44,21 +50,27 @@ def export(source: str, format_name: str, out: str, force: bool = False, drop_bi
     check_expressible(fmt, options, hf_config)
     out = Path(out)
     _check_out(out, force)
-    tensors, fields = map_tensors(fmt, options, hf_config, _read(weights), drop_bias, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".moec-", dir=out.parent))
-    try:
-        files = _write(tmp, fmt, fields, tensors)
-        (tmp / RECORD).write_text(json.dumps({"moec_version": moec.__version__, "format": fmt.name,
-                                              "files": files}, indent=1) + "\n")
-        mask = umask()
-        for p in [tmp, *tmp.iterdir()]:
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-        _replace(out, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with ExitStack() as stack:
+        tensors, fields = map_tensors(fmt, options, hf_config, _open(weights, stack), drop_bias, log)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".moec-", dir=out.parent))
+        try:
+            files = _write(tmp, fmt, fields, tensors)
+            _finish(tmp, fmt, files)
+            _replace(out, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log(f"wrote {out}/ ({fmt.name}, {len(tensors)} tensors, from {weights})")
+
+
+def _finish(tmp: Path, fmt: Format, files: list[str]) -> None:
+    """The record of what the export wrote, and the modes mkdir and open would have given."""
+    (tmp / RECORD).write_text(json.dumps({"moec_version": moec.__version__, "format": fmt.name, "files": files},
+                                         indent=1) + "\n")
+    mask = umask()
+    for p in [tmp, *tmp.iterdir()]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def locate(source: Path, step: int | None) -> tuple[Path, Path]:
@@ -101,12 +113,35 @@ def _build_of(run: Path) -> Path:
     return build
 
 
-def _read(weights: Path) -> dict:
+class Lazy(NamedTuple):
+    """A tensor known by its shape and dtype, read (sliced, scaled) only when written: read() the whole of it,
+    read(i=e) of a source tensor its slice e (one expert)."""
+    shape: tuple
+    dtype: torch.dtype
+    read: Callable[..., torch.Tensor]
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _open(weights: Path, stack: ExitStack) -> dict:
+    """The source's tensors by name, as Lazy ones: a safetensors file is read one tensor (or one expert's
+    slice) at a time, a checkpoint as a whole."""
     if weights.is_dir():
         from moec.runtime.training.checkpoint import read_weights
-        return read_weights(weights)
-    from safetensors.torch import load_file
-    return load_file(str(weights))
+        state = read_weights(weights)
+        return {n: Lazy(tuple(t.shape), t.dtype, lambda t=t, i=None: t if i is None else t[i].clone())
+                for n, t in state.items()}
+    from safetensors import safe_open
+    f = stack.enter_context(safe_open(str(weights), framework="pt"))
+    tensors = {}
+    for name in f.keys():
+        piece = f.get_slice(name)
+        tensors[name] = Lazy(tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()],
+                             lambda n=name, i=None: f.get_tensor(n) if i is None else f.get_slice(n)[i])
+    return tensors
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -155,8 +190,8 @@ def _dense_model(hf_config: dict):
 
 
 def map_tensors(fmt: Format, o: Options, hf_config: dict, source: dict, drop_bias: bool, log) -> tuple:
-    """(the format's tensors by name, its config.json fields) from the build's tensors; every tensor of source
-    is used once or named in an error, and so is every one the format needs."""
+    """(the format's tensors by name, and its config.json fields) from the build's tensors, all Lazy; every
+    tensor of source is used once or named in an error, and so is every one the format needs."""
     dense = _dense_model(hf_config)
     persistent = dense.state_dict()
     derived = {n for n, _ in dense.named_buffers()} - set(persistent)
@@ -196,7 +231,7 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     out[f"{block}.{fmt.router}"] = take("router.weight")
     bias_name = f"model.model.layers.{i}.mlp.moe.router.bias"
     if bias_name in left:
-        bias = left.pop(bias_name)
+        bias = left.pop(bias_name).read()
         if bias.any() and not drop_bias:
             raise MoecError(f"{bias_name} is not zero: {fmt.name} chooses experts without a selection bias; "
                             f"compile with --expert-bias-rate 0, or export with --drop-bias (its routing then "
@@ -207,24 +242,25 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     if f"model.model.layers.{i}.mlp.moe.experts.w3" not in left:
         raise MoecError(f"layer {i}'s experts are not gated (no experts.w3): {fmt.name}'s experts are gated MLPs")
     w3 = take("experts.w3")
-    if w1.shape[0] != o.experts * o.granularity:
-        raise MoecError(f"layer {i} has {w1.shape[0]} experts, not the {o.experts * o.granularity} of the "
-                        f"build's options: {fmt.name} has one expert count for every layer")
+    E, F, D = w1.shape
+    if E != o.experts * o.granularity:
+        raise MoecError(f"layer {i} has {E} experts, not the {o.experts * o.granularity} of the build's options: "
+                        f"{fmt.name} has one expert count for every layer")
     scale = o.experts / o.topk if o.router_weights == "scaled" else 1.0
     gate, up, down = fmt.expert
-    for e in range(w1.shape[0]):
-        out[f"{block}.{gate.format(e)}"] = w1[e].clone()
-        out[f"{block}.{up.format(e)}"] = w3[e].clone()
-        out[f"{block}.{down.format(e)}"] = (w2[e] * scale) if scale != 1 else w2[e].clone()
-    widths = {"expert": w1.shape[1]}
+    for e in range(E):  # each expert's slice read on its own, when written
+        out[f"{block}.{gate.format(e)}"] = Lazy((F, D), w1.dtype, lambda e=e: w1.read(i=e))
+        out[f"{block}.{up.format(e)}"] = Lazy((F, D), w3.dtype, lambda e=e: w3.read(i=e))
+        out[f"{block}.{down.format(e)}"] = Lazy((D, F), w2.dtype, lambda e=e: w2.read(i=e) * scale)
+    widths = {"expert": F}
     if fmt.shared is not None:  # the format always has one: without moec's, it is zero units wide
-        D = w1.shape[2]
+        zeros = lambda *shape: Lazy(shape, w1.dtype, lambda i=None: torch.zeros(shape, dtype=w1.dtype))
         s1, s3, s2 = (take("shared.w1"), take("shared.w3"), take("shared.w2")) if o.shared_experts else \
-            (w1.new_zeros(0, D), w1.new_zeros(0, D), w1.new_zeros(D, 0))
+            (zeros(0, D), zeros(0, D), zeros(D, 0))
         shared = f"{block}.{fmt.shared}"
         out[f"{shared}.gate_proj.weight"], out[f"{shared}.up_proj.weight"] = s1, s3
-        out[f"{shared}.down_proj.weight"] = s2 * 2  # the gate's sigmoid(0) halves it back
-        out[f"{block}.{fmt.shared_gate}"] = torch.zeros(1, s1.shape[1], dtype=s1.dtype)
+        out[f"{shared}.down_proj.weight"] = Lazy(s2.shape, s2.dtype, lambda: s2.read() * 2)  # the gate halves it
+        out[f"{block}.{fmt.shared_gate}"] = Lazy((1, D), w1.dtype, lambda: torch.zeros(1, D, dtype=w1.dtype))
         widths["shared"] = s1.shape[0]
     return widths
 
@@ -256,20 +292,21 @@ def _write(directory: Path, fmt: Format, fields: dict, tensors: dict) -> list[st
     cfg = transformers.CONFIG_MAPPING[fmt.name].from_dict(fields)
     cfg.architectures = [ARCHITECTURES[fmt.name]]
     cfg.save_pretrained(directory)
+    nbytes = {n: math.prod(t.shape) * t.dtype.itemsize for n, t in tensors.items()}
     shards, size = [[]], 0
     for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
+        if shards[-1] and size + nbytes[name] > SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes
+        size += nbytes[name]
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    for file, names in zip(files, shards):
-        save_file({n: tensors[n].contiguous() for n in names}, str(directory / file), metadata={"format": "pt"})
+    for file, names in zip(files, shards):  # one shard in memory at a time
+        save_file({n: tensors[n].read().contiguous() for n in names}, str(directory / file),
+                  metadata={"format": "pt"})
     if len(files) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(nbytes.values())},
                  "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         files.append("model.safetensors.index.json")
