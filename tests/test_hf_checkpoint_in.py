@@ -114,3 +114,27 @@ def test_config_and_a_build_given_as_the_model_are_refused(tmp_path, llama_dir):
     assert run("compile", llama_dir, "--experts", "4", "--no-verify", "--stop-after", "find_ffn",
                "-o", build).exit_code == 0
     assert "is a build moec wrote" in one_line(run("compile", build, "-o", tmp_path / "o"))
+
+
+def test_a_base_models_checkpoint_loads_into_the_causal_lm_as_transformers_reads_it(tmp_path):
+    """As the Hub's GPT-2: names without the base model's prefix (h.0..., not transformer.h.0...), no lm_head
+    (tied to the embedding), and a causal-mask buffer the model ignores on load."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from tests.hf_checkpoints import FAMILIES
+
+    cls, kwargs = FAMILIES["gpt2"]
+    torch.manual_seed(0)
+    directory = tmp_path / "gpt2"
+    transformers.GPT2Model(getattr(transformers, cls)(**kwargs)).save_pretrained(directory, max_shard_size="200KB")
+    save_file({"h.0.attn.bias": torch.ones(1, 1, 8, 8)}, directory / "masks.safetensors")
+    _edit_index(directory, lambda m: m.update({"h.0.attn.bias": "masks.safetensors"}))
+    build = tmp_path / "build"
+    r = run("compile", directory, "--experts", "4", "--topk", "2", "-o", build)
+    assert r.exit_code == 0, r.output
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        got = load_program(build)(ids)["logits"]
+    want = hf_logits(directory, ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5

@@ -31,29 +31,55 @@ class DenseWeights:
         self.shapes = shapes
         self.state = state  # a torch state dict's tensors (memory-mapped), instead of shards
 
-    def check(self, model: torch.nn.Module) -> None:
+    def check(self, model: torch.nn.Module) -> dict:
         """That these weights are exactly the model's tensors at their shapes: a one-line MoecError naming
-        the first name the model lacks, or one it has that the weights lack."""
-        fake = {n: torch.empty(s, device="meta") for n, s in self.shapes.items()}
+        the first name the model lacks, or one it has that the weights lack; {weights' name: model's name}."""
+        names = _model_names(model, self.shapes)
+        fake = {names[n]: torch.empty(s, device="meta") for n, s in self.shapes.items() if n in names}
         try:
             check_state(model, fake)
         except RuntimeError as e:
             raise MoecError(f"{self.label}: {e}") from None
+        return names
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy every tensor into the model's tensor of that name, shard by shard."""
-        self.check(model)
+        names = self.check(model)
         own = model.state_dict(keep_vars=True)
         with torch.no_grad():
             if self.state is not None:
                 for name, t in self.state.items():
-                    own[name].copy_(t)
+                    if name in names:
+                        own[names[name]].copy_(t)
                 return
             from safetensors import safe_open
-            for file, names in self.shards.items():
+            for file, held in self.shards.items():
                 with safe_open(file, framework="pt") as f:
-                    for name in names:
-                        own[name].copy_(f.get_tensor(name))
+                    for name in held:
+                        if name in names:
+                            own[names[name]].copy_(f.get_tensor(name))
+
+
+def _model_names(model: torch.nn.Module, names) -> dict:
+    """{name in the weights: the model's name for it}: the same name, or for a transformers model, the name
+    with its base model's prefix added or taken off, as from_pretrained reads a base model's checkpoint into a
+    causal LM (the Hub's GPT-2 names h.0.attn.c_attn.weight what GPT2LMHeadModel calls
+    transformer.h.0.attn.c_attn.weight). Names the model says to ignore on load (a causal mask GPT-2
+    checkpoints hold) are left out."""
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    mapped = {}
+    for name in names:
+        target = name
+        if name not in own and prefix:
+            if f"{prefix}.{name}" in own:
+                target = f"{prefix}.{name}"
+            elif name.startswith(f"{prefix}.") and name[len(prefix) + 1:] in own:
+                target = name[len(prefix) + 1:]
+        if target in own or not any(p.search(name) for p in ignored):
+            mapped[name] = target
+    return mapped
 
 
 def open_weights(path: str, label: str | None = None) -> DenseWeights:
