@@ -212,3 +212,16 @@ def test_the_output_directory_is_replaced_only_when_moec_wrote_it(tmp_path, llam
     (mine / "config.json").write_text("{}")
     assert "has no moec_export.json; it is left as it is" in one_line(run(*args[:-1], mine, "--force"))
     assert (mine / "config.json").read_text() == "{}"
+
+
+def test_an_fsdp_runs_checkpoint_exports_as_its_final_weights(tmp_path):
+    """FSDP2 shards every parameter over the ranks (DTensors in the whole-state layout): the checkpoint
+    exports the bytes of the final.safetensors rank 0 gathers."""
+    build = compile_dir(tmp_path, "llama", *NO_BIAS, "--no-verify")
+    run_dir = tmp_path / "run"
+    train(build, run_dir, "--steps", "2", "--ckpt-every", "2", "--fsdp", nproc=2)
+    r = run("export", run_dir, "--format", "mixtral", "-o", tmp_path / "final")
+    assert r.exit_code == 0 and "final.safetensors" in r.output, r.output
+    assert run("export", run_dir, "--step", "2", "--format", "mixtral", "-o", tmp_path / "ckpt").exit_code == 0
+    final, ckpt = ((tmp_path / name / "model.safetensors").read_bytes() for name in ("final", "ckpt"))
+    assert final == ckpt
