@@ -98,7 +98,7 @@ def test_qwen2_with_shared_experts_a_dense_layer_fine_experts_and_scaled_weights
 
 @pytest.mark.parametrize("family,fmt,args", [("qwen3", "qwen3_moe", ["--moe-every", "2"]),
                                               ("qwen2", "qwen2_moe", [])])
-def test_builds_export_to_qwen3_moe_with_a_dense_layer_and_to_qwen2_moe_without_shared_experts(tmp_path, family, fmt, args):
+def test_qwen3_exports_with_a_dense_layer_and_qwen2_without_shared_experts(tmp_path, family, fmt, args):
     build = compile_dir(tmp_path, family, *NO_BIAS, "--no-verify", *args)
     assert run("export", build, "--format", fmt, "-o", tmp_path / "export").exit_code == 0
     assert_same_logits(build, None, tmp_path / "export")

@@ -3,7 +3,8 @@
 The graph is captured and transformed on the meta device first (no weights:
 a 70B model compiles in seconds). When the MoE model's weights fit the
 --max-weights-gb budget they are made for real: the dense model is built on
-the CPU (or loaded from --weights), captured and upcycled again. Everything is
+the CPU (its weights from --weights or the Hugging Face checkpoint directory, copied
+in tensor by tensor: moec.driver.dense_weights), captured and upcycled again. Everything is
 written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
@@ -313,4 +314,6 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 def _hf_config(model: torch.nn.Module) -> dict | None:
     """A Hugging Face model's configuration as its config.json would hold it."""
-    return json.loads(model.model.config.to_json_string(use_diff=False)) if isinstance(model, LogitsOnly) else None
+    if not isinstance(model, LogitsOnly):
+        return None
+    return json.loads(model.model.config.to_json_string(use_diff=False))
