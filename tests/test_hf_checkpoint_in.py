@@ -49,7 +49,7 @@ def test_weights_of_a_model_file_from_a_directory_or_its_index(tmp_path, llama_d
     weights = llama_dir if given == "directory" else llama_dir / "model.safetensors.index.json"
     build = tmp_path / "b"
     r = run("compile", EXAMPLES / "hf_models.py", "--config", "llama", "--weights", weights, "--experts", "4",
-            "--topk", "2", "-o", build)
+            "--topk", "2", "--no-verify", "-o", build)  # checked against transformers below
     assert r.exit_code == 0, r.output
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad():
