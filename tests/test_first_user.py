@@ -68,7 +68,7 @@ def _files(tmp_path: Path) -> None:
 
 BEFORE_CAPTURE = [
     (["--weights", "missing.pt"], "--weights missing.pt: no such file"),
-    (["--weights", "."], "--weights .: is not a file"),
+    (["--weights", "."], "--weights .: a directory without model.safetensors or model.safetensors.index.json"),
     (["--weights", "pickle.pt"], "not a safe weights file: it pickles object"),
     (["--weights", "numpy.pt"], "it pickles numpy"),
     (["--weights", "list.pt"], "holds a list, not a state dict"),

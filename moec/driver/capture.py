@@ -22,13 +22,19 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from moec.base.errors import MoecError
 from moec.base.graph import propagate_shapes
+from moec.driver.hf_dir import is_hf_dir, load_hf_dir
 
 
 def load_module(path: str):
-    """Import a model file by path; errors name the file and line."""
+    """Import a model file by path (errors name the file and line), or stand in for one when path is a Hugging
+    Face checkpoint directory (moec.driver.hf_dir)."""
     p = Path(path)
+    if is_hf_dir(p):
+        return load_hf_dir(path)
     if not p.is_file():
-        raise MoecError(f"{path}: no such file; give the path of a Python file that defines the model")
+        what = "a directory without config.json" if p.is_dir() else "no such file"
+        raise MoecError(f"{path}: {what}; give the path of a Python file that defines the model, or of a "
+                        f"Hugging Face checkpoint directory")
     name = f"moec_user_{p.stem.replace('-', '_')}"
     spec = importlib.util.spec_from_file_location(name, p)
     mod = importlib.util.module_from_spec(spec)

@@ -7,6 +7,7 @@ import click
 
 from moec.base.errors import MoecError
 from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, ROUTINGS, Options
+from moec.driver.export_formats import FORMATS
 
 
 def _set_debug(ctx, _param, value):
@@ -119,7 +120,8 @@ def _pyramid(value):
               help="Benchmarking aid: deal tokens to experts round-robin, whatever the router says.")
 @click.option("--recompute-experts", is_flag=True,
               help="Recompute the experts' [T*K, F] activations in backward instead of storing them.")
-@click.option("--weights", default=None, type=click.Path(), help="Dense weights to upcycle (safetensors or .pt).")
+@click.option("--weights", default=None, type=click.Path(),
+              help="Dense weights to upcycle: safetensors, .pt, or a Hugging Face directory or its index json.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
 @click.option("--gpus", default=0, help="Let the planner pick the parallel plan for this many GPUs (plan.json).")
@@ -139,7 +141,8 @@ def _pyramid(value):
               help="Run the pipeline up to this pass and write only ir/ and config.json.")
 @click.option("--force", is_flag=True, help="Replace a build moec wrote there before (its runs/ are kept).")
 def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, **chosen):
-    """Compile MODEL (a .py file with a model factory) into an MoE training program."""
+    """Compile MODEL (a .py file with a model factory, or a Hugging Face checkpoint directory) into an MoE
+    training program."""
     from moec.driver.compiler import compile_model
 
     options = Options(**chosen, overrides=_overrides(sets), pyramid=_pyramid(pyramid), triton=not no_triton,
@@ -175,6 +178,22 @@ def ir_cmd(build_dir, pass_name, diff):
     i = names.index(pass_name)
     path = ir / (f"{i:02d}_{pass_name}.diff" if diff and i else f"{i:02d}_{pass_name}.py")
     click.echo(path.read_text(), nl=False)
+
+
+@main.command("export")
+@click.argument("source", type=click.Path())
+@click.option("--format", "format_name", required=True, type=click.Choice(list(FORMATS)),
+              help="The Hugging Face MoE family to write.")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Directory to write the checkpoint into.")
+@click.option("--step", default=None, type=int, help="Export this checkpoint of the run [the newest weights].")
+@click.option("--drop-bias", is_flag=True,
+              help="Leave out the aux-loss-free selection biases, which the format cannot hold (routing changes).")
+@click.option("--force", is_flag=True, help="Replace an export moec wrote there before.")
+def export_cmd(source, format_name, out, step, drop_bias, force):
+    """Write SOURCE (a build, a run dir or one of its checkpoints) as a Hugging Face MoE checkpoint."""
+    from moec.driver.export import export
+
+    export(source, format_name, out, force=force, drop_bias=drop_bias, step=step, log=click.echo)
 
 
 def _commands_beside_their_subsystems():

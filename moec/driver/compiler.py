@@ -3,7 +3,8 @@
 The graph is captured and transformed on the meta device first (no weights:
 a 70B model compiles in seconds). When the MoE model's weights fit the
 --max-weights-gb budget they are made for real: the dense model is built on
-the CPU (or loaded from --weights), captured and upcycled again. Everything is
+the CPU (its weights from --weights or the Hugging Face checkpoint directory, copied
+in tensor by tensor: moec.driver.dense_weights), captured and upcycled again. Everything is
 written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
@@ -26,12 +27,13 @@ from moec.codegen import source
 from moec.codegen.program import model_source, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
-from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, read_weights
+from moec.driver.dense_weights import DenseWeights, open_weights
+from moec.driver.hf_dir import is_hf_dir
+from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, is_build
 from moec.driver.model_shape import context_length
 from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
 from moec.passes.find_ffn import FindFFN
 from moec.runtime import load_state
-from moec.runtime.weights import check_state
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
 BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
@@ -47,7 +49,11 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
     check_expert_parallel(options)
     check_file("--calibration-data", options.calibration_data)
     check_stop_after(stop_after)
-    dense_state = read_weights(options.weights) if options.weights else None
+    if is_build(Path(model)):
+        raise MoecError(f"{model} is a build moec wrote; give the model file or Hugging Face directory it was "
+                        f"compiled from (its trained weights: --weights RUN_DIR/final.safetensors)")
+    dense = open_weights(options.weights) if options.weights else \
+        open_weights(model, label=model) if is_hf_dir(model) else None
     hardware = _hardware(options)
     mod = load_module(model)
     try:
@@ -60,7 +66,7 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
     except OSError as e:  # e.filename: the dir it failed to make
         raise MoecError(f"cannot create {out}: {e.strerror.lower()} in {Path(e.filename or out).parent}") from e
     try:
-        report = _compile_into(model, options, mod, tmp, stop_after, log, dense_state, hardware)
+        report = _compile_into(model, options, mod, tmp, stop_after, log, dense, hardware)
         _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -109,11 +115,12 @@ def _follow_umask(build: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense_state, hardware) -> dict:
+def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense_weights: DenseWeights | None,
+                  hardware) -> dict:
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
-    if dense_state is not None:
-        load_dense(meta_model, dense_state, o.weights)  # names and shapes only: the model is on meta
+    if dense_weights is not None:
+        dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     _check_against_model(gm, o)
@@ -125,21 +132,22 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
               "router_biases": gm.meta.get("router_biases", [])}
+    hf_config = _hf_config(meta_model)
     if stop_after is not None:
-        _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False})
+        _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)
         return report
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
     real = nbytes <= o.max_weights_gb * 2**30
     report["weights_written"], report["weights_bytes"] = real, nbytes
-    if o.weights and not real:
+    if dense_weights is not None and not real:
         raise MoecError(f"the MoE model's weights would take {nbytes / 2**30:,.1f} GiB, over --max-weights-gb "
-                        f"{o.max_weights_gb}; raise it to upcycle --weights")
+                        f"{o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
     dense = None
     if real:
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        if dense_state is not None:
-            load_dense(dense, dense_state, o.weights)
+        if dense_weights is not None:
+            dense_weights.load_into(_unwrapped(dense))
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp / "model.safetensors")
         log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
@@ -148,7 +156,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     _emit(gm, model, o, mod, tmp)
     if o.verify and not o.dense:
         report["verify_max_rel_error"], report["step0_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
-    config = _write_config(tmp, model, o, report)
+    config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
 
@@ -230,11 +238,14 @@ def _title(model: str, o: Options) -> str:
     return f"{Path(model).name} ({o.config or 'default config'}) upcycled to {o.experts} experts, top-{o.topk}"
 
 
-def _write_config(tmp: Path, model: str, o: Options, report: dict) -> dict:
-    """config.json: the options (paths by file name), what the compile found, the moec version."""
+def _write_config(tmp: Path, model: str, o: Options, report: dict, hf_config: dict | None) -> dict:
+    """config.json: the options (paths by file name), what the compile found, the moec version, and for a
+    Hugging Face model its configuration (what `moec export` maps to an MoE family's)."""
     o = replace(o, weights=o.weights and Path(o.weights).name)
     config = {"moec_version": moec.__version__, "model": Path(model).name, "options": o.to_json(),
               "result": report}
+    if hf_config is not None:
+        config["hf_config"] = hf_config
     (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
     return config
 
@@ -296,12 +307,13 @@ def _inexact(o: Options) -> list[str]:
                                   ("--routing expert-choice", o.routing == "expert-choice")) if on]
 
 
-def load_dense(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load the dense weights read from path (moec.driver.inputs.read_weights) into the model; into a model on
-    the meta device, check only that they fit it."""
-    target = model.model if isinstance(model, LogitsOnly) else model
-    meta = any(t.is_meta for t in target.state_dict().values())
-    try:
-        (check_state if meta else load_state)(target, state)
-    except RuntimeError as e:
-        raise MoecError(f"--weights {path}: {e}") from e
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose parameter names dense weights use: a Hugging Face model's own, without LogitsOnly."""
+    return model.model if isinstance(model, LogitsOnly) else model
+
+
+def _hf_config(model: torch.nn.Module) -> dict | None:
+    """A Hugging Face model's configuration as its config.json would hold it."""
+    if not isinstance(model, LogitsOnly):
+        return None
+    return json.loads(model.model.config.to_json_string(use_diff=False))

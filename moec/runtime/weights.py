@@ -80,8 +80,11 @@ def check_state(model: torch.nn.Module, state: dict) -> None:
     missing = [n for n in own if n not in state and id(_get(model, n)) not in loaded]
     unexpected = [n for n in state if n not in own and n not in derived]
     if missing or unexpected:
-        raise RuntimeError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
-                           f"{' ...' if len(missing) > 3 or len(unexpected) > 3 else ''}")
+        def listed(names, what):
+            return f"{what} {', '.join(names[:3])}" + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+        parts = ([listed(missing, "missing (the model has, the weights lack)")] if missing else []) + \
+                ([listed(unexpected, "unexpected (the weights hold, the model lacks)")] if unexpected else [])
+        raise RuntimeError(f"weights do not match the model: {'; '.join(parts)}")
     wrong = [n for n, t in state.items() if n in own and t.shape != own[n].shape]
     if wrong:
         n = wrong[0]

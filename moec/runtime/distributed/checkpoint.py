@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moec.base.errors import MoecError
@@ -82,6 +82,16 @@ def read_metadata(path) -> Metadata:
 def load_state(state: dict, path) -> None:
     """dcp.load without unpickling anything but tensors and plain data."""
     dcp.load(state, storage_reader=SafeReader(path), planner=_SafePlanner(), no_dist=not dist.is_initialized())
+
+
+def read_model(path) -> dict:
+    """Every model tensor of a checkpoint of either layout, by name, at its global shape on the CPU, read by
+    one process whatever EP or plan wrote it."""
+    saved = read_metadata(path).state_dict_metadata
+    state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in saved.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    load_state(state, path)
+    return {key[len("model."):]: t for key, t in state.items()}
 
 
 def mismatch(state: dict, metadata: Metadata) -> str | None:

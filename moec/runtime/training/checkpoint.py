@@ -96,6 +96,15 @@ def verify(path: Path) -> str | None:
     return _read_manifest(path)[1]
 
 
+def read_weights(path: Path) -> dict:
+    """The model's tensors in the checkpoint at path, by the build's names, once its files match their
+    checksums: what `moec export` reads from a run of any EP size or plan."""
+    problem = verify(Path(path))
+    if problem:
+        raise MoecError(f"checkpoint {path} is damaged or incomplete ({problem}); export another step")
+    return by_name.read_model(path)
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, CheckpointException):  # DCP's wrapper of each rank's exception
         e = next(iter(e.failures.values()))[0]
