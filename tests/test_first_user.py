@@ -6,35 +6,23 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import moec.runtime
 from moec.base.errors import MoecError
 from moec.driver import compiler
-from moec.driver.cli import main
 from moec.driver.pipeline import _count
+from tests.invoke import one_line, run
 
 GPT = Path(__file__).resolve().parent.parent / "examples" / "gpt.py"
 TINY = ["--experts", "4", "--no-verify", *[a for kv in ("n_layer=2", "n_head=2", "n_embd=32", "vocab_size=64",
                                                      "block_size=32") for a in ("--set", kv)]]
 # ~550B parameters on the meta device: compiles in seconds, writes no weights, cannot be allocated on CPU
 HUGE = ["--experts", "64", "--no-verify", "--set", "n_layer=1", "--set", "n_head=1", "--set", "n_embd=32768"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(r) -> str:
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    return lines[0]
 
 
 def test_force_replaces_only_a_build(tmp_path):

@@ -7,20 +7,9 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from moec.driver.cli import main
 from tests.hf_checkpoints import EXAMPLES, hf_logits, load_program, save_tiny
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(r) -> str:
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    return lines[0]
+from tests.invoke import one_line, run
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

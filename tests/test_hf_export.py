@@ -9,24 +9,13 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from moec.driver.cli import main
 from tests.hf_checkpoints import EXAMPLES, load_program, save_tiny
 from tests.train.conftest import run_train
+from tests.invoke import one_line, run
 
 NO_BIAS = ["--expert-bias-rate", "0"]  # the formats choose experts without a selection bias
 TRAIN = ["--log-every", "1", "--eval-every", "0"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line(r) -> str:
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
-    return lines[0]
 
 
 def compile_dir(tmp_path, family, *args):

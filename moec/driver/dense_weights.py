@@ -49,14 +49,14 @@ class DenseWeights:
         with torch.no_grad():
             if self.state is not None:
                 for name, t in self.state.items():
-                    if name in names:
+                    if names.get(name) in own:  # not a buffer the model computes itself
                         own[names[name]].copy_(t)
                 return
             from safetensors import safe_open
             for file, held in self.shards.items():
                 with safe_open(file, framework="pt") as f:
                     for name in held:
-                        if name in names:
+                        if names.get(name) in own:
                             own[names[name]].copy_(f.get_tensor(name))
 
 
