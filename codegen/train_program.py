@@ -83,14 +83,15 @@ def main(args):
     rt.weights.require_weights(HERE / "model.safetensors")  # before the model is allocated
     env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
+    build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
+    rt.check_world(build.options, env.world)  # the processes torchrun started fit the plan: before any work
     model = Model(device=env.device)
     rt.load_weights(model, HERE / "model.safetensors")
-    build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     before = rt.RunDir(run_dir, build.fingerprint, HERE).claim(args) if env.rank == 0 else {{}}
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    # the build's plan: DDP/FSDP2, or EP; ZeRO-1 when the plan chose it or --zero asks
-    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero or build.options.zero == 1)
+    # the build's plan (config.json): EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding to it
+    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero)
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 

@@ -120,7 +120,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     context = context_length(gm, meta_model)
     plan = _plan(model, o, gm, meta_model, tmp, log, hardware) if o.gpus else None
     if plan is not None:
-        o = o.with_plan(ep=plan.ep, zero=plan.zero)
+        o = o.with_plan(plan).validate()
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
@@ -153,12 +153,6 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     return report
 
 
-def runnable(plan) -> bool:
-    """Whether the emitted training program carries a plan out: expert and data parallelism with ZeRO-1 or
-    none (tensor and pipeline parallelism, ZeRO-2/3 and full recomputation it does not run yet)."""
-    return plan.tp == 1 and plan.pp == 1 and plan.zero <= 1 and not plan.recompute
-
-
 def _hardware(o: Options):
     """The profile --gpus plans for, read before the capture so that a wrong --hardware is found at once."""
     from moec.cost_model.hardware import load_hardware
@@ -186,6 +180,7 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     from moec.driver.model_shape import shape_from_graph
 
     shape = shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
+    runnable = lambda plan: not any(o.with_plan(plan).runtime_problems())  # noqa: E731
     ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
