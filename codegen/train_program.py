@@ -90,8 +90,13 @@ def main(args):
     before = rt.RunDir(run_dir, build.fingerprint, HERE).claim(args) if env.rank == 0 else {{}}
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    # the build's plan (config.json): EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding to it
-    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero)
+    def lm_loss(logits, targets):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # the build's plan (config.json): pipeline stages, EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding
+    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
+                              micro_batches=args.grad_accum, loss_fn=lm_loss)
+    pipeline = parallel.pipeline  # None unless the build was compiled with --pp
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
@@ -117,24 +122,31 @@ def main(args):
     def loss_of(inputs, targets):
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
             out = forward(inputs)
-        lm = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
-        return lm, out
+        return lm_loss(out["logits"], targets), out
 
     with rt.StopOnSignal() as stop:
         for step in range(start, args.steps):
             optimizer.zero_grad(set_to_none=True)
             lm_sum = loss_sum = 0.0
-            batch = data.batch("train", step, args.batch_size * args.grad_accum, env.rank, env.world)
-            for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
-                # gradients add up over the step's micro-batches
-                lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
-                loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
-                if step + 1 == args.debug_nan_at_step:
-                    loss = loss * float("nan")
-                with parallel.accumulating(micro + 1 < args.grad_accum):
-                    (loss / args.grad_accum).backward()
-                lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
-                balance.add(out)  # every micro-batch's expert load
+            batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
+                               parallel.data_world)
+            if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
+                lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
+                for out in outs:  # every micro-batch's expert load and MoE losses, gathered over the stages
+                    balance.add(out)
+                    loss_sum = loss_sum + out["aux_loss"] + out["z_loss"]
+                loss_sum = loss_sum + lm_sum
+            else:
+                for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
+                    # gradients add up over the step's micro-batches
+                    lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
+                    loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
+                    if step + 1 == args.debug_nan_at_step:
+                        loss = loss * float("nan")
+                    with parallel.accumulating(micro + 1 < args.grad_accum):
+                        (loss / args.grad_accum).backward()
+                    lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
+                    balance.add(out)  # every micro-batch's expert load
             guard.check(loss_sum, step + 1, ckpt)  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
@@ -144,9 +156,15 @@ def main(args):
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 model.eval()  # dropout off for the held-out loss
                 with torch.no_grad():
-                    batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
-                               for i in range(args.eval_batches))
-                    log.validation(step + 1, [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches])
+                    if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
+                        batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
+                                              parallel.data_world) for i in range(args.eval_batches))
+                        losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
+                    else:
+                        batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
+                                   for i in range(args.eval_batches))
+                        losses = [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches]
+                    log.validation(step + 1, losses)
                 model.train()
             stopping = stop.requested(env)
             if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
@@ -157,7 +175,7 @@ def main(args):
                 return 128 + stop.signum
     if args.ckpt_every >= 0 and (ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}"):
         save(args.steps)
-    if parallel.expert_parallel:  # each rank holds a slice of the experts: the checkpoint has them all
+    if parallel.expert_parallel:  # each rank holds a share of the model (experts, stages): the checkpoint has it all
         log.message(f"done: checkpoint {{ckpt.latest()}}, metrics in {{run_dir / 'metrics.jsonl'}}")
     else:
         rt.export_weights(model, run_dir / "final.safetensors", env)

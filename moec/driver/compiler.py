@@ -29,6 +29,7 @@ from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load
 from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, read_weights
 from moec.driver.model_shape import context_length
 from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
+from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
 from moec.runtime import load_state
 from moec.runtime.weights import check_state
@@ -146,6 +147,14 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     else:
         log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
+    if o.pp > 1:
+        report["stage_bounds"] = write_stages(gm, o, tmp, _title(model, o), log)
+        if real:
+            report["stages_rel_error"] = err = check_stages(tmp, gm, example_inputs(mod, dense, BATCH, SEQ))
+            if not err <= STAGE_TOLERANCE:
+                raise MoecError(f"the pipeline stages differ from model.py by {err:.2e} (relative); rerun with "
+                                f"--debug and report it")
+            log(f"pipeline: the stages run in a row give model.py's logits (max relative error {err:.1e})")
     if o.verify and not o.dense:
         report["verify_max_rel_error"], report["step0_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
     config = _write_config(tmp, model, o, report)

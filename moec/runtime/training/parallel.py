@@ -2,10 +2,15 @@
 (config.json's options) to the model and returns the `Parallel` the loop
 drives (its optimizer, gradient accumulation and clipping)."""
 import contextlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moec.base.errors import MoecError
+from moec.runtime.distributed import groups
 from moec.runtime.training.loop import Env
 
 
@@ -26,11 +31,16 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Modul
 class Parallel:
     """How a training loop drives the model it got from parallelize()."""
 
-    def __init__(self, model, mesh=None, grad_sync=None, zero: bool = False):
-        self.model, self.mesh, self.grad_sync, self.zero = model, mesh, grad_sync, zero
+    def __init__(self, model, env: Env, mesh=None, grad_sync=None, zero: bool = False, pipeline=None):
+        self.model, self.mesh, self.grad_sync, self.zero, self.pipeline = model, mesh, grad_sync, zero, pipeline
+        # which share of the data this rank reads: the stages of a pipeline read the same
+        data = groups.get("data") if pipeline is not None else None
+        self.data_rank = env.rank if data is None else dist.get_rank(data)
+        self.data_world = env.world if data is None else dist.get_world_size(data)
 
     @property
     def expert_parallel(self) -> bool:
+        """Whether ranks hold different parameters (experts, pipeline stages): no one rank has the model."""
         return self.mesh is not None
 
     def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
@@ -71,11 +81,13 @@ def check_world(options, world: int) -> None:
                     f"torchrun with {grid * max(world // grid, 1)}, or recompile with --ep/--pp/--tp that divide {world}")
 
 
-def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, zero: bool = False) -> Parallel:
-    """Apply the build's parallel plan (its Options), in one place and this order: check the world against it,
-    then experts over the EP ranks (ep > 1 under torchrun, gradients reduced by moec.runtime.distributed) or
-    DDP / FSDP2 (ZeRO-3: the plan's --zero 3 or train.py's --fsdp), and ZeRO-1 for the optimizer (the plan's
-    --zero 1 or train.py's --zero)."""
+def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, zero: bool = False,
+                micro_batches: int = 1, loss_fn=None) -> Parallel:
+    """Apply the build's parallel plan (its Options), in one place and this order: check the world against it;
+    build the (pp, dp, ep) mesh; experts over the EP ranks (ep > 1 under torchrun, gradients reduced by
+    moec.runtime.distributed); this rank's pipeline stages of stages.py (pp > 1: micro_batches a step, the
+    last stage's loss_fn(logits, targets)); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3 or train.py's
+    --fsdp); then ZeRO-1 for the optimizer (the plan's --zero 1 or train.py's --zero)."""
     check_world(options, env.world)
     fsdp, zero = fsdp or options.zero == 3, zero or options.zero == 1
     if fsdp and zero:
@@ -83,11 +95,49 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
                         "parameters and gradients: use one of them")
     from moec.runtime.distributed.setup import setup
 
-    ep = options.ep
+    ep, pp = options.ep, options.pp
+    if (fsdp or zero) and pp > 1 and env.world > 1:
+        raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with pipeline parallelism (PP={pp}) yet: "
+                        f"each stage already holds only its layers")
     if fsdp and ep > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
                         f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
+    if env.world > 1 and pp > 1:
+        from moec.runtime.distributed.params import GradSync
+        from moec.runtime.training.pipeline import Pipeline
+
+        model, mesh, _ = setup(model, options)
+        pipeline = Pipeline(model, _stages(model), options.pp_schedule, micro_batches, groups.get("pp"),
+                            env.device, loss_fn)
+        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model))
+        return Parallel(pipeline.model, env, mesh, grad_sync, pipeline=pipeline)
     if env.world > 1 and ep > 1:
         model, mesh, grad_sync = setup(model, options)
-        return Parallel(model, mesh, grad_sync, zero)
-    return Parallel(wrap(model, env, fsdp), zero=zero)
+        return Parallel(model, env, mesh, grad_sync, zero)
+    return Parallel(wrap(model, env, fsdp), env, zero=zero)
+
+
+def _stages(model: torch.nn.Module):
+    """The build's stages.py, beside the model.py that model comes from."""
+    path = Path(sys.modules[type(model).__module__].__file__).with_name("stages.py")
+    if not path.is_file():
+        raise MoecError(f"{path.parent} has no stages.py: recompile the build with this moec")
+    spec = importlib.util.spec_from_file_location("stages", path)
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+    return stages
+
+
+def _shared(share: torch.nn.Module, full: torch.nn.Module) -> dict:
+    """{name: (shape, dtype, counted)} of the parameters that more than one rank of this pipeline holds (a tied
+    embedding on the first and last stages); counted on the first rank holding it."""
+    mine = [n for n, _ in share.named_parameters()]
+    held = [None] * dist.get_world_size(groups.get("pp"))
+    dist.all_gather_object(held, mine, group=groups.get("pp"))
+    me, params = dist.get_rank(groups.get("pp")), dict(full.named_parameters())
+    shared = {}
+    for name in sorted(set().union(*held)):
+        holders = [r for r, names in enumerate(held) if name in names]
+        if len(holders) > 1:
+            shared[name] = (tuple(params[name].shape), params[name].dtype, holders[0] == me)
+    return shared
