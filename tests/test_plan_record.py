@@ -21,6 +21,7 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
     (["--recompute"], "--recompute: the training program does not recompute whole layers yet"),
     (["--pp-schedule", "gpipe"], "--pp-schedule gpipe means something only with pipeline parallelism"),
     (["--gpus", "8", "--zero", "1"], "give --zero or --gpus N, not both"),
+    (["--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not shard a pipeline yet"),
     (["--plan", "missing.json"], "--plan missing.json: no such file or directory"),
 ])
 def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_path, args, message):
@@ -94,3 +95,14 @@ def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
     line = r.output.strip().splitlines()[-1]
     assert "no parallel plan of llama.py:7b fits 512 x MI250X GCD" in line and "plans train.py runs" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pp", "3"], "3 pipeline stages need at least 3 layers, and the model has 2"),
+    (["--pp", "2", "--pp-schedule", "interleaved-1f1b"], "4 pipeline stages need at least 4 layers"),
+])
+def test_more_stages_than_layers_is_refused_after_the_capture(tmp_path, args, message):
+    r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--no-verify", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
