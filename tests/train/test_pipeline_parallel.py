@@ -1,6 +1,8 @@
 """train.py of builds compiled with --pp 2: under torchrun (gloo, 2 processes) each gives the losses of the
-same build on one process, with 1F1B and with interleaved 1F1B (two stages a rank); too few micro-batches
-for the pipeline is one line."""
+same build on one process, with 1F1B and with interleaved 1F1B (two stages a rank); on 4 processes, PP2 x
+EP2 gives the losses of EP2 on 2 and PP2 x DP2 those of DDP on 2 (the data a rank reads depends on its
+data-parallel rank, which the stages of a pipeline share); too few micro-batches for the pipeline is one
+line."""
 import pytest
 
 from moec.base.options import Options
@@ -28,10 +30,20 @@ def pp2_interleaved_build(tmp_path_factory):
     return _build(tmp_path_factory, "gpt-moe-pp2i", 4, pp=2, pp_schedule="interleaved-1f1b")
 
 
-def _train_records(build, run, nproc):
-    r = run_train(build, *STEPS, run_dir=run, nproc=nproc, timeout=240)
+def _train_records(build, run, nproc, *extra):
+    r = run_train(build, *STEPS, *extra, run_dir=run, nproc=nproc, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     return [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
+
+
+def _same_run(reference: list, got: list) -> None:
+    assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(1, 11))
+    for a, b in zip(reference, got):
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+        for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):  # counts gathered over the stages
+            assert lb == pytest.approx(la, rel=1e-9), a["step"]
+    assert got[-1]["lm_loss"] < got[0]["lm_loss"]
 
 
 @pytest.mark.parametrize("fixture", ["pp2_build", "pp2_interleaved_build"])
@@ -39,14 +51,18 @@ def test_pp2_gives_the_single_process_losses(fixture, request, tmp_path):
     build = request.getfixturevalue(fixture)
     stages = (build / "stages.py").read_text()
     assert "class Stage0(Model):" in stages and "self.h[0:1](" in stages  # a readable program per stage
-    one = _train_records(build, tmp_path / "one", 1)
-    pp = _train_records(build, tmp_path / "pp", 2)
-    assert [x["step"] for x in pp] == list(range(1, 11))
-    for a, b in zip(one, pp):
-        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
-        assert b["expert_load"] == a["expert_load"]  # every layer's counts, gathered over the stages
-    assert pp[-1]["lm_loss"] < pp[0]["lm_loss"]
+    _same_run(_train_records(build, tmp_path / "one", 1), _train_records(build, tmp_path / "pp", 2))
+
+
+@pytest.mark.parametrize("plan", [dict(ep=2), dict()], ids=["pp2xep2", "pp2xdp2"])
+def test_pp2_on_four_processes_gives_the_losses_of_its_two_process_plan(plan, tmp_path_factory, tmp_path):
+    """Each pipeline's stages read the data of its data-parallel rank: PP2 x EP2 on 4 processes reads what EP2
+    reads on 2, PP2 x DP2 what DDP reads on 2; the same weights, so the same losses."""
+    name = "-".join(f"{k}{v}" for k, v in plan.items())
+    flat = _build(tmp_path_factory, f"gpt-moe-{name}", 2, **plan)
+    piped = _build(tmp_path_factory, f"gpt-moe-pp2-{name}", 2, pp=2, **plan)
+    small = ["--batch-size", 2]
+    _same_run(_train_records(flat, tmp_path / "flat", 2, *small), _train_records(piped, tmp_path / "pp", 4, *small))
 
 
 def test_fewer_micro_batches_than_stages_is_one_line(pp2_build, tmp_path):
