@@ -107,7 +107,8 @@ def main(args):
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
-                           by_name=build.options.ep > 1, fingerprint=build.fingerprint)
+                           by_name=build.options.ep > 1 or build.options.pp > 1,  # resumable under another plan
+                           fingerprint=build.fingerprint)
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)

@@ -70,3 +70,22 @@ def test_fewer_micro_batches_than_stages_is_one_line(pp2_build, tmp_path):
     assert r.returncode != 0
     assert ("error: --grad-accum 1: a pipeline of 2 ranks needs at least 2 micro-batches a step (the micro-batches "
             "are the gradient-accumulation ones)") in r.stderr
+
+
+def test_a_pp2_run_resumes_on_one_process_and_back(pp2_build, tmp_path):
+    """Stopped after 4 steps under PP2, resumed on one process to 6 and under PP2 again to 8: the losses of
+    the run that stayed on one process (each checkpoint holds every parameter once, under its name)."""
+    base = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0]
+
+    def run(run_dir, nproc, steps, *more):
+        r = run_train(pp2_build, *base, "--steps", steps, *more, run_dir=run_dir, nproc=nproc, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    for run_dir, plans in ((tmp_path / "one", (1, 1, 1)), (tmp_path / "moved", (2, 1, 2))):
+        for i, (nproc, steps) in enumerate(zip(plans, (4, 6, 8))):  # each --steps reshapes the schedule alike
+            run(run_dir, nproc, steps, *(["--resume"] if i else []))
+    one, moved = ([x for x in read_metrics(d / "metrics.jsonl") if x["kind"] == "train"]
+                  for d in (tmp_path / "one", tmp_path / "moved"))
+    assert [x["step"] for x in moved] == [x["step"] for x in one] == list(range(1, 9))
+    for a, b in zip(one, moved):
+        assert b["lm_loss"] == pytest.approx(a["lm_loss"], rel=1e-5, abs=1e-5), a["step"]
