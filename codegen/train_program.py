@@ -42,7 +42,8 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default={grad_accum},
+                   help="micro-batches per optimizer step (a pipeline's: at least its ranks)")
     p.add_argument("--seq-len", type=int, default={seq_len}, help="tokens per sequence, at most the model's context")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
@@ -135,7 +136,7 @@ def main(args):
                 lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
                 for out in outs:  # every micro-batch's expert load and MoE losses, gathered over the stages
                     balance.add(out)
-                    loss_sum = loss_sum + out["aux_loss"] + out["z_loss"]
+                    loss_sum = loss_sum + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)
                 loss_sum = loss_sum + lm_sum
             else:
                 for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
@@ -200,4 +201,5 @@ def write_train_program(build_dir: Path, config: dict) -> None:
     title = f"{kind} built from {config['model']}"
     context = config["result"].get("context")
     seq_len = min(SEQ_LEN, context) if context else SEQ_LEN
-    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len))
+    grad_accum = o.get("pp", 1)  # the fewest micro-batches a pipeline runs
+    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len, grad_accum=grad_accum))

@@ -6,7 +6,13 @@ the head and the loss), so the ends weigh more than their layer count says.
 `split` cuts so that the slowest stage is as fast as it can be: the step of a
 pipeline goes at the pace of its slowest stage.
 """
+from dataclasses import replace
+
 from moec.base.errors import MoecError
+from moec.base.options import Options
+from moec.cost_model import params
+from moec.cost_model import symbols as s
+from moec.cost_model.shape import ModelShape, model_values, moe_layer_flags
 
 # schedule -> stages each rank runs; the others of PP_SCHEDULES run one
 STAGES_PER_RANK = {"interleaved-1f1b": 2, "zero-bubble": 2, "dualpipev": 2}
@@ -48,6 +54,26 @@ def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0
         b = cut[s][b]
         bounds.append(b)
     return [0] + bounds[::-1]
+
+
+def layer_flops(shape: ModelShape, moe: Options) -> tuple[list[float], float]:
+    """(forward FLOPs per token of each layer, of the head), from params.py's counts: a layer's attention
+    (projections, and scores over S/2 keys on average) and its dense FFN or the experts a token uses and the
+    router; the head is a V x D GEMM (the embedding a lookup)."""
+    dense = moe.dense
+    values = model_values(shape, replace(moe, dense=False, first_dense=0) if dense else moe)
+    attention = 2 * params.attention + 2 * s.S * s.D
+    kinds = {False: attention + 2 * params.ffn_dense,
+             True: attention + 2 * ((s.K * s.G + s.N_s) * params.expert + params.router)}
+    flags = [False] * shape.layers if dense else moe_layer_flags(shape, moe)
+    costs = [float(kinds[f].subs(values)) for f in flags]
+    return costs, float((2 * s.V * s.D).subs(values))
+
+
+def stage_split(shape: ModelShape, moe: Options, stages: int) -> list[int]:
+    """The layer each of `stages` stages starts at, then the layer count: split() of layer_flops."""
+    costs, head = layer_flops(shape, moe)
+    return split(costs, stages, last=head)
 
 
 def bubble(ranks: int, micro_batches: int, schedule: str) -> float:

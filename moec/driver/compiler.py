@@ -122,6 +122,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     plan = _plan(model, o, gm, meta_model, tmp, log, hardware) if o.gpus else None
     if plan is not None:
         o = o.with_plan(plan).validate()
+    shape = _shape(model, o, gm, meta_model) if o.pp > 1 else None  # the stages are cut by its layers' FLOPs
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
@@ -148,7 +149,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
     if o.pp > 1:
-        report["stage_bounds"] = write_stages(gm, o, tmp, _title(model, o), log)
+        report["stage_bounds"] = write_stages(gm, o, shape, tmp, _title(model, o), log)
         if real:
             report["stages_rel_error"] = err = check_stages(tmp, gm, example_inputs(mod, dense, BATCH, SEQ))
             if not err <= STAGE_TOLERANCE:
@@ -186,14 +187,19 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     it and the runners-up."""
     from moec.cost_model import rank_plans
     from moec.cost_model.report import write_plan_json
-    from moec.driver.model_shape import shape_from_graph
-
-    shape = shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
+    shape = _shape(model, o, gm, meta_model)
     runnable = lambda plan: not any(o.with_plan(plan).runtime_problems())  # noqa: E731
     ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
+
+
+def _shape(model: str, o: Options, gm, meta_model):
+    """The captured dense model's dimensions, for the cost model."""
+    from moec.driver.model_shape import shape_from_graph
+
+    return shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
 
 
 def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:

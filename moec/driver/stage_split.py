@@ -1,11 +1,6 @@
-"""A --pp build's stages: where the layers are cut, stages.py, and the check that the stages run one after
-another compute model.py's logits.
-
-Each layer weighs its FLOPs per token, twice its active parameters (an
-expert's weights count K/E of their size); the last stage also carries the
-head (vocabulary x hidden); the embedding lookup costs no GEMM. The cut
-that makes the heaviest stage lightest is moec.cost_model.pipeline.split's.
-"""
+"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline.stage_split, the cut the
+planner's --explain shows), stages.py, and the check that the stages run one after another compute
+model.py's logits."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,46 +11,29 @@ from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.codegen.program import top_graph, weights
 from moec.codegen.stages import stages_source
-from moec.cost_model.pipeline import split, stages_per_rank
+from moec.cost_model.pipeline import layer_flops, split, stages_per_rank
+from moec.cost_model.shape import ModelShape
 from moec.runtime import load_state
-from moec.runtime.distributed.params import is_expert
 from moec.runtime.training import pipeline
 
 STAGE_TOLERANCE = 1e-6  # the stages run model.py's operations in its order: equal up to rounding at most
 
 
-def layer_costs(gm: torch.fx.GraphModule, o: Options) -> tuple[list[float], float]:
-    """(FLOPs per token of each layer of the model's loop, of the head)."""
-    top = top_graph(gm)
-    if len(top.runs) != 1:
-        raise MoecError(f"--pp cuts the model's layers into stages, and this model has {len(top.runs)} loops of "
-                        f"layers (model.py); pipeline parallelism needs exactly one")
-    params = dict(gm.named_parameters())
-    costs = []
-    for block in top.runs[0].blocks:
-        mine = {n: p for n, p in params.items() if n.startswith(block.path + ".")}
-        costs.append(2.0 * sum(p.numel() * (min(o.routed_topk, p.shape[0]) / p.shape[0] if is_expert(n) else 1)
-                               for n, p in mine.items()))
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    logits = out["logits"].meta["val"] if isinstance(out, dict) else None
-    carry = top.runs[0].blocks[-1].outputs[0].meta.get("val")
-    head = 2.0 * logits.shape[-1] * carry.shape[-1] if logits is not None and carry is not None else 0.0
-    return costs, float(head)
-
-
-def stage_bounds(gm: torch.fx.GraphModule, o: Options) -> list[int]:
-    costs, head = layer_costs(gm, o)
-    return split(costs, o.pp * stages_per_rank(o.pp_schedule), last=head)
-
-
-def write_stages(gm: torch.fx.GraphModule, o: Options, directory: Path, title: str, log) -> list[int]:
-    bounds = stage_bounds(gm, o)
+def write_stages(gm: torch.fx.GraphModule, o: Options, shape: ModelShape, directory: Path, title: str,
+                 log) -> list[int]:
+    """stages.py for the graph; the layer each stage starts at, then the layer count."""
+    costs, head = layer_flops(shape, o)
+    loop = top_graph(gm).runs
+    if len(loop) != 1 or len(loop[0].blocks) != len(costs):
+        raise MoecError(f"--pp cuts the model's loop of layers into stages, and model.py has "
+                        f"{len(loop)} loops for the model's {len(costs)} FFN layers; pipeline parallelism needs one "
+                        f"loop of them")
+    bounds = split(costs, o.pp * stages_per_rank(o.pp_schedule), last=head)
     (directory / "stages.py").write_text(stages_source(gm, bounds, title))
-    costs, head = layer_costs(gm, o)
     shares = [sum(costs[a:b]) + (head if b == len(costs) else 0) for a, b in zip(bounds, bounds[1:])]
     log(f"pipeline: {len(shares)} stages over {o.pp} ranks ({o.pp_schedule}), layers "
         f"{' | '.join(f'{a}-{b - 1}' for a, b in zip(bounds, bounds[1:]))}, "
-        f"FLOPs shares {' '.join(f'{s / sum(shares):.0%}' for s in shares)} -> stages.py")
+        f"FLOPs shares {' '.join(f'{x / sum(shares):.0%}' for x in shares)} -> stages.py")
     return bounds
 
 

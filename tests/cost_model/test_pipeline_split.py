@@ -33,3 +33,17 @@ def test_bubble_shrinks_with_micro_batches_and_virtual_stages():
     assert bubble(4, 8, "1f1b") == pytest.approx(3 / 11)
     assert bubble(4, 8, "interleaved-1f1b") == pytest.approx(3 / 19)
     assert bubble(1, 8, "1f1b") == 0
+
+
+def test_explain_shows_the_stage_split_and_the_bubble_of_a_pipelined_plan():
+    from moec.cost_model import load_hardware, rank_plans
+    from moec.cost_model.explain import explain
+    from moec.cost_model.known_models import MIXTRAL_8X7B
+
+    ranked, _ = rank_plans(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 64, "dgx_h100")
+    plan = next(p for p in ranked if p.pp == 2)
+    text = explain(plan, MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, load_hardware("dgx_h100"))
+    m = plan.micro_batches
+    assert f"Pipeline (2 stages, 1F1B, {m} micro-batches):" in text
+    assert "stages (layers, share of the forward FLOPs; the last carries the head): 0-15 50%, 16-31 50%" in text
+    assert f"bubble: (PP - 1) / (M + PP - 1) = {1 / (m + 1):.1%}" in text

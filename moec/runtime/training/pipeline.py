@@ -53,11 +53,16 @@ def stage_output(value: torch.Tensor, stage: int, aux_loss=None, z_loss=None, ex
 
 
 def restrict(model: torch.nn.Module, reads, layers: tuple, cls=None) -> torch.nn.Module:
-    """A copy of model's module tree holding only the parameters and buffers named in reads and the layers
+    """A copy of model's module tree holding only the parameters and buffers named in reads (a tied weight also
+    under its first name) and the layers
     [lo, hi) of layers = (container, lo, hi) (the others replaced by empty modules, so names stay), as the same
     objects; of class cls when given."""
     container, lo, hi = layers
-    keep = set(reads)
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    # a tied name read keeps the name the model lists the weight under too: one name for it on every stage
+    keep = set(reads) | {first[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if name in reads}
 
     def subtree(module, prefix):
         new = copy.copy(module)
@@ -166,6 +171,6 @@ class Pipeline:
                     at = offsets[first_moe + j]
                     flat[m, at:at + counts.numel()] += counts.to(flat)
         dist.all_reduce(flat, group=self.group)
-        outs = [{"aux_loss": row[1], "z_loss": row[2],
-                 "expert_counts": list(row[3:].split(self.experts)) if self.experts else []} for row in flat]
+        outs = [{"aux_loss": row[1], "z_loss": row[2], "expert_counts": list(row[3:].split(self.experts))}
+                if self.experts else {} for row in flat]  # a dense build's forward returns only logits
         return flat[:, 0].sum(), outs
