@@ -70,12 +70,6 @@ def layer_flops(shape: ModelShape, moe: Options) -> tuple[list[float], float]:
     return costs, float((2 * s.V * s.D).subs(values))
 
 
-def stage_split(shape: ModelShape, moe: Options, stages: int) -> list[int]:
-    """The layer each of `stages` stages starts at, then the layer count: split() of layer_flops."""
-    costs, head = layer_flops(shape, moe)
-    return split(costs, stages, last=head)
-
-
 def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
     """The share of a step a rank idles in the pipeline's fill and drain: (p - 1) / (v m + p - 1) for p ranks
     running v stages each over m micro-batches (1F1B, and its interleaved form with v = 2); the zero-bubble

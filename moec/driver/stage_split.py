@@ -1,5 +1,5 @@
-"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline.stage_split, the cut the
-planner's --explain shows), stages.py, and the check that the stages run one after another compute
+"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline's split of its layer_flops,
+the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
 model.py's logits."""
 import importlib.util
 import sys
