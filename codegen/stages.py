@@ -90,7 +90,9 @@ def _stage_graph(top, index: int, count: int, lo: int, hi: int) -> torch.fx.Grap
         env[n].meta["val"] = n.meta.get("val")
 
     carried = items[carry_slot]
-    keys = LOSS_KEYS + (("logits",) if index == count - 1 else ())
+    moe = any(lo <= b.index < hi for b in run.returning) and any(k in outputs for k in LOSS_KEYS)
+    losses = LOSS_KEYS if moe else ()  # a stage of dense layers only has no MoE losses to add
+    keys = losses + (("logits",) if index == count - 1 else ())
     after = _needed([outputs[k] for k in keys if k in outputs], {call, *items.values()})
     before = set(nodes[:nodes.index(call)])
     if index == 0:
@@ -119,9 +121,11 @@ def _stage_graph(top, index: int, count: int, lo: int, hi: int) -> torch.fx.Grap
             raise MoecError(f"--pp: the model's {n.name} reads the last layer's output outside the loss")
         copy(n)
     counts = outputs.get("expert_counts")
-    kwargs = {k: env[outputs[k]] for k in LOSS_KEYS if k in outputs}
-    if isinstance(counts, torch.fx.Node):
+    kwargs = {k: env[outputs[k]] for k in losses if k in outputs}
+    if moe and isinstance(counts, torch.fx.Node):
         kwargs["expert_counts"] = env[counts]
+    elif moe and isinstance(counts, (list, tuple)):  # one MoE layer: the loop returns its counts as a sum of one
+        kwargs["expert_counts"] = [env[c] for c in counts]
     value = env[outputs["logits"]] if index == count - 1 else env[carried]
     g.output(g.call_function(stage_output, (value,), {"stage": index, **kwargs}))
     for n in reversed(list(g.nodes)):  # what this stage does not need (the head's weights on the first, ...)
@@ -136,6 +140,13 @@ def stages_source(gm: torch.fx.GraphModule, bounds: list[int], title: str) -> st
     run, call, _, _, slots = _loop(top)
     count = len(bounds) - 1
     lists = [k for kind, k, _ in slots if kind == "list"]
+    counts = _outputs(top).get("expert_counts")
+    if lists and isinstance(counts, torch.fx.Node):
+        experts = [b.outputs[lists[0]].meta["val"].shape[0] for b in run.returning]
+    elif isinstance(counts, (list, tuple)):  # getitems of the loop's call: each a slot every MoE layer returns
+        experts = [b.outputs[slots[c.args[1]][1]].meta["val"].shape[0] for c in counts for b in run.returning]
+    else:
+        experts = []
     indices = [b.index for b in run.returning]
     classes, used = [], {}
     for s in range(count):
@@ -146,7 +157,7 @@ def stages_source(gm: torch.fx.GraphModule, bounds: list[int], title: str) -> st
         src = src.replace(f"self.{run.container}(", f"self.{run.container}[{lo}:{hi}](")
         reads = tuple(n.target for n in g.nodes if n.op == "get_attr")
         first_moe = sum(i < lo for i in indices)
-        moe = (first_moe, first_moe + sum(lo <= i < hi for i in indices)) if lists else (0, 0)
+        moe = (first_moe, first_moe + sum(lo <= i < hi for i in indices)) if experts else (0, 0)
         parts = (["what comes before the layers"] if s == 0 else []) + [f"{run.container}.{lo}-{hi - 1}"] + \
             (["what comes after them"] if s == count - 1 else [])
         classes.append("\n".join([
@@ -160,7 +171,6 @@ def stages_source(gm: torch.fx.GraphModule, bounds: list[int], title: str) -> st
             "    " + src.replace("\n", "\n    "),
             "",
         ]))
-    experts = [b.outputs[lists[0]].meta["val"].shape[0] for b in run.returning] if lists else []
     head = [line for line in imports(used) if line != "import torch"]
     return "\n".join([
         HEADER.format(title=title, stages=count, bounds=" | ".join(f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:]))),

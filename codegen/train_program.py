@@ -98,6 +98,8 @@ def main(args):
     parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
                               micro_batches=args.grad_accum, loss_fn=lm_loss)
     pipeline = parallel.pipeline  # None unless the build was compiled with --pp
+    if pipeline is not None and args.val_fraction > 0:
+        pipeline.check_evaluate()  # a schedule that cannot validate says so now, not after training
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 

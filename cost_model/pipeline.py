@@ -15,7 +15,7 @@ from moec.cost_model import symbols as s
 from moec.cost_model.shape import ModelShape, model_values, moe_layer_flags
 
 # schedule -> stages each rank runs; the others of PP_SCHEDULES run one
-STAGES_PER_RANK = {"interleaved-1f1b": 2, "zero-bubble": 2, "dualpipev": 2}
+STAGES_PER_RANK = {"interleaved-1f1b": 2, "zero-bubble": 2}
 
 
 def stages_per_rank(schedule: str) -> int:

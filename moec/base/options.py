@@ -17,7 +17,8 @@ ROUTER_WEIGHTS = ("renorm", "scaled")
 AUX_LOSS_SCOPES = ("batch", "sequence")
 ROUTINGS = ("topk", "expert-choice")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
-# torch.distributed.pipelining's schedules by the names --pp-schedule takes; the last three run two stages per rank
+# torch.distributed.pipelining's schedules by the names --pp-schedule takes; interleaved-1f1b and zero-bubble
+# run two stages per rank; dualpipev is refused (runtime_problems)
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zero-bubble", "dualpipev")
 PLAN_FIELDS = ("ep", "dp", "tp", "pp", "zero", "recompute")  # what a planner's plan (plan.json's "chosen") sets
 
@@ -172,6 +173,9 @@ class Options:
             yield f"--tp {self.tp}: the training program does not run tensor parallelism yet; use --tp 1"
         if self.pp > 1 and self.zero:
             yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
+        if self.pp_schedule == "dualpipev":
+            yield ("--pp-schedule dualpipev: the training program's gradients under it do not match one process's yet; "
+                   "use 1f1b, gpipe, interleaved-1f1b or zero-bubble")
         if self.pp_schedule != "1f1b" and self.pp == 1:
             yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
         if self.zero == 2:

@@ -72,6 +72,22 @@ def test_pp2_on_four_processes_gives_the_losses_of_its_two_process_plan(plan, tm
     _same_run(_train_records(flat, tmp_path / "flat", 2, *small), _train_records(piped, tmp_path / "pp", 4, *small))
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "zero-bubble"])
+def test_the_other_schedules_give_the_single_process_losses(schedule, tmp_path_factory, tmp_path):
+    """Shorter runs: GPipe, and the zero-bubble schedule (input and weight gradients apart, two stages a rank)."""
+    build = _build(tmp_path_factory, f"gpt-moe-pp2-{schedule}", 4, pp=2, pp_schedule=schedule)
+    runs = []
+    for nproc, run in ((1, tmp_path / "one"), (2, tmp_path / "pp")):
+        r = run_train(build, "--steps", 4, *STEPS[2:], run_dir=run, nproc=nproc, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append([x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"])
+    one, pp = runs
+    assert [x["step"] for x in pp] == [x["step"] for x in one] == [1, 2, 3, 4]
+    for a, b in zip(one, pp):
+        for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+
+
 def test_fewer_micro_batches_than_stages_is_one_line(pp2_build, tmp_path):
     r = run_train(pp2_build, "--steps", 1, "--grad-accum", 1, run_dir=tmp_path / "run", nproc=2, timeout=120)
     assert r.returncode != 0

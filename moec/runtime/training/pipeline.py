@@ -16,10 +16,9 @@ import torch.distributed as dist
 
 from moec.base.errors import MoecError
 
-# --pp-schedule -> torch.distributed.pipelining's class; the V-shaped ones give rank r stages r and 2p - 1 - r
+# --pp-schedule -> torch.distributed.pipelining's class
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b": "ScheduleInterleaved1F1B",
-             "zero-bubble": "ScheduleInterleavedZeroBubble", "dualpipev": "ScheduleDualPipeV"}
-V_SHAPED = {"dualpipev"}
+             "zero-bubble": "ScheduleInterleavedZeroBubble"}
 
 _RECORDS: dict = {}  # stage index -> one record per micro-batch: its aux and z losses and expert counts
 
@@ -34,7 +33,7 @@ class _AddLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, loss):
         ctx.like = loss.detach()
-        return x.view_as(x)
+        return x.clone()  # not a view of x: the zero-bubble schedules detach stage outputs in place
 
     @staticmethod
     def backward(ctx, grad):
@@ -97,13 +96,6 @@ def _union(model, classes) -> torch.nn.Module:
     return union
 
 
-def stage_indices(rank: int, ranks: int, stages: int, schedule: str) -> list[int]:
-    """The stages rank runs: r, r + p, ... (loop), or r and 2p - 1 - r (V-shaped schedules)."""
-    if schedule in V_SHAPED:
-        return [rank, 2 * ranks - 1 - rank]
-    return list(range(rank, stages, ranks))
-
-
 class Pipeline:
     def __init__(self, model: torch.nn.Module, stages, schedule: str, micro_batches: int, group, device, loss_fn):
         """model: the full model (experts already sharded); stages: the build's stages module."""
@@ -116,9 +108,9 @@ class Pipeline:
                             f"micro-batches a step (the micro-batches are the gradient-accumulation ones)")
         name = SCHEDULES[schedule]
         if not hasattr(pipelining, name):
-            raise MoecError(f"this torch has no {name} (--pp-schedule {schedule}): recompile with --pp-schedule "
-                            f"1f1b or interleaved-1f1b, or use a newer torch")
-        self.indices = stage_indices(rank, ranks, count, schedule)
+            raise MoecError(f"this torch has no {name} (--pp-schedule {schedule}): recompile with another "
+                            f"--pp-schedule, or use a newer torch")
+        self.indices = list(range(rank, count, ranks))  # stages r, r + p, ...
         classes = [stages.STAGES[i] for i in self.indices]
         self.model = _union(model, classes)
         self.modules = [restrict(model, c.READS, c.LAYERS, c) for c in classes]
@@ -142,10 +134,14 @@ class Pipeline:
                            losses=losses if self.last else None)
         return self._gather(losses)
 
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The micro-batches' mean LM loss, forward only, the same on every rank of the pipeline."""
+    def check_evaluate(self) -> None:
+        """MoecError, before any training, when the schedule cannot run validation forward only."""
         if not hasattr(self.schedule, "eval"):
             raise MoecError("this torch's pipeline schedules have no forward-only pass: pass --val-fraction 0")
+
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-batches' mean LM loss, forward only, the same on every rank of the pipeline."""
+        self.check_evaluate()
         losses = []
         self.schedule.eval(*((inputs,) if self.first else ()), target=targets if self.last else None,
                            losses=losses if self.last else None)
