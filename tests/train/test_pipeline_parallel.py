@@ -72,10 +72,13 @@ def test_pp2_on_four_processes_gives_the_losses_of_its_two_process_plan(plan, tm
     _same_run(_train_records(flat, tmp_path / "flat", 2, *small), _train_records(piped, tmp_path / "pp", 4, *small))
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "zero-bubble"])
-def test_the_other_schedules_give_the_single_process_losses(schedule, tmp_path_factory, tmp_path):
-    """Shorter runs: GPipe, and the zero-bubble schedule (input and weight gradients apart, two stages a rank)."""
-    build = _build(tmp_path_factory, f"gpt-moe-pp2-{schedule}", 4, pp=2, pp_schedule=schedule)
+@pytest.mark.parametrize("schedule,layers,more", [("gpipe", 2, dict(first_dense=1)), ("zero-bubble", 4, {})])
+def test_the_other_schedules_give_the_single_process_losses(schedule, layers, more, tmp_path_factory, tmp_path):
+    """Shorter runs: GPipe, here with a first stage of one dense layer (no MoE losses, no expert counts), and
+    the zero-bubble schedule (input and weight gradients apart, two stages a rank)."""
+    build = _build(tmp_path_factory, f"gpt-moe-pp2-{schedule}", layers, pp=2, pp_schedule=schedule, **more)
+    if more:
+        assert "stage_output(x, stage=0)" in (build / "stages.py").read_text()
     runs = []
     for nproc, run in ((1, tmp_path / "one"), (2, tmp_path / "pp")):
         r = run_train(build, "--steps", 4, *STEPS[2:], run_dir=run, nproc=nproc, timeout=240)
