@@ -13,8 +13,8 @@ from pathlib import Path
 TEMPLATE = '''"""Train {title}.
 
     python train.py --steps 200                  # one CPU or GPU
-    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or expert parallel
-                                                 # for a build compiled with --ep; --zero shards the optimizer state
+    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or the plan the build
+                                                 # was compiled with (--ep, --pp); --zero shards the optimizer state
     python train.py --steps 200 --resume         # continue from the run's newest checkpoint
 
 A run dir holds one run (run.json says whose): a fresh start in a used one is refused
@@ -115,7 +115,7 @@ def main(args):
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
-    log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0)
+    log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0, data_world=parallel.data_world)
     guard = rt.LossGuard()
     balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate)
     validate = args.val_fraction > 0
