@@ -98,8 +98,8 @@ def main(args):
     parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
                               micro_batches=args.grad_accum, loss_fn=lm_loss)
     pipeline = parallel.pipeline  # None unless the build was compiled with --pp
-    if pipeline is not None and args.val_fraction > 0:
-        pipeline.check_evaluate()  # a schedule that cannot validate says so now, not after training
+    if pipeline is not None:
+        pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
@@ -135,7 +135,8 @@ def main(args):
             batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
                                parallel.data_world)
             if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
-                lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
+                with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                    lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
                 for out in outs:  # every micro-batch's expert load and MoE losses, gathered over the stages
                     balance.add(out)
                     loss_sum = loss_sum + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)
@@ -163,7 +164,8 @@ def main(args):
                     if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
                         batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
                                               parallel.data_world) for i in range(args.eval_batches))
-                        losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
+                        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                            losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
                     else:
                         batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
                                    for i in range(args.eval_batches))

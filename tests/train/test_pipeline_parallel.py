@@ -91,11 +91,16 @@ def test_the_other_schedules_give_the_single_process_losses(schedule, layers, mo
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
 
 
-def test_fewer_micro_batches_than_stages_is_one_line(pp2_build, tmp_path):
-    r = run_train(pp2_build, "--steps", 1, "--grad-accum", 1, run_dir=tmp_path / "run", nproc=2, timeout=120)
+@pytest.mark.parametrize("args,message", [
+    (["--grad-accum", 1], "--grad-accum 1: a pipeline of 2 ranks needs at least 2 micro-batches a step (the "
+                          "micro-batches are the gradient-accumulation ones)"),
+    (["--compile"], "--compile does not apply to pipeline stages yet: drop it, or recompile without --pp"),
+])
+def test_what_a_pipeline_does_not_run_is_one_line_before_training(pp2_build, tmp_path, args, message):
+    r = run_train(pp2_build, "--steps", 1, *args, run_dir=tmp_path / "run", nproc=2, timeout=120)
     assert r.returncode != 0
-    assert ("error: --grad-accum 1: a pipeline of 2 ranks needs at least 2 micro-batches a step (the micro-batches "
-            "are the gradient-accumulation ones)") in r.stderr
+    assert f"error: {message}" in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_pp2_run_resumes_on_one_process_and_back(pp2_build, tmp_path):

@@ -74,9 +74,8 @@ class GradSync:
                 p.grad = g
         for name, (shape, dtype, _) in sorted(self.shared.items()):  # a tied weight's uses on several stages
             p = self.named.get(name)
-            grad = p.grad if p is not None and p.grad is not None else torch.zeros(shape, dtype=dtype)
-            if p is not None:
-                grad = grad.to(p.device)
+            device = (self.dense or self.expert)[0].device  # where this rank's collectives run
+            grad = p.grad if p is not None and p.grad is not None else torch.zeros(shape, dtype=dtype, device=device)
             dist.all_reduce(grad, group=groups.get("pp"))
             if p is not None:
                 p.grad = grad

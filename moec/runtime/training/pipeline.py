@@ -134,14 +134,16 @@ class Pipeline:
                            losses=losses if self.last else None)
         return self._gather(losses)
 
-    def check_evaluate(self) -> None:
-        """MoecError, before any training, when the schedule cannot run validation forward only."""
-        if not hasattr(self.schedule, "eval"):
+    def check_flags(self, args) -> None:
+        """MoecError, before any training, for train.py's flags a pipeline does not carry out."""
+        if args.val_fraction > 0 and not hasattr(self.schedule, "eval"):
             raise MoecError("this torch's pipeline schedules have no forward-only pass: pass --val-fraction 0")
+        for flag, on in (("--compile", args.compile), ("--debug-nan-at-step", args.debug_nan_at_step is not None)):
+            if on:
+                raise MoecError(f"{flag} does not apply to pipeline stages yet: drop it, or recompile without --pp")
 
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The micro-batches' mean LM loss, forward only, the same on every rank of the pipeline."""
-        self.check_evaluate()
         losses = []
         self.schedule.eval(*((inputs,) if self.first else ()), target=targets if self.last else None,
                            losses=losses if self.last else None)
