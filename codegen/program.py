@@ -200,6 +200,11 @@ def _list_key(gm, values: list) -> str | None:
 def _top(order, returns: dict, dims: dict, size_names: dict):
     """The model's own forward: the nodes outside the layers, a call per layer or loop (returns: what
     each loop returns, from _run_returns)."""
+    src, used = forward_source(_top_graph(order, returns, size_names), dims)
+    return _LAYER_CALL.sub(r"self.\1[\2]", src), used
+
+
+def _top_graph(order, returns: dict, size_names: dict) -> torch.fx.Graph:
     top = torch.fx.Graph()
     env, lists = {}, []
     skip = set().union(*(r.skip for r in returns))
@@ -249,8 +254,26 @@ def _top(order, returns: dict, dims: dict, size_names: dict):
         if n.op in ("call_function", "get_attr") and not n.users and n.target in (operator.getitem, layers.LOCAL):
             top.erase_node(n)
     name_literals(top)
-    src, used = forward_source(top, dims)
-    return _LAYER_CALL.sub(r"self.\1[\2]", src), used
+    return top
+
+
+@dataclass
+class Top:
+    """The model's own forward as a graph, with what pipeline stages are cut from: its loops (runs) and what
+    each returns (slots: ("carry" | "sum" | "list", output slot, name), in the order the call returns them)."""
+    graph: torch.fx.Graph
+    runs: list
+    returns: dict
+    dims: dict
+
+
+def top_graph(gm) -> Top:
+    found, of, runs, order = _structure(gm)
+    dims = _dims(gm)
+    size_names = _size_names(gm, dims)
+    classes = _classes(found, runs, dims, size_names, *_tables(gm)[:2])
+    returns = {r: _run_returns(gm, r, classes) for r in runs}
+    return Top(_top_graph(order, returns, size_names), runs, returns, dims)
 
 
 def _run_returns(gm, run: layers.Run, classes: dict) -> list[tuple[str, int, str]]:

@@ -13,8 +13,8 @@ from pathlib import Path
 TEMPLATE = '''"""Train {title}.
 
     python train.py --steps 200                  # one CPU or GPU
-    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or expert parallel
-                                                 # for a build compiled with --ep; --zero shards the optimizer state
+    torchrun --nproc_per_node 8 train.py         # data parallel (DDP; --fsdp for FSDP2), or the plan the build
+                                                 # was compiled with (--ep, --pp); --zero shards the optimizer state
     python train.py --steps 200 --resume         # continue from the run's newest checkpoint
 
 A run dir holds one run (run.json says whose): a fresh start in a used one is refused
@@ -42,7 +42,8 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default={grad_accum},
+                   help="micro-batches per optimizer step (a pipeline's: at least its ranks)")
     p.add_argument("--seq-len", type=int, default={seq_len}, help="tokens per sequence, at most the model's context")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
@@ -83,14 +84,22 @@ def main(args):
     rt.weights.require_weights(HERE / "model.safetensors")  # before the model is allocated
     env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
+    build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
+    rt.check_world(build.options, env.world)  # the processes torchrun started fit the plan: before any work
     model = Model(device=env.device)
     rt.load_weights(model, HERE / "model.safetensors")
-    build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     before = rt.RunDir(run_dir, build.fingerprint, HERE).claim(args) if env.rank == 0 else {{}}
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)
-    # the build's plan: DDP/FSDP2, or EP; ZeRO-1 when the plan chose it or --zero asks
-    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero or build.options.zero == 1)
+    def lm_loss(logits, targets):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # the build's plan (config.json): pipeline stages, EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding
+    parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
+                              micro_batches=args.grad_accum, loss_fn=lm_loss)
+    pipeline = parallel.pipeline  # None unless the build was compiled with --pp
+    if pipeline is not None:
+        pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
     model = parallel.model
     forward = torch.compile(model) if args.compile else model
 
@@ -101,11 +110,12 @@ def main(args):
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
-                           by_name=build.options.ep > 1, fingerprint=build.fingerprint)
+                           by_name=build.options.ep > 1 or build.options.pp > 1,  # resumable under another plan
+                           fingerprint=build.fingerprint)
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
-    log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0)
+    log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0, data_world=parallel.data_world)
     guard = rt.LossGuard()
     balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate)
     validate = args.val_fraction > 0
@@ -116,8 +126,7 @@ def main(args):
     def loss_of(inputs, targets):
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
             out = forward(inputs)
-        lm = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
-        return lm, out
+        return lm_loss(out["logits"], targets), out
 
     if start == 0 and balance.biases:  # a fresh run fits the selection biases to its data and length first
         inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(
@@ -129,17 +138,26 @@ def main(args):
         for step in range(start, args.steps):
             optimizer.zero_grad(set_to_none=True)
             lm_sum = loss_sum = 0.0
-            batch = data.batch("train", step, args.batch_size * args.grad_accum, env.rank, env.world)
-            for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
-                # gradients add up over the step's micro-batches
-                lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
-                loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
-                if step + 1 == args.debug_nan_at_step:
-                    loss = loss * float("nan")
-                with parallel.accumulating(micro + 1 < args.grad_accum):
-                    (loss / args.grad_accum).backward()
-                lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
-                balance.add(out)  # every micro-batch's expert load
+            batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
+                               parallel.data_world)
+            if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
+                with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                    lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
+                for out in outs:  # every micro-batch's expert load and MoE losses, gathered over the stages
+                    balance.add(out)
+                    loss_sum = loss_sum + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)
+                loss_sum = loss_sum + lm_sum
+            else:
+                for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
+                    # gradients add up over the step's micro-batches
+                    lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
+                    loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
+                    if step + 1 == args.debug_nan_at_step:
+                        loss = loss * float("nan")
+                    with parallel.accumulating(micro + 1 < args.grad_accum):
+                        (loss / args.grad_accum).backward()
+                    lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
+                    balance.add(out)  # every micro-batch's expert load
             guard.check(loss_sum, step + 1, ckpt)  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
@@ -149,9 +167,16 @@ def main(args):
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 model.eval()  # dropout off for the held-out loss
                 with torch.no_grad():
-                    batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
-                               for i in range(args.eval_batches))
-                    log.validation(step + 1, [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches])
+                    if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
+                        batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
+                                              parallel.data_world) for i in range(args.eval_batches))
+                        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
+                            losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
+                    else:
+                        batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
+                                   for i in range(args.eval_batches))
+                        losses = [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches]
+                    log.validation(step + 1, losses)
                 model.train()
             stopping = stop.requested(env)
             if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
@@ -162,7 +187,7 @@ def main(args):
                 return 128 + stop.signum
     if args.ckpt_every >= 0 and (ckpt.latest() is None or ckpt.latest().name != f"step_{{args.steps:08d}}"):
         save(args.steps)
-    if parallel.expert_parallel:  # each rank holds a slice of the experts: the checkpoint has them all
+    if parallel.expert_parallel:  # each rank holds a share of the model (experts, stages): the checkpoint has it all
         log.message(f"done: checkpoint {{ckpt.latest()}}, metrics in {{run_dir / 'metrics.jsonl'}}")
     else:
         rt.export_weights(model, run_dir / "final.safetensors", env)
@@ -186,4 +211,5 @@ def write_train_program(build_dir: Path, config: dict) -> None:
     title = f"{kind} built from {config['model']}"
     context = config["result"].get("context")
     seq_len = min(SEQ_LEN, context) if context else SEQ_LEN
-    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len))
+    grad_accum = o.get("pp", 1)  # the fewest micro-batches a pipeline runs
+    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len, grad_accum=grad_accum))

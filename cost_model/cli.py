@@ -85,9 +85,14 @@ def plan_command(provider: ShapeProvider) -> click.Command:
         ranked, enumerated = rank_plans(shape, moe, gpus, hw, global_batch, micro_batch)
         click.echo(f"{shape.name} + MoE E={moe.experts} K={moe.topk} on {gpus} x {hw.gpu_name} ({hw.name}): "
                    f"{len(ranked)} of {enumerated} plans fit\n")
-        click.echo(table(ranked, top))
-        click.echo(f"\n{LEGEND}")
+        runs = lambda plan: not any(moe.with_plan(plan).runtime_problems())  # noqa: E731
+        click.echo(table(ranked, top, runs))
+        click.echo(f"\n{LEGEND}\ntrain.py: whether the emitted training program carries the plan out "
+                   f"(`moec compile --gpus` chooses among those that it does)")
         click.echo(f"\nbest: {ranked[0].why}")
+        if not runs(ranked[0]):
+            best = next((p for p in ranked if runs(p)), None)
+            click.echo(f"best that train.py runs: {best.why if best else 'none of those that fit'}")
         if show_formulas:
             click.echo("\n" + explain(ranked[0], shape, moe, hw, latex=latex))
         if out:

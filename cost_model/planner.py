@@ -146,16 +146,17 @@ def predict(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, costs: di
 
 def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batch: int = 0,
                micro_batch: int = 1, allowed=None) -> tuple[list[Plan], int]:
-    """Plans that fit, fastest first, and how many candidates were enumerated. allowed(plan): whether a
-    candidate may be chosen at all (the compiler passes what its training program carries out)."""
+    """Plans that fit, fastest first, and how many candidates were enumerated (and allowed). allowed(plan):
+    whether a candidate may be chosen at all (the compiler passes what its training program carries out)."""
     if gpus < 1 or micro_batch < 1 or global_batch < 0:
         raise MoecError("--gpus and --micro-batch must be at least 1, --global-batch at least 0 (0: default)")
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
     global_batch = global_batch or _default_batch(gpus, shape.seq_len)
-    cands = [(p, c) for p, c in enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
-             if allowed is None or allowed(p)]
+    every = enumerate_plans(shape, moe, gpus, hw, global_batch, micro_batch)
+    cands = [(p, c) for p, c in every if allowed is None or allowed(p)]
+    among = "" if len(cands) == len(every) else f" among the {len(cands)} of {len(every)} plans train.py runs"
     if not cands:
-        raise MoecError(f"no EP x DP x TP x PP split of {gpus} GPUs suits {shape.name}: EP must divide "
+        raise MoecError(f"no EP x DP x TP x PP split of {gpus} GPUs suits {shape.name}{among}: EP must divide "
                         f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
                         f"the global batch of {global_batch}; change --gpus or --global-batch")
     plans = [predict(p, shape, moe, hw, c) for p, c in cands]
@@ -164,8 +165,9 @@ def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batc
     if not fit:
         least = min(plans, key=lambda p: p.peak_memory_bytes)
         raise MoecError(f"no parallel plan of {shape.name} fits {gpus} x {hw.gpu_name} "
-                        f"({hw.memory_bytes / 2**30:.1f} GiB usable); the leanest needs "
-                        f"{least.peak_memory_bytes / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch")
+                        f"({hw.memory_bytes / 2**30:.1f} GiB usable){among}; the leanest needs "
+                        f"{least.peak_memory_bytes / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch"
+                        f"{' (`moec plan` ranks the others)' if among else ''}")
     for p in fit[:5]:
         p.why = _why(p, fit, len(plans), hw)
     return fit, len(plans)

@@ -30,9 +30,12 @@ def _row(i: int, p: Plan) -> tuple:
             ms("gradient sync (exposed)"), f"{p.step_time_s * 1e3:,.0f}", f"{p.mfu:.1%}")
 
 
-def table(plans: list[Plan], top: int) -> str:
+def table(plans: list[Plan], top: int, runs=None) -> str:
+    """The top plans, one row each; runs(plan): whether train.py carries the plan out (a last column)."""
     rows = [COLUMNS] + [_row(i + 1, p) for i, p in enumerate(plans[:top])]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(COLUMNS))]
+    if runs is not None:
+        rows = [rows[0] + ("train.py",)] + [r + ("runs" if runs(p) else "not yet",) for r, p in zip(rows[1:], plans)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if c == 1 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
     return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])

@@ -38,12 +38,12 @@ def check_moe(shape: ModelShape, moe: Options) -> None:
                         "pick a divisor of it")
     if shape.moe_layers is not None and len(shape.moe_layers) != shape.layers:
         raise MoecError(f"ModelShape.moe_layers has {len(shape.moe_layers)} entries for {shape.layers} layers")
-    if not any(_moe_layers(shape, moe)):
+    if not any(moe_layer_flags(shape, moe)):
         raise MoecError(f"--first-dense {moe.first_dense} leaves no MoE layer in a {shape.layers}-layer "
                         "model; lower it")
 
 
-def _moe_layers(shape: ModelShape, moe: Options) -> list[bool]:
+def moe_layer_flags(shape: ModelShape, moe: Options) -> list[bool]:
     if shape.moe_layers is not None:
         return list(shape.moe_layers)
     return [moe.is_moe_layer(i) for i in range(shape.layers)]
@@ -52,7 +52,7 @@ def _moe_layers(shape: ModelShape, moe: Options) -> list[bool]:
 def model_values(shape: ModelShape, moe: Options) -> dict:
     """Substitutions for the model and MoE symbols."""
     check_moe(shape, moe)
-    n_moe = sum(_moe_layers(shape, moe))
+    n_moe = sum(moe_layer_flags(shape, moe))
     return {
         s.L: shape.layers, s.D: shape.hidden, s.F: shape.ffn, s.V: shape.vocab, s.H: shape.heads,
         s.H_kv: shape.kv_heads, s.t: int(shape.tied_embeddings), s.n_W: 3 if shape.gated else 2,

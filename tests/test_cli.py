@@ -160,7 +160,7 @@ def test_broken_model_files_give_one_line_and_exit_2(tmp_path, name):
     (["--weights", "missing.pt"], "no such file"),
     (["--ep-variant", "hierarchical", "--node-size", "2"], "mean something only with expert parallelism"),
     (["--ep-chunks", "2"], "--ep-chunks means something only with expert parallelism: add --ep N"),
-    (["--ep", "2", "--gpus", "8"], "give --ep N or --gpus N, not both"),
+    (["--ep", "2", "--gpus", "8"], "give --ep or --gpus N, not both"),
     (["--hardware", "dgx_h100"], "--hardware only means something with --gpus N"),
     (["--stop-after", "nowhere"], "--stop-after nowhere: no such pass"),
 ])

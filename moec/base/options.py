@@ -17,6 +17,10 @@ ROUTER_WEIGHTS = ("renorm", "scaled")
 AUX_LOSS_SCOPES = ("batch", "sequence")
 ROUTINGS = ("topk", "expert-choice")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
+# torch.distributed.pipelining's schedules by the names --pp-schedule takes; interleaved-1f1b and zero-bubble
+# run two stages per rank; dualpipev is refused (runtime_problems)
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zero-bubble", "dualpipev")
+PLAN_FIELDS = ("ep", "dp", "tp", "pp", "zero", "recompute")  # what a planner's plan (plan.json's "chosen") sets
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,19 @@ class Options:
     recompute_experts: bool = False
     expert_ffn: int | None = None  # expert width when not ffn / granularity (models trained as MoEs; planning)
     max_nodes_per_token: int = 0  # node-limited routing, for planning (0: no limit)
-    # the parallel plan: given as --ep ..., or chosen by the planner for --gpus on --hardware
+    # the parallel plan, one record: given as --ep/--pp/--tp/--zero/--recompute, read from --plan plan.json, or
+    # chosen by the planner for --gpus on --hardware; train.py applies it in one place (runtime parallelize)
     ep: int = 1
+    pp: int = 1  # pipeline stages
+    pp_schedule: str = "1f1b"  # one of PP_SCHEDULES
+    tp: int = 1  # tensor-parallel degree
+    dp: int = 0  # data-parallel replicas of the EP x PP x TP grid; 0: as many as the world holds (a plan fixes it)
+    recompute: bool = False  # recompute every layer's activations in backward
     ep_variant: str = "flat"
     node_size: int = 0  # ranks per node, for the hierarchical and rbd variants
     ep_chunks: int = 1  # > 1: overlap one chunk of experts' all-to-all with another's compute
-    zero: int = 0  # ZeRO stage of the optimizer state: 0, or 1 (sharded over the data-parallel ranks)
-    gpus: int = 0  # > 0: the planner chooses EP and ZeRO for this many GPUs
+    zero: int = 0  # ZeRO stage: 0, 1 (optimizer state sharded over the data-parallel ranks) or 3 (FSDP2)
+    gpus: int = 0  # > 0: the planner chooses the plan for this many GPUs
     hardware: str | None = None  # profile for --gpus (default dgx_h100)
     # how the compiler works
     triton: bool = True  # lower routing to generated Triton kernels
@@ -138,14 +148,47 @@ class Options:
                    f"(got {self.node_size})")
         if self.ep_chunks < 1 or (self.ep_chunks > 1 and self.ep_variant != "flat"):
             yield f"--ep-chunks {self.ep_chunks}: use 1, or more with the flat variant"
-        if self.gpus and self.ep > 1:
-            yield "give --ep N or --gpus N, not both: with --gpus the planner chooses the EP size"
         if self.hardware is not None and not self.gpus:
             yield "--hardware only means something with --gpus N (the planner's target)"
-        if self.zero not in (0, 1):
-            yield f"ZeRO stage {self.zero}: the training program shards optimizer state (stage 1) or nothing (0)"
         if self.dense and (self.ep > 1 or self.gpus):
             yield "--dense builds have no experts to shard: drop --ep / --gpus"
+        if min(self.pp, self.tp, self.dp + 1) < 1 or self.zero not in (0, 1, 2, 3):
+            yield f"--pp and --tp must be at least 1 and --zero one of 0-3 (got {self.pp}, {self.tp}, {self.zero})"
+        if self.pp_schedule not in PP_SCHEDULES:
+            yield f"--pp-schedule {self.pp_schedule!r}: use one of {', '.join(PP_SCHEDULES)}"
+        if self.gpus and not self.dp:  # the planner has yet to choose: a plan given as well would be overwritten
+            given = [flag for flag, on in (("--ep", self.ep > 1), ("--pp", self.pp > 1), ("--tp", self.tp > 1),
+                                           ("--zero", self.zero > 0), ("--recompute", self.recompute)) if on]
+            if given:
+                yield f"give {', '.join(given)} or --gpus N, not both: with --gpus the planner chooses the plan"
+        if self.gpus and self.dp and self.ep * self.dp * self.tp * self.pp != self.gpus:
+            yield (f"the plan EP{self.ep} DP{self.dp} TP{self.tp} PP{self.pp} does not multiply to its "
+                   f"{self.gpus} GPUs; plan again with --gpus")
+        yield from self.runtime_problems()
+
+    def runtime_problems(self):
+        """What the training program cannot carry out of this plan, each a line naming the option and what
+        it runs instead. The compiler refuses such a plan and the planner's --gpus search skips it."""
+        if self.tp > 1:
+            yield f"--tp {self.tp}: the training program does not run tensor parallelism yet; use --tp 1"
+        if self.pp > 1 and self.zero:
+            yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
+        if self.pp_schedule == "dualpipev":
+            yield ("--pp-schedule dualpipev: the training program's gradients under it do not match one process's yet; "
+                   "use 1f1b, gpipe, interleaved-1f1b or zero-bubble")
+        if self.pp_schedule != "1f1b" and self.pp == 1:
+            yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
+        if self.zero == 2:
+            yield "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"
+        if self.zero == 3 and (self.ep > 1 or self.pp > 1):
+            yield (f"--zero 3 (FSDP2) shards a data-parallel build, and this plan is {self.parallel_label()}: "
+                   f"use --zero 1 to shard the optimizer state")
+        if self.recompute:
+            yield ("--recompute: the training program does not recompute whole layers yet; "
+                   "--recompute-experts recomputes the experts' activations")
+
+    def parallel_label(self) -> str:
+        return f"EP{self.ep} DP{self.dp or '*'} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether FFN i becomes an MoE layer: every moe_every-th FFN after the first first_dense."""
@@ -164,9 +207,10 @@ class Options:
         """Slots per token after the fine-grained split."""
         return self.topk * self.granularity
 
-    def with_plan(self, ep: int, zero: int) -> "Options":
-        """These options with a planner's choice of the parallel layout."""
-        return replace(self, ep=ep, zero=zero)
+    def with_plan(self, chosen) -> "Options":
+        """These options with a planner's plan (a moec.cost_model.Plan, or plan.json's "chosen" record)."""
+        get = chosen.get if isinstance(chosen, dict) else lambda k, default: getattr(chosen, k, default)
+        return replace(self, **{k: get(k, getattr(self, k)) for k in PLAN_FIELDS})
 
     def to_json(self) -> dict:
         return asdict(self)

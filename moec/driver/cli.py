@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from moec.base.errors import MoecError
-from moec.base.options import AUX_LOSS_SCOPES, EP_VARIANTS, ROUTER_INITS, ROUTER_WEIGHTS, ROUTERS, ROUTINGS, Options
+from moec.base.options import (AUX_LOSS_SCOPES, EP_VARIANTS, PLAN_FIELDS, PP_SCHEDULES, ROUTER_INITS, ROUTER_WEIGHTS,
+                               ROUTERS, ROUTINGS, Options)
 from moec.driver.export_formats import FORMATS
 
 
@@ -134,21 +135,52 @@ def _pyramid(value):
 @click.option("--node-size", default=0, help="Ranks per node, for --ep-variant hierarchical or rbd.")
 @click.option("--ep-chunks", default=1, show_default=True,
               help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
+@click.option("--pp", default=1, show_default=True, help="Pipeline stages: split the layers over N ranks.")
+@click.option("--pp-schedule", type=click.Choice(PP_SCHEDULES), default="1f1b", show_default=True,
+              help="Pipeline schedule (torch.distributed.pipelining); interleaved-1f1b and zero-bubble run two "
+                   "stages per rank (dualpipev is refused for now).")
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option("--zero", default=0, show_default=True,
+              help="ZeRO stage: 1 shards the optimizer state over the data-parallel ranks, 3 is FSDP2.")
+@click.option("--recompute", is_flag=True, help="Recompute every layer's activations in backward.")
+@click.option("--plan", "plan_file", default=None, type=click.Path(),
+              help="Take the parallel plan from a plan.json (`moec plan -o` or a --gpus build writes one).")
 @click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")
 @click.option("--dense", is_flag=True, help="Keep the model dense (a baseline to compare the MoE against).")
 @click.option("--no-verify", is_flag=True, help="Skip the dense-vs-upcycled output check.")
 @click.option("--stop-after", default=None, metavar="PASS",
               help="Run the pipeline up to this pass and write only ir/ and config.json.")
 @click.option("--force", is_flag=True, help="Replace a build moec wrote there before (its runs/ are kept).")
-def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, **chosen):
+def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, stop_after, force, plan_file,
+                **chosen):
     """Compile MODEL (a .py file with a model factory, or a Hugging Face checkpoint directory) into an MoE
     training program."""
     from moec.driver.compiler import compile_model
 
     options = Options(**chosen, overrides=_overrides(sets), pyramid=_pyramid(pyramid), triton=not no_triton,
-                      hash_layers=_layer_list("--hash-layers", hash_layers),
-                      verify=not no_verify).validate()
-    compile_model(model, out, options, force=force, stop_after=stop_after, log=click.echo)
+                      hash_layers=_layer_list("--hash-layers", hash_layers), verify=not no_verify)
+    if plan_file is not None:
+        options = options.with_plan(_read_plan(plan_file, options))
+    compile_model(model, out, options.validate(), force=force, stop_after=stop_after, log=click.echo)
+
+
+def _read_plan(path: str, given: Options) -> dict:
+    """plan.json's chosen plan (the file `moec plan -o` and `moec compile --gpus` write), or a JSON object of
+    plan fields (ep, dp, tp, pp, zero, recompute; the ones left out keep their defaults)."""
+    default = Options()
+    flags = [f"--{k}" for k in ("gpus", *PLAN_FIELDS) if getattr(given, k) != getattr(default, k)]
+    if flags:
+        raise MoecError(f"--plan {path} gives the parallel plan: drop {', '.join(flags)}")
+    try:
+        record = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise MoecError(f"--plan {path}: {e.strerror.lower()}") from e
+    except ValueError as e:
+        raise MoecError(f"--plan {path}: not JSON ({e})") from e
+    record = record.get("chosen", record) if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, 0), int) for k in PLAN_FIELDS):
+        raise MoecError(f"--plan {path}: expected plan.json, or an object of {', '.join(PLAN_FIELDS)} (integers)")
+    return record
 
 
 @main.command("ir")

@@ -32,6 +32,7 @@ from moec.driver.hf_dir import is_hf_dir
 from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, is_build
 from moec.driver.model_shape import context_length
 from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
+from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
 from moec.runtime import load_state
 
@@ -127,7 +128,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     context = context_length(gm, meta_model)
     plan = _plan(model, o, gm, meta_model, tmp, log, hardware) if o.gpus else None
     if plan is not None:
-        o = o.with_plan(ep=plan.ep, zero=plan.zero)
+        o = o.with_plan(plan).validate()
+    shape = _shape(model, o, gm, meta_model) if o.pp > 1 else None  # the stages are cut by its layers' FLOPs
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
@@ -154,17 +156,19 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     else:
         log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
+    if o.pp > 1:
+        report["stage_bounds"] = write_stages(gm, o, shape, tmp, _title(model, o), log)
+        if real:
+            report["stages_rel_error"] = err = check_stages(tmp, gm, example_inputs(mod, dense, BATCH, SEQ))
+            if not err <= STAGE_TOLERANCE:
+                raise MoecError(f"the pipeline stages differ from model.py by {err:.2e} (relative); rerun with "
+                                f"--debug and report it")
+            log(f"pipeline: the stages run in a row give model.py's logits (max relative error {err:.1e})")
     if o.verify and not o.dense:
         report["verify_max_rel_error"], report["step0_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
     config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
-
-
-def runnable(plan) -> bool:
-    """Whether the emitted training program carries a plan out: expert and data parallelism with ZeRO-1 or
-    none (tensor and pipeline parallelism, ZeRO-2/3 and full recomputation it does not run yet)."""
-    return plan.tp == 1 and plan.pp == 1 and plan.zero <= 1 and not plan.recompute
 
 
 def _hardware(o: Options):
@@ -191,13 +195,19 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     it and the runners-up."""
     from moec.cost_model import rank_plans
     from moec.cost_model.report import write_plan_json
-    from moec.driver.model_shape import shape_from_graph
-
-    shape = shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
+    shape = _shape(model, o, gm, meta_model)
+    runnable = lambda plan: not any(o.with_plan(plan).runtime_problems())  # noqa: E731
     ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
     return ranked[0]
+
+
+def _shape(model: str, o: Options, gm, meta_model):
+    """The captured dense model's dimensions, for the cost model."""
+    from moec.driver.model_shape import shape_from_graph
+
+    return shape_from_graph(gm, meta_model, f"{Path(model).name}:{o.config or 'default'}", None)
 
 
 def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:

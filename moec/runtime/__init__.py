@@ -9,8 +9,9 @@ from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
 from moec.runtime.training.data import TokenData, load_tokens  # noqa: F401
 from moec.runtime.training.divergence import LossGuard  # noqa: F401
 from moec.runtime.training.flags import check_flags  # noqa: F401
-from moec.runtime.training.loop import (StopOnSignal, export_weights, parallelize, rng_state, run_main,  # noqa: F401
-                                        setup_distributed, teardown, unwrap, wrap)
+from moec.runtime.training.loop import (StopOnSignal, export_weights, rng_state, run_main,  # noqa: F401
+                                        setup_distributed, teardown, unwrap)
+from moec.runtime.training.parallel import check_world, parallelize, wrap  # noqa: F401
 from moec.runtime.training.resume import resume  # noqa: F401
 from moec.runtime.training.rundir import RunDir  # noqa: F401
 from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401

@@ -46,38 +46,55 @@ def shard_experts(model: torch.nn.Module, ep: int, j: int) -> list[str]:
 
 
 class GradSync:
-    """Call after backward, before the optimizer step: one flat all-reduce per group."""
+    """Call after backward, before the optimizer step: one flat all-reduce per group. shared: {name: (shape,
+    dtype, counted)} of the parameters more than one stage of a pipeline holds (tied embeddings), the same
+    on every rank of it, their gradients summed over "pp"; counted: whether this rank counts it in the norm."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, shared: dict | None = None):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in params if is_expert(n)]
         self.dense = [p for n, p in params if not is_expert(n)]
+        self.shared, self.named = shared or {}, dict(params)
+        uncounted = {id(self.named[n]) for n, (_, _, counted) in self.shared.items() if not counted and n in self.named}
+        self.norm_dense = [p for p in self.dense if id(p) not in uncounted]
 
     def __call__(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 1:
             return
+        ranks = groups.size("data")  # every rank but those of other pipeline stages: the mean is over these
         for params, group in ((self.dense, groups.get("data")), (self.expert, groups.get("ep_dp"))):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             if not grads:
                 continue
             flat = _flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=group)
-            flat /= world
+            flat /= ranks
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
+        for name, (shape, dtype, _) in sorted(self.shared.items()):  # a tied weight's uses on several stages
+            p = self.named.get(name)
+            device = (self.dense or self.expert)[0].device  # where this rank's collectives run
+            grad = p.grad if p is not None and p.grad is not None else torch.zeros(shape, dtype=dtype, device=device)
+            dist.all_reduce(grad, group=groups.get("pp"))
+            if p is not None:
+                p.grad = grad
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: this rank holds only its experts, so their
-        squared norms are summed over the EP group before scaling (call after __call__)."""
+        """clip_grad_norm_ over the whole model: this rank holds only its experts (and its pipeline stage), so
+        the squared norms are summed over the EP group (and the pipeline) before scaling (call after __call__)."""
+        params = self.dense + self.expert
         sq = lambda ps: sum((p.grad.float().square().sum() for p in ps if p.grad is not None),
-                            torch.zeros((), device=(self.dense or self.expert)[0].device))
+                            torch.zeros((), device=params[0].device))
         expert_sq = sq(self.expert)
         if groups.get("ep") is not None:
             dist.all_reduce(expert_sq, group=groups.get("ep"))
-        total = (sq(self.dense) + expert_sq).sqrt()
+        total_sq = sq(self.norm_dense) + expert_sq
+        if groups.get("pp") is not None:
+            dist.all_reduce(total_sq, group=groups.get("pp"))
+        total = total_sq.sqrt()
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for p in self.dense + self.expert:
+        for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale.to(p.grad.dtype))
         return total

@@ -15,7 +15,7 @@ def setup(model: torch.nn.Module, options):
         groups.clear()
         return model, None, GradSync(model)
     node_size = options.node_size if options.ep_variant != "flat" else 0
-    mesh = build_mesh(options.ep, node_size)
+    mesh = build_mesh(options.ep, node_size, options.pp)
     if options.ep > 1:
         shard_experts(model, options.ep, mesh.get_local_rank("ep"))
     return model, mesh, GradSync(model)

@@ -21,8 +21,9 @@ class ExpertBias:
         """names: the router.bias buffer of each MoE layer in the order of the forward's expert_counts, None
         for a layer without one (hash and expert-choice layers)."""
         self.rate = rate
-        self.layers = [None if n is None else model.get_buffer(n) for n in names] if rate > 0 else []
-        self.biases = [b for b in self.layers if b is not None]
+        held = dict(model.named_buffers())  # a pipeline stage holds its own layers' biases only
+        self.layers = [n for n in names] if rate > 0 else []
+        self.biases = [held.get(n) for n in self.layers if n is not None]  # None: on another stage
         self.counts = None
 
     def add(self, out: dict) -> None:
@@ -34,8 +35,9 @@ class ExpertBias:
                                f"{len(self.layers)}: recompile the build")
         if not self.biases:
             return
-        counts = torch.cat([c.detach().to(torch.float64)
-                            for c, b in zip(out["expert_counts"], self.layers) if b is not None])
+        counts = [c.detach().to(torch.float64) for c, n in zip(out["expert_counts"], self.layers) if n is not None]
+        self.sizes = [c.numel() for c in counts]
+        counts = torch.cat(counts)
         self.counts = counts if self.counts is None else self.counts + counts
 
     @torch.no_grad()
@@ -85,7 +87,9 @@ class ExpertBias:
         if dist.is_initialized():
             dist.all_reduce(self.counts)
         with torch.no_grad():
-            for bias, counts in zip(self.biases, self.counts.split([b.numel() for b in self.biases])):
+            for bias, counts in zip(self.biases, self.counts.split(self.sizes)):
+                if bias is None:
+                    continue
                 bias += self.rate * torch.sign(counts.mean() - counts).to(bias)
                 bias -= bias.mean()  # only differences steer; a drifting mean would eat float precision
         self.counts = None

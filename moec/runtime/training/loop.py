@@ -1,7 +1,7 @@
 """The pieces of train.py's loop that are not the recipe itself: process
 setup under torchrun (and naming the ranks a timed-out collective lost),
-data-parallel wrapping, signals, RNG state and the final export of the weights."""
-import contextlib
+signals, RNG state and the final export of the weights. The parallel plan is
+applied by moec.runtime.training.parallel."""
 import datetime
 import os
 import re
@@ -54,72 +54,6 @@ def setup_distributed(seed: int, device: str = "auto", timeout_s: float = 600.0)
         _watch = (dist.new_group(backend="gloo", timeout=timeout), timeout_s)
     torch.manual_seed(seed)
     return Env(rank, world, local, device)
-
-
-def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Module:
-    """DDP (or FSDP2) when there is more than one process; the model itself otherwise."""
-    if env.world == 1:
-        return model
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        # One unit for the whole model (units per layer, now that each layer is a module of
-        # model.py, are not made yet), on a mesh of the device this process trains on.
-        return fully_shard(model, mesh=init_device_mesh(env.device.type, (env.world,)))
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-
-
-class Parallel:
-    """How a training loop drives the model it got from parallelize()."""
-
-    def __init__(self, model, mesh=None, grad_sync=None, zero: bool = False):
-        self.model, self.mesh, self.grad_sync, self.zero = model, mesh, grad_sync, zero
-
-    @property
-    def expert_parallel(self) -> bool:
-        return self.mesh is not None
-
-    def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
-        """optimizer_class over param_groups; with zero, its state sharded over the data-parallel ranks
-        (ZeRO-1: replicated parameters' over all ranks, experts' over the ranks holding the same experts)."""
-        if self.zero:
-            from moec.runtime.distributed.zero import make_optimizer
-            return make_optimizer(self.model, optimizer_class, param_groups, **defaults)
-        return optimizer_class(param_groups, **defaults)
-
-    def accumulating(self, more_to_come: bool):
-        """Context of one micro-batch's backward: DDP skips its gradient all-reduce while more
-        micro-batches of the step follow (the last one reduces the sum)."""
-        if more_to_come and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        return contextlib.nullcontext()
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Synchronise gradients where DDP/FSDP do not (expert parallel), then clip by the global norm."""
-        if self.grad_sync is None:
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.grad_sync()
-        return self.grad_sync.clip_grad_norm_(max_norm)
-
-
-def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, zero: bool = False) -> Parallel:
-    """Apply the build's parallel plan (its Options): an expert-parallel build (ep > 1) under torchrun keeps
-    E/EP experts on each rank, its gradients reduced by moec.runtime.distributed; any other build: wrap().
-    zero: the optimizer's state is sharded too (ZeRO-1); FSDP2 already shards it."""
-    if fsdp and zero:
-        raise MoecError("--zero shards the optimizer state, which --fsdp (FSDP2) already shards along with the "
-                        "parameters and gradients: use one of them")
-    from moec.runtime.distributed.setup import setup
-
-    ep = options.ep
-    if fsdp and ep > 1:
-        raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
-                        f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
-    if env.world > 1 and ep > 1:
-        model, mesh, grad_sync = setup(model, options)
-        return Parallel(model, mesh, grad_sync, zero)
-    return Parallel(wrap(model, env, fsdp), zero=zero)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -67,9 +67,10 @@ def _mean_over_ranks(values: list[float], device) -> list[float]:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, args, build: BuildInfo, env, start: int, resumed: bool):
+    def __init__(self, run_dir: Path, args, build: BuildInfo, env, start: int, resumed: bool, data_world: int = 0):
+        """data_world: the ranks that read different data (the stages of a pipeline read the same); 0: all."""
         self.build, self.env, self.every = build, env, args.log_every
-        self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * env.world
+        self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * (data_world or env.world)
         self.micro_tokens = args.batch_size * args.seq_len  # per rank: what one forward routes
         self.peak = device_peak_flops(env.device)
         main = env.rank == 0

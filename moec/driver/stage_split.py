@@ -1,0 +1,68 @@
+"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline's split of its layer_flops,
+the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
+model.py's logits."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from moec.base.errors import MoecError
+from moec.base.options import Options
+from moec.codegen.program import top_graph, weights
+from moec.codegen.stages import stages_source
+from moec.cost_model.pipeline import layer_flops, split, stages_per_rank
+from moec.cost_model.shape import ModelShape
+from moec.runtime import load_state
+from moec.runtime.training import pipeline
+
+STAGE_TOLERANCE = 1e-6  # the stages run model.py's operations in its order: equal up to rounding at most
+
+
+def write_stages(gm: torch.fx.GraphModule, o: Options, shape: ModelShape, directory: Path, title: str,
+                 log) -> list[int]:
+    """stages.py for the graph; the layer each stage starts at, then the layer count."""
+    costs, head = layer_flops(shape, o)
+    loop = top_graph(gm).runs
+    if len(loop) != 1 or len(loop[0].blocks) != len(costs):
+        raise MoecError(f"--pp cuts the model's loop of layers into stages, and model.py has "
+                        f"{len(loop)} loops for the model's {len(costs)} FFN layers; pipeline parallelism needs one "
+                        f"loop of them")
+    bounds = split(costs, o.pp * stages_per_rank(o.pp_schedule), last=head)
+    (directory / "stages.py").write_text(stages_source(gm, bounds, title))
+    shares = [sum(costs[a:b]) + (head if b == len(costs) else 0) for a, b in zip(bounds, bounds[1:])]
+    log(f"pipeline: {len(shares)} stages over {o.pp} ranks ({o.pp_schedule}), layers "
+        f"{' | '.join(f'{a}-{b - 1}' for a, b in zip(bounds, bounds[1:]))}, "
+        f"FLOPs shares {' '.join(f'{x / sum(shares):.0%}' for x in shares)} -> stages.py")
+    return bounds
+
+
+def check_stages(directory: Path, gm: torch.fx.GraphModule, inputs: tuple) -> float:
+    """The largest relative difference between model.py's logits and its stages' run one after another."""
+    saved = sys.modules.get("model")
+    try:
+        program = _load("model", directory / "model.py")
+        stages = _load(f"moec_stages_{id(gm)}", directory / "stages.py")
+    finally:
+        if saved is None:
+            sys.modules.pop("model", None)
+        else:
+            sys.modules["model"] = saved
+    model = program.Model()
+    load_state(model, weights(gm))
+    model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)["logits"]
+        x = inputs[0]
+        for cls in stages.STAGES:
+            x = pipeline.restrict(model, cls.READS, cls.LAYERS, cls)(x)
+    pipeline.clear_records()
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,109 @@
+"""The parallel plan is one record of the options: from flags, --plan plan.json or the planner; what the
+training program cannot carry out is refused at compile time, and train.py refuses a world that does not
+fit the plan."""
+import json
+
+import pytest
+
+from moec.base.errors import MoecError
+from moec.base.options import Options
+from moec.runtime.training.parallel import check_world
+from tests.test_cli import EXAMPLES, run
+
+TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set", "block_size=64"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tp", "2"], "--tp 2: the training program does not run tensor parallelism yet; use --tp 1"),
+    (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),
+    (["--zero", "3", "--ep", "2"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2"),
+    (["--zero", "4"], "--zero one of 0-3"),
+    (["--recompute"], "--recompute: the training program does not recompute whole layers yet"),
+    (["--pp-schedule", "gpipe"], "--pp-schedule gpipe means something only with pipeline parallelism"),
+    (["--gpus", "8", "--zero", "1"], "give --zero or --gpus N, not both"),
+    (["--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not shard a pipeline yet"),
+    (["--pp", "2", "--pp-schedule", "dualpipev"], "--pp-schedule dualpipev: the training program's gradients under it"),
+    (["--plan", "missing.json"], "--plan missing.json: no such file or directory"),
+])
+def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_path, args, message):
+    r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, *args)
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == f"error: {message}" or message in r.output.strip().splitlines()[-1]
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("record,extra,message", [
+    ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 1, "recompute": False}}, [], "--tp 2: the training"),
+    ({"ep": 2}, ["--ep", "2"], "gives the parallel plan: drop --ep"),
+    ([1, 2], [], "expected plan.json, or an object of ep, dp, tp, pp, zero, recompute"),
+    ({"ep": 3}, [], "--ep 3 does not divide the 4 routed experts"),
+])
+def test_a_plan_file_is_checked_like_flags(tmp_path, record, extra, message):
+    (tmp_path / "plan.json").write_text(json.dumps(record))
+    r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--experts", "4",
+            "--plan", tmp_path / "plan.json", *extra)
+    assert r.exit_code == 2, r.output
+    assert message in r.output.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_file_becomes_the_builds_plan(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"chosen": {"ep": 2, "dp": 2, "tp": 1, "pp": 1, "zero": 1,
+                                                               "recompute": False, "gpus": 4}}))
+    out = tmp_path / "out"
+    r = run("compile", EXAMPLES / "gpt.py", "-o", out, *TINY, "--experts", "4", "--no-verify",
+            "--plan", tmp_path / "plan.json")
+    assert r.exit_code == 0, r.output
+    options = Options.from_json(json.loads((out / "config.json").read_text())["options"])
+    assert (options.ep, options.dp, options.tp, options.pp, options.zero) == (2, 2, 1, 1, 1)
+
+
+def test_a_planned_build_reads_its_plan_back(tmp_path):
+    """Every field of the planner's choice is in config.json, and train.py can read it (a planned EP build's
+    options once failed their own validation: --ep and --gpus both set)."""
+    out = tmp_path / "b"
+    r = run("compile", EXAMPLES / "llama.py", "-o", out, "--experts", "8", "--topk", "2", "--gpus", "16",
+            "--hardware", "frontier", "--no-verify", "--max-weights-gb", "0")
+    assert r.exit_code == 0, r.output
+    chosen = json.loads((out / "plan.json").read_text())["chosen"]
+    options = Options.from_json(json.loads((out / "config.json").read_text())["options"])
+    assert {k: getattr(options, k) for k in ("ep", "dp", "tp", "pp", "zero", "recompute")} == \
+        {k: chosen[k] for k in ("ep", "dp", "tp", "pp", "zero", "recompute")}
+    assert not list(options.runtime_problems())
+
+
+@pytest.mark.parametrize("plan,world,message", [
+    (dict(ep=2), 3, "needs a multiple of 2 processes, not 3: start torchrun with 2"),
+    (dict(ep=2, dp=2), 2, "runs on 4 processes, not 2: start torchrun with 4 in all"),
+    (dict(ep=4), 6, "needs a multiple of 4 processes, not 6: start torchrun with 4"),
+])
+def test_a_world_that_does_not_fit_the_plan_is_refused(plan, world, message):
+    with pytest.raises(MoecError, match=message):
+        check_world(Options(experts=4, **plan), world)
+
+
+@pytest.mark.parametrize("plan,world", [(dict(ep=2), 1), (dict(ep=2), 4), (dict(ep=2, dp=2), 4), (dict(), 3)])
+def test_a_world_that_fits_the_plan_runs(plan, world):
+    check_world(Options(experts=4, **plan), world)
+
+
+def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
+    """7b with 64 experts on 512 MI250X GCDs fits only with tensor parallelism, which train.py does not run
+    yet: the compile says so instead of writing a build that runs another plan."""
+    r = run("compile", EXAMPLES / "llama.py", "-o", tmp_path / "out", "--config", "7b", "--experts", "64",
+            "--topk", "8", "--gpus", "512", "--hardware", "frontier")
+    assert r.exit_code == 2, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert "no parallel plan of llama.py:7b fits 512 x MI250X GCD" in line and "plans train.py runs" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pp", "3"], "3 pipeline stages need at least 3 layers, and the model has 2"),
+    (["--pp", "2", "--pp-schedule", "interleaved-1f1b"], "4 pipeline stages need at least 4 layers"),
+])
+def test_more_stages_than_layers_is_refused_after_the_capture(tmp_path, args, message):
+    r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--no-verify", *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == []
