@@ -128,10 +128,10 @@ def main(args):
             out = forward(inputs)
         return lm_loss(out["logits"], targets), out
 
-    if start == 0 and balance.biases:  # a fresh run fits the selection biases to its data and length first
-        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(
-            "train", -1, args.batch_size * args.grad_accum, env.rank, env.world))  # a batch no step reads
-        before, after = balance.calibrate(model, loss_of, inputs, targets)
+    if start == 0 and pipeline is None and balance.biases:  # a fresh run fits the selection biases to its data
+        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(  # and length first,
+            "train", -1, args.batch_size * args.grad_accum, parallel.data_rank, parallel.data_world))  # on a batch
+        before, after = balance.calibrate(model, loss_of, inputs, targets)  # no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
 
     with rt.StopOnSignal() as stop:

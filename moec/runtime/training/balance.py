@@ -47,8 +47,8 @@ class ExpertBias:
         over the ranks; a step grows while its expert stays on one side of the mean and halves when it
         crosses (Rprop), since how far a bias must move depends on how close the scores lie. Every rank runs
         the same forwards and keeps the same best biases. Returns the worst layer's max/mean load before and
-        after, or None when no layer has a bias."""
-        if not self.biases:
+        after, or None when no layer has a bias or a pipeline stage holds only some of them."""
+        if not self.biases or any(b is None for b in self.biases):
             return None
         was_training = model.training
         model.eval()
@@ -57,8 +57,8 @@ class ExpertBias:
         first = best = None
         for i in range(iters + 1):
             _, out = loss_of(inputs, targets)
-            counts = torch.cat([c.to(torch.float64) for c, b in zip(out["expert_counts"], self.layers)
-                                if b is not None])
+            counts = torch.cat([c.to(torch.float64) for c, n in zip(out["expert_counts"], self.layers)
+                                if n is not None])
             if dist.is_initialized():
                 dist.all_reduce(counts)
             parts = counts.split([b.numel() for b in self.biases])
