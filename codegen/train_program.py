@@ -71,6 +71,9 @@ def parse_args():
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over the data-parallel ranks "
                    "(ZeRO-1) when distributed")
+    p.add_argument("--bias-fit", type=int, default=40, metavar="FORWARDS",
+                   help="forwards a fresh run spends fitting the expert selection biases to a batch of its own data "
+                        "before step 1 (not under a pipeline); 0: keep the compiled biases")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to train: a GPU when there is one (auto), or the one named")
@@ -128,10 +131,10 @@ def main(args):
             out = forward(inputs)
         return lm_loss(out["logits"], targets), out
 
-    if start == 0 and pipeline is None and balance.biases:  # a fresh run fits the selection biases to its data
-        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(  # and length first,
-            "train", -1, args.batch_size * args.grad_accum, parallel.data_rank, parallel.data_world))  # on a batch
-        before, after = balance.calibrate(model, loss_of, inputs, targets)  # no step reads
+    if start == 0 and args.bias_fit and pipeline is None and balance.biases:  # a fresh run fits the selection
+        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(  # biases to its data
+            "train", -1, args.batch_size * args.grad_accum, parallel.data_rank, parallel.data_world))  # and length
+        before, after = balance.calibrate(model, loss_of, inputs, targets, args.bias_fit)  # on a batch no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
 
     with rt.StopOnSignal() as stop:

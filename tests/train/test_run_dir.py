@@ -84,6 +84,7 @@ def test_grad_clip_zero_means_no_clipping(moe_build, tmp_path):
     (("--seq-len", 65), "--seq-len 65 is longer than the model's context of 64 tokens"),
     (("--steps", 0), "--steps 0: must be at least 1"),
     (("--steps", -1), "--steps -1: must be at least 1"),
+    (("--bias-fit", -1), "--bias-fit -1: must be at least 0 (0: keep the compiled biases)"),
 ])
 def test_flags_that_would_fail_later_are_one_line_at_the_start(moe_build, tmp_path, flags, message):
     line = _one_line_error(run_train(moe_build, "--steps", 2, *flags, run_dir=tmp_path / "run"))
