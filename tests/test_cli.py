@@ -5,16 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import moec.runtime
-from moec.driver.cli import main
+from tests.invoke import run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def load_build(path: Path):

@@ -1,7 +1,6 @@
 """A --pp build's stages: where the layers are cut (moec.cost_model.pipeline's split of its layer_flops,
 the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
 model.py's logits."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from moec.codegen.stages import stages_source
 from moec.cost_model.pipeline import layer_flops, split, stages_per_rank
 from moec.cost_model.shape import ModelShape
 from moec.runtime import load_state
+from moec.runtime.kernels.generated import import_file
 from moec.runtime.training import pipeline
 
 STAGE_TOLERANCE = 1e-6  # the stages run model.py's operations in its order: equal up to rounding at most
@@ -41,8 +41,8 @@ def check_stages(directory: Path, gm: torch.fx.GraphModule, inputs: tuple) -> fl
     """The largest relative difference between model.py's logits and its stages' run one after another."""
     saved = sys.modules.get("model")
     try:
-        program = _load("model", directory / "model.py")
-        stages = _load(f"moec_stages_{id(gm)}", directory / "stages.py")
+        program = import_file("model", directory / "model.py")
+        stages = import_file(f"moec_stages_{id(gm)}", directory / "stages.py")
     finally:
         if saved is None:
             sys.modules.pop("model", None)
@@ -59,10 +59,3 @@ def check_stages(directory: Path, gm: torch.fx.GraphModule, inputs: tuple) -> fl
     pipeline.clear_records()
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module

@@ -29,7 +29,7 @@ def write_once(path: Path, source: str) -> None:
     os.replace(tmp, path)
 
 
-def _import(key: str, path: Path):
+def import_file(key: str, path: Path):
     spec = importlib.util.spec_from_file_location(key, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[key] = mod
@@ -46,7 +46,7 @@ def load_source(name: str, source: str):
         return mod
     path = cache_dir() / f"{name}.py"
     write_once(path, source)
-    mod = _import(key, path)
+    mod = import_file(key, path)
     mod.SOURCE = source
     return mod
 
@@ -54,4 +54,4 @@ def load_source(name: str, source: str):
 def load_build(build_dir, names) -> None:
     """Import the generated modules a build's model.py calls, from build_dir/kernels/."""
     for name in names:
-        _import(f"kernels.{name}", Path(build_dir) / "kernels" / f"{name}.py")
+        import_file(f"kernels.{name}", Path(build_dir) / "kernels" / f"{name}.py")
