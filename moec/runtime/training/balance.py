@@ -35,10 +35,14 @@ class ExpertBias:
                                f"{len(self.layers)}: recompile the build")
         if not self.biases:
             return
+        counts = self._biased_counts(out)
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def _biased_counts(self, out: dict) -> torch.Tensor:
+        """The slots of the layers that have a bias, one flat float64 tensor; self.sizes splits it by layer."""
         counts = [c.detach().to(torch.float64) for c, n in zip(out["expert_counts"], self.layers) if n is not None]
         self.sizes = [c.numel() for c in counts]
-        counts = torch.cat(counts)
-        self.counts = counts if self.counts is None else self.counts + counts
+        return torch.cat(counts)
 
     @torch.no_grad()
     def calibrate(self, model: torch.nn.Module, loss_of, inputs, targets, iters: int = 40):
@@ -57,11 +61,10 @@ class ExpertBias:
         first = best = None
         for i in range(iters + 1):
             _, out = loss_of(inputs, targets)
-            counts = torch.cat([c.to(torch.float64) for c, n in zip(out["expert_counts"], self.layers)
-                                if n is not None])
+            counts = self._biased_counts(out)
             if dist.is_initialized():
                 dist.all_reduce(counts)
-            parts = counts.split([b.numel() for b in self.biases])
+            parts = counts.split(self.sizes)
             worst = max((c.max() / c.mean()).item() for c in parts)
             first = worst if first is None else first
             if best is None or worst < best[0]:
