@@ -17,6 +17,7 @@ model it came from, beyond the spread of seeds, at equal tokens and at equal FLO
         --batch-size 32 --base-steps 1000 --steps 300 --eval-every 50 --seeds 0 1 2
 """
 import argparse
+import concurrent.futures
 import json
 import statistics
 import subprocess
@@ -76,6 +77,8 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=15)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="compiles and runs at a time (a large GPU fits several; wall times then overlap)")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="compile flags of the MoE builds (last)")
     args = p.parse_args()
     out = Path(args.out)
@@ -93,10 +96,12 @@ def main():
     def moe_build(label, seed):  # the seed also draws the router rows
         return out / f"moe-{list(MOE_VARIANTS).index(label)}-s{seed}"
 
-    for label in args.variants:
-        for seed in args.seeds:
-            configs[label] = compile_build(args, moe_build(label, seed), *MOE_VARIANTS[label], "--weights", weights,
-                                           "--seed", seed, *args.flags)
+    pool = concurrent.futures.ThreadPoolExecutor(args.parallel)
+    moe_jobs = [(label, pool.submit(compile_build, args, moe_build(label, seed), *MOE_VARIANTS[label], "--weights",
+                                    weights, "--seed", seed, *args.flags))
+                for label in args.variants for seed in args.seeds]
+    for label, job in moe_jobs:
+        configs[label] = job.result()
     ratio = max(flops_per_token(configs[v]) for v in args.variants) / flops_per_token(configs["dense"])
     flops_steps = round(args.steps * ratio)
 
@@ -106,14 +111,19 @@ def main():
     arms += [(v, lambda seed, v=v: moe_build(v, seed), args.steps) for v in args.variants]
     tokens_per_step = args.batch_size * args.seq_len
     walls = {}
-    for label, build_of, steps in arms:
-        for seed in args.seeds:
-            t = time.time()
-            build = build_of(seed)
-            records = train(build, out / "runs" / f"{build.name}-{steps}-s{seed}", args, steps, seed)
-            walls[label] = walls.get(label, 0.0) + time.time() - t
-            curves.setdefault(label, {})[seed] = [(r["step"] * tokens_per_step, r["val_loss"])
-                                                  for r in records if r["kind"] == "val"]
+
+    def run_arm(label, build, steps, seed):
+        t = time.time()
+        records = train(build, out / "runs" / f"{build.name}-{steps}-s{seed}", args, steps, seed)
+        walls[label] = walls.get(label, 0.0) + time.time() - t
+        val = [(r["step"] * tokens_per_step, r["val_loss"]) for r in records if r["kind"] == "val"]
+        print(f"{label}, seed {seed}: validation loss {val[-1][1]:.4f} after {steps} steps", flush=True)
+        return val
+
+    jobs = [(label, seed, pool.submit(run_arm, label, build_of(seed), steps, seed))
+            for label, build_of, steps in arms for seed in args.seeds]
+    for label, seed, job in jobs:
+        curves.setdefault(label, {})[seed] = job.result()
 
     cfg = configs["dense"]["result"]
     print(f"\n{Path(args.model).name} {args.config} {' '.join(args.set)}; batch {args.batch_size} x {args.seq_len} "
@@ -125,7 +135,7 @@ def main():
         r = configs[v]["result"]
         print(f"{v}: {r['params'] / 1e6:.1f} M params, {r['active_params'] / 1e6:.1f} M active, "
               f"{flops_per_token(configs[v]) / 1e9:.2f} GFLOP/token")
-    print(f"dense, equal FLOPs: {flops_steps} steps; wall time per run: "
+    print(f"dense, equal FLOPs: {flops_steps} steps; wall time per run ({args.parallel} at a time): "
           + ", ".join(f"{k} {w / len(args.seeds):.0f} s" for k, w in walls.items()))
     print(f"\nvalidation loss after upcycling, mean over seeds {args.seeds} (spread max - min)\n")
     labels = list(curves)
