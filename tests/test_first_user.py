@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from triton import _utils as triton_utils
 
 import moec.runtime
 from moec.base.errors import MoecError
@@ -156,7 +157,8 @@ spec = routing.portable_specs("gfx942")[0]
 report.spec_modules = lambda: [type("One", (), {"__name__": "routing", "portable_specs": lambda arch: [spec]})]
 
 def fusion_warnings(run):
-    _utils.warn_once.cache_clear()  # Triton warns once a process
+    if hasattr(_utils, "warn_once"):  # Triton warns once a process; a Triton without it (3.6) never warns
+        _utils.warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         run()
@@ -172,8 +174,10 @@ def test_kernels_report_prints_no_triton_warning_above_the_table():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     r = subprocess.run([sys.executable, "-c", FUSION_WARNINGS], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    # compile_for alone leaves the choice to Triton, which warns; the report makes it
-    assert r.stdout.split() == ["1", "0"]
+    # compile_for alone leaves the choice to Triton, which warns where it has the warning; the report makes it
+    alone, report = r.stdout.split()
+    assert report == "0"
+    assert alone == ("1" if hasattr(triton_utils, "warn_once") else "0")
 
 
 def test_progress_bar_and_metrics_line_agree_on_tokens_per_second(tmp_path):
