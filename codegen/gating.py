@@ -200,23 +200,25 @@ $RENORM
 
 @triton.jit
 def gate_stats_kernel(cnt_part_ptr, prob_part_ptr, z_part_ptr, counts_ptr, probs_sum_ptr, zsum_ptr, P,
-                      BLOCK_P: tl.constexpr):
-    """Sums the P programs' partial statistics in a fixed order."""
-    c = tl.arange(0, $GP * $SP)
+                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums the P programs' partial statistics in a fixed order, BLOCK_C experts a program."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col = (c // $SP) * $S + c % $SP
     col_ok = (c // $SP < $G) & (c % $SP < $S)
-    cnt = tl.zeros([$GP * $SP], tl.int32)
-    prob = tl.zeros([$GP * $SP], tl.float32)
+    cnt = tl.zeros([BLOCK_C], tl.int32)
+    prob = tl.zeros([BLOCK_C], tl.float32)
     z = tl.zeros([BLOCK_P], tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)  # [P]
         at = p[:, None] * $GP * $SP + c[None, :]
-        cnt += tl.sum(tl.load(cnt_part_ptr + at, mask=p[:, None] < P, other=0), 0)
-        prob += tl.sum(tl.load(prob_part_ptr + at, mask=p[:, None] < P, other=0.0), 0)
+        ok = (p[:, None] < P) & (c[None, :] < $GP * $SP)
+        cnt += tl.sum(tl.load(cnt_part_ptr + at, mask=ok, other=0), 0)
+        prob += tl.sum(tl.load(prob_part_ptr + at, mask=ok, other=0.0), 0)
         z += tl.load(z_part_ptr + p, mask=p < P, other=0.0)
     tl.store(counts_ptr + col, cnt, mask=col_ok)
     tl.store(probs_sum_ptr + col, prob, mask=col_ok)
-    tl.store(zsum_ptr, tl.sum(z, 0))
+    if tl.program_id(0) == 0:
+        tl.store(zsum_ptr, tl.sum(z, 0))
 
 
 @triton.jit
@@ -278,8 +280,9 @@ def forward(logits: Tensor, bias: Optional[Tensor]):
     b = bias.to(f32).contiguous() if bias is not None else prob_part
     gate_fwd_kernel[(P,)](logits, b, weights, indices, cnt_part, prob_part, z_part, T, BLOCK_T=block_t, **opts)
     sizes, opts = launch.for_tensor("gate_stats", logits)
-    gate_stats_kernel[(1,)](cnt_part, prob_part, z_part, counts, probs_sum, zsum, P, BLOCK_P=sizes["BLOCK_P"],
-                            **opts)
+    block_c = min(sizes["BLOCK_C"], $GP * $SP)
+    gate_stats_kernel[(triton.cdiv($GP * $SP, block_c),)](cnt_part, prob_part, z_part, counts, probs_sum, zsum, P,
+                                                         BLOCK_P=sizes["BLOCK_P"], BLOCK_C=block_c, **opts)
     return weights, indices, counts, probs_sum, zsum
 
 
@@ -412,7 +415,7 @@ def portable_specs(arch_name: str = "sm90") -> list:
             ("gate_bwd", mod.gate_bwd_kernel, [ptr, "*i32", "*fp32", "*fp32", "*fp32", ptr, "i32"]),
         ):
             sizes, opts = launch.split(launch.launch(kernel, arch_name))
-            const = ({"BLOCK_P": sizes["BLOCK_P"]} if kernel == "gate_stats" else
+            const = ({"BLOCK_P": sizes["BLOCK_P"], "BLOCK_C": min(sizes["BLOCK_C"], tile)} if kernel == "gate_stats" else
                      {"BLOCK_T": max(1, sizes["TILE"] // tile)})
             names = fn.arg_names
             opts["aligned"] = [n for n, t in zip(names, sig) if t.startswith("*")]
