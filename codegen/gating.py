@@ -9,13 +9,14 @@ router probabilities (the load-balancing loss) and the summed squared
 logsumexp (the z-loss). Each program holds a block of tokens' E logits in
 registers as a [T, G, S] tile (G = 1 without group-limited routing).
 
-Ranking: every expert gets an int64 key, the order-preserving bit pattern of
-its fp32 selection score (score + bias) in the high word and E-1-e in the low
-word. The largest key is the highest score, and among equal scores the lowest
-expert index: the tie rule of moec::gate (a stable descending sort). A chosen
-expert's key is set to KEY_MIN, below every real key, so K max-reductions
-give the top-k in order; group-limited routing ranks groups the same way.
--0.0 is canonicalised to +0.0 first (they compare equal in the reference).
+Ranking: each of the K picks is two 32-bit reductions over the tile: the largest
+fp32 selection score (score + bias), then the lowest expert index holding it
+among those not yet taken, which is the tie rule of moec::gate (a stable
+descending sort); the pick is then marked taken and its score set to -inf.
+32-bit reductions cost half the lane shuffles of one over packed int64 keys.
+Group-limited routing ranks groups the same way. -0.0 and +0.0 compare equal,
+as in the reference. The per-expert statistics accumulate in registers over a
+program's tokens and are reduced across its rows once, at the end.
 
 Roofline (bytes): forward reads T*E*b logits (b bytes per element) and
 writes T*K*8 (weights f32, indices i32), plus P*E*8 of per-program partial
@@ -92,15 +93,17 @@ _BACKWARD = {
 
 _GROUPS = """
         # group-limited routing: a group's score is the sum of its two best selection scores
-        k1 = tl.max(key, 2)  # [T, G]
+        k1 = tl.max(sel, 2)  # [T, G]
         $GROUP_SCORE
-        gkey = tl.where(g[None, :] < $G, _key(gs, g[None, :]), KEY_MIN)  # [T, G]
+        gs = tl.where(g[None, :] < $G, gs, float("-inf"))
+        kept = g[None, :] < 0  # [T, G], all False
         for _ in tl.static_range($TOPK_GROUP):
-            gkey = tl.where(gkey == tl.max(gkey, 1)[:, None], KEY_MIN, gkey)
-        keep = (gkey == KEY_MIN)[:, :, None]  # [T, G, 1]
+            gv = tl.max(gs, 1)
+            ge = tl.min(tl.where((gs == gv[:, None]) & ~kept & (g[None, :] < $G), g[None, :], $GP), 1)
+            kept = kept | (g[None, :] == ge[:, None])
+            gs = tl.where(g[None, :] == ge[:, None], float("-inf"), gs)
         # experts of dropped groups rank as -inf (still by index), as in the reference
-        ninf = tl.full([BLOCK_T, $GP, $SP], float("-inf"), tl.float32)
-        key = tl.where(keep | (key == KEY_MIN), key, _key(ninf, col))
+        sel = tl.where(kept[:, :, None], sel, float("-inf"))
 """
 
 _MODULE = Template('''\
@@ -125,29 +128,9 @@ from moec.runtime.kernels import launch
 
 NAME = "$NAME"
 E, K = $E, $K
-KEY_MIN = tl.constexpr(-9223372036854775807 - 1)
 
 
 $CAST
-@triton.jit
-def _key(value, col):
-    """int64 key: order-preserving bits of fp32 value, then E-1-col (lower index wins ties)."""
-    bits = (value + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | ($E - 1 - col).to(tl.int64)
-
-
-@triton.jit
-def _key_value(key):
-    hi = (key >> 32).to(tl.int32)
-    return (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _key_col(key):
-    return $E - 1 - (key & 0xFFFFFFFF).to(tl.int32)
-
-
 @triton.jit
 def gate_fwd_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, cnt_part_ptr, prob_part_ptr, z_part_ptr, T,
                     BLOCK_T: tl.constexpr):
@@ -158,8 +141,8 @@ def gate_fwd_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, cnt_part_ptr
     col_ok = (g[None, :, None] < $G) & (s[None, None, :] < $S)
     kc = tl.arange(0, $KP)[None, :]  # [1, K]
 $LOAD_BIAS
-    cnt = tl.zeros([$GP, $SP], tl.int32)
-    prob = tl.zeros([$GP, $SP], tl.float32)
+    cnt = tl.zeros([BLOCK_T, $GP, $SP], tl.int32)  # per row slot; summed over the rows once, at the end
+    prob = tl.zeros([BLOCK_T, $GP, $SP], tl.float32)
     z = tl.zeros([BLOCK_T], tl.float32)
     for start in range(pid * BLOCK_T, T, tl.num_programs(0) * BLOCK_T):
         rows = start + tl.arange(0, BLOCK_T)  # [T]
@@ -173,28 +156,31 @@ $LOAD_BIAS
         lse = m + tl.log(se)
         $SCORES
         $PROBS
-        key = tl.where(col_ok, _key($SELECT, col), KEY_MIN)  # [T, G, S]
+        sel = tl.where(col_ok, $SELECT, float("-inf"))  # [T, G, S]
 $GROUPS
+        taken = col < 0  # [1, G, S], all False
         w = tl.zeros([BLOCK_T, $KP], tl.float32)
         idx = tl.zeros([BLOCK_T, $KP], tl.int32)
         for j in tl.static_range($K):
-            best = tl.max(tl.max(key, 2), 1)  # [T]
-            e = _key_col(best)
+            v = tl.max(tl.max(sel, 2), 1)  # [T]
+            e = tl.min(tl.min(tl.where((sel == v[:, None, None]) & ~taken & col_ok, col, $E), 2), 1)
+            hit = col == e[:, None, None]
             $PICK
             w = tl.where(kc == j, v[:, None], w)
             idx = tl.where(kc == j, e[:, None], idx)
-            key = tl.where(key == best[:, None, None], KEY_MIN, key)
+            taken = taken | hit
+            sel = tl.where(hit, float("-inf"), sel)
 $RENORM
         out = rows[:, None] * $K + kc
         ok = row_ok[:, None] & (kc < $K)
         tl.store(weights_ptr + out, w, mask=ok)
         tl.store(indices_ptr + out, idx, mask=ok)
-        cnt += tl.sum(((key == KEY_MIN) & col_ok & (r3 < T)).to(tl.int32), 0)
-        prob += tl.sum(tl.where(r3 < T, probs, 0.0), 0)
+        cnt += (taken & (r3 < T)).to(tl.int32)
+        prob += tl.where(r3 < T, probs, 0.0)
         z += tl.where(row_ok, lse * lse, 0.0)
     part = pid * $GP * $SP + g[:, None] * $SP + s[None, :]
-    tl.store(cnt_part_ptr + part, cnt)
-    tl.store(prob_part_ptr + part, prob)
+    tl.store(cnt_part_ptr + part, tl.sum(cnt, 0))
+    tl.store(prob_part_ptr + part, tl.sum(prob, 0))
     tl.store(z_part_ptr + pid, tl.sum(z, 0))
 
 
@@ -267,10 +253,12 @@ def forward(logits: Tensor, bias: Optional[Tensor]):
     T = logits.shape[0]
     f32, i32 = torch.float32, torch.int32
     weights, indices = logits.new_empty(T, K, dtype=f32), logits.new_empty(T, K, dtype=i32)
-    counts = logits.new_zeros(E, dtype=i32)
-    probs_sum, zsum = logits.new_zeros(E, dtype=f32), logits.new_zeros((), dtype=f32)
     if T == 0:
-        return weights, indices, counts, probs_sum, zsum
+        return weights, indices, logits.new_zeros(E, dtype=i32), logits.new_zeros(E, dtype=f32), logits.new_zeros(
+            (), dtype=f32)
+    # the statistics kernel writes every element: no zero fill to launch
+    counts, probs_sum, zsum = logits.new_empty(E, dtype=i32), logits.new_empty(E, dtype=f32), logits.new_empty(
+        (), dtype=f32)
     sizes, opts = launch.for_tensor("gate_fwd", logits)
     block_t = max(1, min(sizes["TILE"] // ($GP * $SP), triton.next_power_of_2(T)))
     slots = _sm_count(logits.device.index or 0) if logits.is_cuda else 2
@@ -357,10 +345,11 @@ def source(cfg: GateConfig) -> str:
             f"top groups={cfg.topk_group} logits={cfg.dtype}")
     groups = ""
     if G > 1:
-        second = ("gs = _key_value(k1)" if S == 1 else
-                  "k2 = tl.max(tl.where(key == k1[:, :, None], KEY_MIN, key), 2)\n"
-                  "        gs = _key_value(k1) + _key_value(k2)  # [T, G]")
-        groups = Template(_GROUPS).substitute(GROUP_SCORE=second, G=G, TOPK_GROUP=cfg.topk_group, GP=GP, SP=SP)
+        second = ("gs = k1" if S == 1 else  # the second best: the best once the first holder is left out
+                  "e1 = tl.min(tl.where(sel == k1[:, :, None], s[None, None, :], $SP), 2)\n"
+                  "        gs = k1 + tl.max(tl.where(s[None, None, :] == e1[:, :, None], float('-inf'), sel), 2)")
+        groups = Template(_GROUPS.replace("$GROUP_SCORE", second)).substitute(G=G, TOPK_GROUP=cfg.topk_group, GP=GP,
+                                                                               SP=SP)
     renorm_bwd = ""
     if cfg.renorm:
         renorm_bwd = f"""\
@@ -377,9 +366,9 @@ def source(cfg: GateConfig) -> str:
         LOAD_BIAS=("    bias = tl.load(bias_ptr + col, mask=col_ok, other=0.0)  # [1, G, S] steers selection only"
                    if cfg.bias else ""),
         SELECT="scores + bias" if cfg.bias else "scores",
-        # the key holds the score itself only without bias and group masking (a dropped group's expert ranks as -inf)
-        PICK=("v = tl.sum(tl.sum(tl.where(col == e[:, None, None], scores, 0.0), 2), 1)" if cfg.bias or G > 1 else
-              "v = _key_value(best)  # the selection score is the score itself"),
+        # the selection score is the score itself only without bias and group masking (a dropped group's expert
+        # ranks as -inf)
+        PICK=("v = tl.sum(tl.sum(tl.where(hit, scores, 0.0), 2), 1)" if cfg.bias or G > 1 else ""),
         GROUPS=groups,
         RENORM="        w = w / tl.sum(w, 1)[:, None]" if cfg.renorm else "",
         RENORM_BWD=renorm_bwd, BACKWARD=_BACKWARD[cfg.score], GUARD=REGISTER_GUARD,
