@@ -233,6 +233,10 @@ def _permute_bwd(ctx, g_out):
 
 
 permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+# Under CUDA autocast the experts run in bf16 (moec.runtime.ops.experts): cast the T tokens once here,
+# before permute copies each K times, rather than the T*K rows after it (and send half the bytes to
+# other ranks under expert parallelism).
+permute.register_autocast("cuda", torch.bfloat16)
 
 
 def _unpermute_setup(ctx, inputs, output):
