@@ -82,7 +82,8 @@ def parse_args():
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
     p.add_argument("--debug-syncs", action="store_true",
-                   help="testing aid: past the first step, a wait for the GPU in a step that logs nothing is an error")
+                   help="testing aid: past the warm-up steps, a wait for the GPU in a step that logs nothing "
+                        "is an error")
     return p.parse_args()
 
 
@@ -143,8 +144,9 @@ def main(args):
         return lm_loss(out["logits"], targets), out
 
     if start == 0 and args.bias_fit and pipeline is None and balance.biases:  # a fresh run fits the selection
-        inputs, targets = (rt.to_device(t.chunk(args.grad_accum)[0], env.device) for t in data.batch(  # biases to its data
-            "train", -1, args.batch_size * args.grad_accum, parallel.data_rank, parallel.data_world))  # and length
+        batch = data.batch("train", -1, args.batch_size * args.grad_accum,  # biases to its data and length
+                           parallel.data_rank, parallel.data_world)
+        inputs, targets = (rt.to_device(t.chunk(args.grad_accum)[0], env.device) for t in batch)
         before, after = balance.calibrate(model, loss_of, inputs, targets, args.bias_fit)  # on a batch no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
 

@@ -88,6 +88,9 @@ class RunLog:
         self.total = args.steps
         self.first = start + 1
         self.compiled, self.debug_syncs = args.compile or args.cuda_graphs, args.debug_syncs
+        # the first step compiles and warms up; under --cuda-graphs the second records the graphs, which
+        # synchronizes: --debug-syncs watches the steps after them
+        self.watched_from = self.first + (2 if args.cuda_graphs else 1)
         after_warmup = (self.first // self.every + 1) * self.every  # the first logged step past self.first
         self.profile_step = after_warmup if env.device.type == "cuda" else None
         self.profiler, self.kernels, self.reported = None, None, False
@@ -105,13 +108,13 @@ class RunLog:
 
     def begin(self, step: int) -> None:
         """Before step `step`'s work: start the profiler on the step whose kernels are counted; under
-        --debug-syncs, past the warm-up step, make a wait for the GPU an error until a step that reads
+        --debug-syncs, past the warm-up steps, make a wait for the GPU an error until a step that reads
         nothing is reported."""
         if step == self.profile_step:
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.start()
-        if self.debug_syncs and step > self.first and not self.due(step):
+        if self.debug_syncs and step >= self.watched_from and not self.due(step):
             torch.cuda.set_sync_debug_mode("error")
 
     def _end_profile(self) -> None:
