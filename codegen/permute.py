@@ -148,6 +148,8 @@ def _register():
         return permute_backward(g_out.contiguous(), row_map, ctx.k), None, None
 
     permute.register_autograd(bwd, setup_context=setup)
+    # as moec::permute: the experts take bf16 under autocast, so the T tokens are cast, not the T*K rows
+    permute.register_autocast("cuda", torch.bfloat16)
 ''')
 
 _UNPERMUTE = Template('''

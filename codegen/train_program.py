@@ -68,6 +68,8 @@ def parse_args():
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective waits for the other ranks before the run stops")
     p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="--compile with each forward and backward replayed as a CUDA graph (mode reduce-overhead)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state over the data-parallel ranks "
                    "(ZeRO-1) when distributed")
@@ -79,6 +81,9 @@ def parse_args():
                    help="where to train: a GPU when there is one (auto), or the one named")
     p.add_argument("--debug-nan-at-step", type=int, default=None,
                    help="testing aid: poison the loss with NaN at this step to exercise the stop path")
+    p.add_argument("--debug-syncs", action="store_true",
+                   help="testing aid: past the warm-up steps, a wait for the GPU in a step that logs nothing "
+                        "is an error")
     return p.parse_args()
 
 
@@ -104,14 +109,18 @@ def main(args):
     if pipeline is not None:
         pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
     model = parallel.model
-    forward = torch.compile(model) if args.compile else model
+    if args.cuda_graphs:
+        forward = torch.compile(model, mode="reduce-overhead")
+    else:
+        forward = torch.compile(model) if args.compile else model
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = parallel.optimizer(torch.optim.AdamW,  # with --zero, each rank keeps the state of a shard
                                    [{{"params": decay, "weight_decay": args.weight_decay}},
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
-                                   fused=env.device.type == "cuda")  # one kernel for every parameter
+                                   fused=env.device.type == "cuda",  # one kernel for every parameter
+                                   foreach=env.device.type != "cuda")
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
                            by_name=build.options.ep > 1 or build.options.pp > 1,  # resumable under another plan
                            fingerprint=build.fingerprint)
@@ -119,33 +128,38 @@ def main(args):
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
     log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0, data_world=parallel.data_world)
-    guard = rt.LossGuard()
+    guard = rt.LossGuard(optimizer)  # a fused AdamW skips its update on a non-finite loss: read at log steps
     balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate)
     validate = args.val_fraction > 0
 
     def save(step):
+        guard.read(ckpt)  # no weights of a diverged run are saved
         return ckpt.save(step, model, optimizer, {{"rng": rt.rng_state()}})
 
     def loss_of(inputs, targets):
+        if args.cuda_graphs:  # the graphs' outputs of the call before are read by now
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
             out = forward(inputs)
         return lm_loss(out["logits"], targets), out
 
     if start == 0 and args.bias_fit and pipeline is None and balance.biases:  # a fresh run fits the selection
-        inputs, targets = (t.chunk(args.grad_accum)[0].to(env.device) for t in data.batch(  # biases to its data
-            "train", -1, args.batch_size * args.grad_accum, parallel.data_rank, parallel.data_world))  # and length
+        batch = data.batch("train", -1, args.batch_size * args.grad_accum,  # biases to its data and length
+                           parallel.data_rank, parallel.data_world)
+        inputs, targets = (rt.to_device(t.chunk(args.grad_accum)[0], env.device) for t in batch)
         before, after = balance.calibrate(model, loss_of, inputs, targets, args.bias_fit)  # on a batch no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
 
     with rt.StopOnSignal() as stop:
         for step in range(start, args.steps):
+            log.begin(step + 1)
             optimizer.zero_grad(set_to_none=True)
             lm_sum = loss_sum = 0.0
             batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
                                parallel.data_world)
             if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
                 with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
-                    lm_sum, outs = pipeline.step(*(t.to(env.device) for t in batch))
+                    lm_sum, outs = pipeline.step(*(rt.to_device(t, env.device) for t in batch))
                 for out in outs:  # every micro-batch's expert load and MoE losses, gathered over the stages
                     balance.add(out)
                     loss_sum = loss_sum + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)
@@ -153,7 +167,7 @@ def main(args):
             else:
                 for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
                     # gradients add up over the step's micro-batches
-                    lm, out = loss_of(inputs.to(env.device), targets.to(env.device))
+                    lm, out = loss_of(rt.to_device(inputs, env.device), rt.to_device(targets, env.device))
                     loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
                     if step + 1 == args.debug_nan_at_step:
                         loss = loss * float("nan")
@@ -161,7 +175,7 @@ def main(args):
                         (loss / args.grad_accum).backward()
                     lm_sum, loss_sum = lm_sum + lm.detach(), loss_sum + loss.detach()
                     balance.add(out)  # every micro-batch's expert load
-            guard.check(loss_sum, step + 1, ckpt)  # before the weights change
+            guard.check(loss_sum, step + 1, ckpt, due=log.due(step + 1))  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
             balance.step()  # aux-loss-free balancing: the step's load moves the selection biases
@@ -174,14 +188,16 @@ def main(args):
                         batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
                                               parallel.data_world) for i in range(args.eval_batches))
                         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
-                            losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
+                            losses = [pipeline.evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device))
+                                      for x, y in batches]
                     else:
                         batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
                                    for i in range(args.eval_batches))
-                        losses = [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches]
+                        losses = [loss_of(rt.to_device(x, env.device), rt.to_device(y, env.device))[0]
+                                  for x, y in batches]
                     log.validation(step + 1, losses)
                 model.train()
-            stopping = stop.requested(env)
+            stopping = stop.requested()
             if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
                 log.message(f"checkpoint {{save(step + 1)}}")
             if stopping:

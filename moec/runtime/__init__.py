@@ -6,7 +6,7 @@ from moec.runtime import distributed, ops  # noqa: F401  registers the moec:: op
 from moec.runtime.kernels.generated import load_build as load_kernels  # noqa: F401
 from moec.runtime.training.balance import ExpertBias  # noqa: F401
 from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
-from moec.runtime.training.data import TokenData, load_tokens  # noqa: F401
+from moec.runtime.training.data import TokenData, load_tokens, to_device  # noqa: F401
 from moec.runtime.training.divergence import LossGuard  # noqa: F401
 from moec.runtime.training.flags import check_flags  # noqa: F401
 from moec.runtime.training.loop import (StopOnSignal, export_weights, rng_state, run_main,  # noqa: F401

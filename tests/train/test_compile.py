@@ -1,9 +1,11 @@
-"""--compile: the moec:: custom ops trace into one graph (no graph breaks), and train.py runs under it."""
+"""--compile: the moec:: custom ops trace into one graph (no graph breaks), and train.py runs under it and
+reports the graph breaks in its first record."""
 import importlib.util
 
 import torch
 import torch._dynamo
 
+from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 
@@ -35,4 +37,6 @@ def test_train_py_compile(moe_build, tmp_path):
     r = run_train(moe_build, "--steps", 3, "--compile", "--log-every", 1, "--ckpt-every", 0, "--eval-every", 0,
                   run_dir=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "step 3:" in r.stderr
+    assert "step 3:" in r.stderr and "graph breaks 0" in r.stderr
+    records = [x for x in read_metrics(tmp_path / "metrics.jsonl") if x["kind"] == "train"]
+    assert records[0]["graph_breaks"] == 0 and all("graph_breaks" not in x for x in records[1:])

@@ -85,6 +85,7 @@ def test_grad_clip_zero_means_no_clipping(moe_build, tmp_path):
     (("--steps", 0), "--steps 0: must be at least 1"),
     (("--steps", -1), "--steps -1: must be at least 1"),
     (("--bias-fit", -1), "--bias-fit -1: must be at least 0 (0: keep the compiled biases)"),
+    (("--cuda-graphs",), "--cuda-graphs needs a CUDA GPU, and this run is on the CPU"),
 ])
 def test_flags_that_would_fail_later_are_one_line_at_the_start(moe_build, tmp_path, flags, message):
     line = _one_line_error(run_train(moe_build, "--steps", 2, *flags, run_dir=tmp_path / "run"))
@@ -143,6 +144,27 @@ def test_the_nan_stop_points_before_the_blow_up():
     message = _stop([5.5, 5.2, 5.0, 4.9, 80.0, math.nan], [2, 4, 5])
     assert "began to blow up at step 5 (80)" in message and "--resume-from 2" in message
     assert "--resume-from 4" not in message  # checkpoint 4 computed step 5's 80
+
+
+def test_a_fused_adamw_skips_updates_until_the_losses_are_read():
+    """What a GPU run does (fused AdamW runs on CPU tensors too): a non-finite loss is read only when due,
+    and no update happens from its step on, so the weights stay those that computed it."""
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = LossGuard(optimizer)
+    seen = []
+    with pytest.raises(Exception) as e:
+        for step, scale in enumerate([1.0, 0.9, math.nan, 0.8, 0.7], 1):
+            loss = (p * scale).sum()
+            loss.backward()
+            guard.check(loss, step, _Checkpoints([1, 2]), due=step == 5)
+            optimizer.step()
+            optimizer.zero_grad()
+            seen.append(p.detach().clone())
+    assert "loss is not finite at step 3" in str(e.value) and "--resume-from 1" in str(e.value)
+    assert len(seen) == 4 and not torch.equal(seen[0], seen[1])
+    assert torch.equal(seen[1], seen[2]) and torch.equal(seen[1], seen[3])  # no update from step 3 on
+    assert optimizer.state[p]["step"] == 2
 
 
 def test_the_nan_stop_advice_works(moe_build, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import moec.runtime.ops.experts  # noqa: F401  registers moec::experts
-from moec.runtime.ops.routing import acc  # importing it registers the routing ops
+from moec.runtime.ops.routing import acc, expert_counts  # importing it registers the routing ops
 
 moec_ops = torch.ops.moec
 
@@ -66,7 +66,7 @@ def fixed_gate(indices: Tensor, num_experts: int):
     no router to balance or regularise (zero probs_sum and zsum)."""
     T, K = indices.shape
     weights = torch.full((T, K), 1.0 / K, device=indices.device)
-    counts = torch.bincount(indices.flatten().long(), minlength=num_experts).to(torch.int32)
+    counts = expert_counts(indices, num_experts)
     zero = torch.zeros((), device=indices.device)
     return weights, indices, counts, torch.zeros(num_experts, device=indices.device), zero
 
@@ -98,7 +98,7 @@ def balanced_indices(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor]
     expert the same share of slots), replacing the router's choice; the gate weights stay."""
     slots = torch.arange(indices.numel(), device=indices.device)
     forced = (slots % num_experts).view(indices.shape).to(torch.int32)
-    return forced, torch.bincount(slots % num_experts, minlength=num_experts).to(torch.int32)
+    return forced, expert_counts(forced, num_experts)
 
 
 def load_balance_loss(counts: Tensor, probs_sum: Tensor, k: int) -> Tensor:

@@ -33,6 +33,14 @@ def acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def expert_counts(indices: Tensor, num_experts: int) -> Tensor:
+    """Slots per expert [E] i32 of expert indices of any shape. A scatter, not torch.bincount: bincount's
+    CUDA kernel reads the largest index back to the host to size its output, a sync in every step."""
+    flat = indices.reshape(-1).long()
+    ones = torch.ones_like(flat, dtype=torch.int32)
+    return torch.zeros(num_experts, dtype=torch.int32, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def _scores(logits: Tensor, score: str) -> Tensor:
     x = acc(logits)
     return torch.softmax(x, dim=-1) if score == "softmax" else torch.sigmoid(x)
@@ -73,8 +81,7 @@ def gate(logits: Tensor, k: int, score: str, renorm: bool, bias: Optional[Tensor
     E = logits.shape[-1]
     indices = select_experts(_scores(logits, score), k, bias, n_group, topk_group)
     weights, probs_sum, zsum = _gate_values(logits, indices, score, renorm)
-    counts = torch.bincount(indices.flatten(), minlength=E).to(torch.int32)
-    return weights, indices.to(torch.int32), counts, probs_sum, zsum
+    return weights, indices.to(torch.int32), expert_counts(indices, E), probs_sum, zsum
 
 
 @gate.register_fake
@@ -137,7 +144,7 @@ def route(indices: Tensor, num_experts: int, capacity: int) -> tuple[Tensor, Ten
     dropped), offsets [E+1] i32 (start row of each expert, kept rows only)."""
     flat = indices.flatten().long()  # [N]
     order = torch.sort(flat, stable=True).indices  # slots grouped by expert, slot order inside
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = expert_counts(flat, num_experts).long()
     starts = torch.cumsum(counts, 0) - counts  # [E]
     pos = torch.empty_like(flat)
     pos[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]  # rank inside expert
@@ -180,11 +187,11 @@ def _(scores, capacity):
 def permute(x: Tensor, row_map: Tensor, k: int) -> Tensor:
     """tokens [T, D] -> expert-grouped buffer [T*K, D]; row row_map[t*K+j] = x[t]."""
     T, D = x.shape
-    out = x.new_zeros(T * k, D)
-    keep = row_map >= 0
-    src = torch.arange(T * k, device=x.device) // k
-    out[row_map[keep].long()] = x[src[keep]]
-    return out
+    N = T * k
+    out = x.new_zeros(N + 1, D)  # row N takes the dropped slots: a mask would size the copy on the host
+    src = torch.arange(N, device=x.device) // k
+    out[torch.where(row_map >= 0, row_map, N).long()] = x[src]
+    return out[:N]
 
 
 @permute.register_fake
@@ -226,6 +233,10 @@ def _permute_bwd(ctx, g_out):
 
 
 permute.register_autograd(_permute_bwd, setup_context=_permute_setup)
+# Under CUDA autocast the experts run in bf16 (moec.runtime.ops.experts): cast the T tokens once here,
+# before permute copies each K times, rather than the T*K rows after it (and send half the bytes to
+# other ranks under expert parallelism).
+permute.register_autocast("cuda", torch.bfloat16)
 
 
 def _unpermute_setup(ctx, inputs, output):
@@ -245,9 +256,11 @@ def unpermute_backward(g_out: Tensor, y: Tensor, row_map: Tensor, weights: Tenso
     T, K = weights.shape
     rows = row_map.view(T, K).long()
     valid = rows >= 0
-    g_y = y.new_zeros(y.shape)
+    N = y.shape[0]
+    g_y = y.new_zeros(N + 1, y.shape[1])  # row N takes the dropped slots, as in permute
     scaled = (acc(g_out).unsqueeze(1) * acc(weights).unsqueeze(-1)).to(y.dtype)  # [T, K, D]
-    g_y[rows[valid]] = scaled[valid]
+    g_y[torch.where(valid, rows, N).flatten()] = scaled.flatten(0, 1)
+    g_y = g_y[:N]
     g_w = torch.einsum("td,tkd->tk", acc(g_out), acc(y[rows.clamp(min=0)]))
     return g_y, torch.where(valid, g_w, torch.zeros_like(g_w)).to(weights.dtype)
 

@@ -76,3 +76,11 @@ class TokenData:
         rows = np.stack([np.asarray(data[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor on the device. To a GPU through pinned memory, without blocking: a copy from pageable
+    memory makes the host wait for the GPU's queue to drain."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -1,5 +1,7 @@
 """train.py's flags checked before any work: a value that would crash later, or quietly do something
 else than it says, is one line and exit 2."""
+import torch
+
 from moec.base.errors import MoecError
 
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "eval_batches": 1,
@@ -27,3 +29,8 @@ def check_flags(args) -> None:
         raise MoecError(f"--resume-from {args.resume_from}: a checkpoint's step, at least 1")
     if args.overwrite and (args.resume or args.resume_from is not None):
         raise MoecError("--overwrite starts the run over and --resume continues it: pass one of them")
+    on_gpu = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--debug-syncs", args.debug_syncs)):
+        if on and not on_gpu:
+            raise MoecError(f"{flag} needs a CUDA GPU, and this run is on the CPU: drop it, or run on a GPU "
+                            f"(--device cuda)")

@@ -120,17 +120,18 @@ def _missing_ranks(group, timeout_s: float) -> list[int]:
     return sorted(missing)
 
 
-def _any_rank(flag: bool, device) -> bool:
+def _any_rank(flag: bool) -> bool:
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    # on the side gloo group, a CPU tensor: a GPU's would make every step wait for the GPU's queue
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_watch[0])
     return bool(t.item())
 
 
 class StopOnSignal:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop after the step in flight.
-    Ranks agree on it (one all-reduce a step) so all of them save the same step."""
+    Ranks agree on it (one all-reduce a step, on the host) so all of them save the same step."""
 
     def __init__(self):
         self.signum, self._old = None, {}
@@ -147,8 +148,8 @@ class StopOnSignal:
         for s, handler in self._old.items():
             signal.signal(s, handler)
 
-    def requested(self, env: Env) -> bool:
-        stop = _any_rank(self.signum is not None, env.device)
+    def requested(self) -> bool:
+        stop = _any_rank(self.signum is not None)
         if stop and self.signum is None:
             self.signum = signal.SIGTERM  # another rank was signalled
         return stop

@@ -25,11 +25,14 @@ class Progress:
         self.tty = stream.isatty()
         self.t0 = None
         self.window_steps, self.window_seconds_per_token = 0, 0.0
+        self.loss = None
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Called after step `step` (0-based) finished in tokens / tokens_per_s seconds."""
+    def update(self, step: int, loss: float | None, tokens_per_s: float) -> None:
+        """Called after step `step` (0-based) finished in tokens / tokens_per_s seconds; loss None between
+        the steps that read it (the bar shows the last one read)."""
         if not self.enabled:
             return
+        self.loss = self.loss if loss is None else loss
         if self.t0 is None:  # the first step compiles and warms up: time from its end
             self.t0, self.first = time.perf_counter(), step + 1
         else:
@@ -42,7 +45,8 @@ class Progress:
         eta = _duration((self.total - done) / rate) if rate > 0 else "?"
         width = 24
         fill = int(width * done / self.total)
-        line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} loss {loss:.4f} "
+        shown_loss = "?" if self.loss is None else f"{self.loss:.4f}"
+        line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} loss {shown_loss} "
                 f"{shown} tok/s ETA {eta}")
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K" + ("\n" if done == self.total else ""))

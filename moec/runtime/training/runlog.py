@@ -1,6 +1,13 @@
 """Everything train.py reports: the progress bar every step, a metrics line and
 a metrics.jsonl record every --log-every steps, validation loss, and what the
-run needs to know about its build (active parameters, MoE options, FLOPs)."""
+run needs to know about its build (active parameters, MoE options, FLOPs).
+
+Only the steps that log (and the last) read values back from the device: a
+read waits for the GPU to finish the step, which then starts the next one
+idle. The first record also tells how the step runs: --compile's graph breaks
+(and under --cuda-graphs the graphs inductor would not capture), and on a GPU
+the kernels one step launched, counted by torch.profiler over the first logged
+step after the warm-up step."""
 import hashlib
 import json
 import sys
@@ -78,7 +85,15 @@ class RunLog:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.file = MetricsFile(Path(run_dir) / "metrics.jsonl", start if resumed else None, enabled=main)
         self.bar = Progress(args.steps, start, args.log_every, enabled=main)
+        self.total = args.steps
         self.first = start + 1
+        self.compiled, self.debug_syncs = args.compile or args.cuda_graphs, args.debug_syncs
+        # the first step compiles and warms up; under --cuda-graphs the second records the graphs, which
+        # synchronizes: --debug-syncs watches the steps after them
+        self.watched_from = self.first + (2 if args.cuda_graphs else 1)
+        after_warmup = (self.first // self.every + 1) * self.every  # the first logged step past self.first
+        self.profile_step = after_warmup if env.device.type == "cuda" else None
+        self.profiler, self.kernels, self.reported = None, None, False
         self.window_time, self.window_steps = 0.0, 0
         self._prev = time.perf_counter()
 
@@ -86,14 +101,49 @@ class RunLog:
         """Seconds of this step; the first step of a process (warm-up, compilation) is left out of rates."""
         now = time.perf_counter()
         dt, self._prev = now - self._prev, now
-        if step > self.first:
+        if step > self.first and step != self.profile_step:  # the profiler's overhead is not the run's
             self.window_time += dt
             self.window_steps += 1
         return dt
 
+    def begin(self, step: int) -> None:
+        """Before step `step`'s work: start the profiler on the step whose kernels are counted; under
+        --debug-syncs, past the warm-up steps, make a wait for the GPU an error until a step that reads
+        nothing is reported."""
+        if step == self.profile_step:
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        if self.debug_syncs and step >= self.watched_from and not self.due(step):
+            torch.cuda.set_sync_debug_mode("error")
+
+    def _end_profile(self) -> None:
+        self.profiler.stop()
+        self.kernels = sum(1 for e in self.profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                           and not e.name.startswith(("Memcpy", "Memset")))
+        self.profiler = None
+
+    def _how_it_runs(self) -> dict:
+        """The first record's account of the step's graphs, then its kernel count once counted."""
+        record = {}
+        if not self.reported and self.compiled:
+            from torch._dynamo.utils import counters
+            record["graph_breaks"] = sum(counters["graph_break"].values())
+            if counters["inductor"]["cudagraph_skips"]:
+                record["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        if self.kernels is not None:
+            record["kernels_per_step"], self.kernels = self.kernels, None
+        self.reported = True
+        return record
+
     def step(self, step: int, lm: torch.Tensor, out: dict, grad_norm: torch.Tensor, lr: float) -> None:
-        lm_value = lm.item()
+        """Report step `step`; tensors are read (a wait for the GPU) only at log steps and the last."""
+        if self.debug_syncs:
+            torch.cuda.set_sync_debug_mode("default")
+        if self.profiler is not None:
+            self._end_profile()
         dt = self._clock(step)
+        lm_value = lm.item() if self.due(step) else None
         self.bar.update(step - 1, lm_value, self.tokens_per_step / dt)
         if step % self.every:
             return
@@ -111,9 +161,10 @@ class RunLog:
         layers = load_summary(load.cpu(), [c.numel() for c in counts], self.env.world)
         # this rank's high-water mark of allocated memory since the start
         peak_gib = torch.cuda.max_memory_allocated(self.env.device) / 2**30 if self.env.device.type == "cuda" else None
+        how = self._how_it_runs()
         self.file.write({"kind": "train", "step": step, "loss": lm_mean + aux + z, "lm_loss": lm_mean,
                          "aux_loss": aux, "z_loss": z, "grad_norm": norm, "lr": lr, "tokens_per_s": tokens_per_s,
-                         "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers})
+                         "mfu": mfu, "peak_memory_gib": peak_gib, "expert_load": layers, **how})
         drop = self.build.options.capacity_factor > 0
         load_text = " ".join(f"L{i} {r['max']:.0f}/{r['mean']:.0f} cv {r['cv']:.2f}"
                              + (f" drop {r['dropped']:.1%}" if drop else "") for i, r in enumerate(layers))
@@ -122,7 +173,12 @@ class RunLog:
                          + (f" {tokens_per_s:,.0f} tok/s" if tokens_per_s else "")
                          + (f" MFU {mfu:.1%}" if mfu is not None else "")
                          + (f" peak mem {peak_gib:.1f} GiB" if peak_gib is not None else "")
-                         + (f" | expert load max/mean {load_text}" if layers else ""))
+                         + (f" | expert load max/mean {load_text}" if layers else "")
+                         + "".join(f" | {k.replace('_', ' ')} {v}" for k, v in how.items()))
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` reads its values: every --log-every steps and the last step."""
+        return step % self.every == 0 or step == self.total
 
     def validation(self, step: int, losses: list[torch.Tensor]) -> None:
         (value,) = _mean_over_ranks([sum(float(v) for v in losses) / max(len(losses), 1)], self.env.device)
