@@ -99,7 +99,7 @@ def main(args):
 
     # the build's plan (config.json): pipeline stages, EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding
     parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
-                              micro_batches=args.grad_accum, loss_fn=lm_loss)
+                              micro_batches=args.grad_accum, loss_fn=lm_loss, tp_plan=build.tp_plan)
     pipeline = parallel.pipeline  # None unless the build was compiled with --pp
     if pipeline is not None:
         pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
@@ -112,8 +112,9 @@ def main(args):
                                    [{{"params": decay, "weight_decay": args.weight_decay}},
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda")  # one kernel for every parameter
+    plan = build.options
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
-                           by_name=build.options.ep > 1 or build.options.pp > 1,  # resumable under another plan
+                           by_name=plan.ep > 1 or plan.pp > 1 or plan.tp > 1,  # resumable under another plan
                            fingerprint=build.fingerprint)
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
@@ -176,7 +177,7 @@ def main(args):
                         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                             losses = [pipeline.evaluate(x.to(env.device), y.to(env.device)) for x, y in batches]
                     else:
-                        batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
+                        batches = (data.batch("val", i, args.batch_size, parallel.data_rank, parallel.data_world)
                                    for i in range(args.eval_batches))
                         losses = [loss_of(x.to(env.device), y.to(env.device))[0] for x, y in batches]
                     log.validation(step + 1, losses)

@@ -133,7 +133,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
-              "router_biases": gm.meta.get("router_biases", [])}
+              "router_biases": gm.meta.get("router_biases", []),
+              "tp_plan": gm.meta.get("tp_plan", {})}  # weight -> how the runtime splits it over the TP ranks
     hf_config = _hf_config(meta_model)
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)

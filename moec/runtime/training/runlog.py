@@ -26,6 +26,7 @@ class BuildInfo:
     flops_per_step: float  # per rank
     fingerprint: str  # of the parameter table: which checkpoints and run dirs are this model's
     router_biases: list  # the aux-loss-free balancing biases, in the order of the forward's expert_counts
+    tp_plan: dict  # {weight: how tensor parallelism splits it} (config.json's; empty without --tp)
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
@@ -41,7 +42,7 @@ class BuildInfo:
         active = config["result"]["active_params"]
         attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
         return cls(options, active, vocab, step_flops(active, batch * seq_len, attention), fingerprint(model_cls),
-                   config["result"].get("router_biases", []))
+                   config["result"].get("router_biases", []), config["result"].get("tp_plan", {}))
 
 
 def fingerprint(model_cls) -> str:
