@@ -115,7 +115,7 @@ def main(args):
     plan = build.options
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
                            by_name=plan.ep > 1 or plan.pp > 1 or plan.tp > 1,  # resumable under another plan
-                           fingerprint=build.fingerprint)
+                           fingerprint=build.fingerprint, tp_plan=build.tp_plan)
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)

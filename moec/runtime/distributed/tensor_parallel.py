@@ -76,3 +76,13 @@ def shard_linears(model: torch.nn.Module, plan: dict, tp: int, rank: int) -> lis
                 leaf, torch.nn.Parameter(local, requires_grad=p.requires_grad))
             names.append(name)
     return names
+
+
+def tp_layout(plan: dict) -> dict:
+    """{parameter: (dim it is split on, parts)} of a tp_plan: what checkpoints save at global shape."""
+    out = {}
+    for weight, how in plan.items():
+        out[weight] = (0 if how["style"] == "colwise" else 1, how["parts"])
+        if how["bias"] is not None and how["style"] == "colwise":
+            out[how["bias"]] = (0, how["parts"])
+    return out
