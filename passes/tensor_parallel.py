@@ -209,8 +209,16 @@ class TensorParallel(Pass):
             return 1
         if n.target in SIZED:
             return self._resize(n, src, d, module)
-        if n.target is aten.unsqueeze.default:
-            return d + (n.args[1] % (ins.dim() + 1) <= d)
+        if n.target in (aten.unsqueeze.default, aten.stack.default):  # a new dim k before or after d
+            k = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % (ins.dim() + 1)
+            return d + (k <= d)
+        if n.target is aten.flatten.using_ints:
+            start, end = (k % ins.dim() for k in (n.args[1] if len(n.args) > 1 else 0,
+                                                   n.args[2] if len(n.args) > 2 else -1))
+            if start < d <= end:
+                raise MoecError(f"--tp {self.tp}: {n.name} in {module} flattens the split dim into another; "
+                                f"use --tp 1")
+            return d if d <= start else d - (end - start)
         if not isinstance(val, torch.Tensor) or val.dim() != ins.dim():
             raise MoecError(f"--tp {self.tp}: in {module}, {n.name} ({n.target}) changes the rank of the split "
                             f"activations in a way tensor parallelism does not follow; use --tp 1")

@@ -197,7 +197,7 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     from moec.cost_model import rank_plans
     from moec.cost_model.report import write_plan_json
     shape = _shape(model, o, gm, meta_model)
-    runnable = lambda plan: not any(o.with_plan(plan).runtime_problems())  # noqa: E731
+    runnable = lambda plan: not any(o.with_plan(plan).planner_problems())  # noqa: E731
     ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")
