@@ -92,10 +92,8 @@ def read_model(path) -> dict:
     saved = read_metadata(path).state_dict_metadata
     state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in saved.items()
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    if FUSED in saved:
-        state[FUSED] = {}
     load_state(state, path)
-    fused = state.pop(FUSED, {})
+    fused = {key[len(FUSED) + 1:] for key in saved if key.startswith(FUSED + ".")}  # DCP flattens the dict
     return {key[len("model."):]: t.flatten(0, 1) if key[len("model."):] in fused else t for key, t in state.items()}
 
 
