@@ -1,6 +1,7 @@
 """tensor_parallel on attention blocks (GPT's fused q/k/v, Llama's grouped heads with rotary embedding) and an
 FFN: on one process the graph computes what it did; each TP rank's code, run on its slices of the weights,
-gives partial outputs whose sum is the whole (the sizes it reads are the local ones); what it cannot split
+gives partial outputs whose sum is the whole (the sizes it reads are the local ones), also for fewer tokens
+than TP ranks; what it cannot split
 is refused in one line."""
 import pytest
 import torch
@@ -73,16 +74,20 @@ def test_each_rank_computes_its_heads_and_the_sum_is_the_whole(model, parts, mon
     assert {w: how["parts"] for w, how in plan.items() if how["style"] == "colwise"} == parts
     full = {n: p.detach().clone() for n, p in gm.named_parameters()}
     bias = full.get(plan[out]["bias"]) if plan[out]["bias"] else None
-    partial = []
+    one = x[:1, :1]  # fewer tokens than TP ranks: each rank holds them all
+    whole = [before, _tensor(gm(one))]
+    partial = [[], []]
     for rank in range(2):  # reduce() is the identity here: each rank's output before the sum over TP ranks
         for name, how in plan.items():
             for n, is_bias in ((name, False), (how["bias"], True)):
                 if n is not None and not (is_bias and how["style"] == "rowwise"):
                     local = tensor_parallel.local_slice(full[n], how["style"], how["parts"], 2, rank, is_bias)
                     gm.get_parameter(n).data = local
-        y = _tensor(gm(x))
-        partial.append(y if bias is None else y - bias)
-    torch.testing.assert_close(sum(partial) + (0 if bias is None else bias), before, rtol=1e-5, atol=1e-6)
+        for i, inputs in enumerate((x, one)):
+            y = _tensor(gm(inputs))
+            partial[i].append(y if bias is None else y - bias)
+    for parts_of, expected in zip(partial, whole):
+        torch.testing.assert_close(sum(parts_of) + (0 if bias is None else bias), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_heads_that_tp_does_not_divide_are_refused():
