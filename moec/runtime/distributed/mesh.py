@@ -43,6 +43,8 @@ def build_mesh(ep: int, node_size: int = 0, pp: int = 1, tp: int = 1) -> DeviceM
     data = dist.group.WORLD
     if tp > 1:
         groups.register("tp", grid.get_group("tp"))
+    if pp > 1:
+        groups.register("pp", grid.get_group("pp"))
     if pp > 1 or tp > 1:
         for p in range(pp):  # every rank makes every group, in the same order
             for t in range(tp):
