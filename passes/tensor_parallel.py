@@ -9,25 +9,19 @@ Rewrites: a column-parallel linear reads its input through moec.runtime.distribu
 a row-parallel one drops its bias, its output goes through tensor_parallel.reduce and the bias is added
 after. Between them, a view, reshape or expand gives the split dimension (heads, or the features they
 come from) as -1, and a split of it into equal pieces (a fused q/k/v projection) becomes a chunk: the
-code reads each rank's local sizes. gm.meta["tp_plan"] = {weight: {"style": "colwise" | "rowwise",
+code reads each rank's local sizes (tp_dims follows the split dimension there). gm.meta["tp_plan"] = {weight: {"style": "colwise" | "rowwise",
 "bias": name or None, "parts": equal pieces of a fused output}}, which config.json carries to the runtime.
 Invariant: on one process (no "tp" group) the graph computes what it computed before; every split
 dimension (heads included) divides by TP, else a MoecError names the layer.
 """
-import math
-import operator
-
-import sympy
 import torch
 import torch.fx
 
 from moec.base.errors import MoecError
 from moec.passes.base import Pass, PassResult, inherit_provenance
+from moec.passes.tp_dims import LINEAR, SDPA, aten, follow
 from moec.runtime.distributed import tensor_parallel as tp_ops
 
-aten = torch.ops.aten
-LINEAR, SDPA = aten.linear.default, aten.scaled_dot_product_attention.default
-SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 SHARED = {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
 
 
@@ -39,21 +33,6 @@ def _tensor(n) -> bool:
 def _weight(linear: torch.fx.Node) -> str | None:
     w = linear.args[1]
     return w.target if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
-
-
-def _numbers(shape) -> list[int]:
-    """A shape with each symbol (batch, sequence) replaced by its own large prime: products compare as the
-    symbolic ones do."""
-    primes = {}
-    out = []
-    for d in shape:
-        if isinstance(d, int):
-            out.append(d)
-            continue
-        expr = d.node.expr
-        subs = {s: primes.setdefault(s, sympy.prime(1000 + len(primes))) for s in expr.free_symbols}
-        out.append(int(expr.subs(subs)))
-    return out
 
 
 class TensorParallel(Pass):
@@ -139,7 +118,7 @@ class TensorParallel(Pass):
                 raise MoecError(f"--tp {self.tp}: in {module}, {n.name} reads the split activations outside the "
                                 f"attention or FFN; use --tp 1")
             src = next(a for a in n.all_input_nodes if a in where)
-            where[n] = self._dim(n, src, where[src], module, parts)
+            where[n] = follow(n, src, where[src], module, parts, self.tp)
             todo = sorted(set(todo) | set(n.users), key=order.get)
         if row.args[0] not in where:
             raise MoecError(f"--tp {self.tp}: the output projection of {module} does not read what its input "
@@ -181,70 +160,6 @@ class TensorParallel(Pass):
     def _bias(linear: torch.fx.Node) -> str | None:
         b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         return b.target if isinstance(b, torch.fx.Node) and b.op == "get_attr" else None
-
-    def _dim(self, n: torch.fx.Node, src: torch.fx.Node, d: int, module: str, parts: dict) -> int:
-        """Which dim of n's value is split, given that src's dim d is; rewrites n's sizes to local ones."""
-        if n.target is operator.getitem:
-            return d
-        val, ins = n.meta.get("val"), src.meta["val"]
-        if n.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % ins.dim()
-            if dim == d and n.target is not aten.chunk.default:
-                sizes = [v.shape[dim] for v in val]
-                if len(set(sizes)) != 1:
-                    raise MoecError(f"--tp {self.tp}: {module} splits its projection into unequal pieces "
-                                    f"{sizes}; use --tp 1")
-                n.target, n.args, n.kwargs = aten.chunk.default, (n.args[0], len(sizes), dim), {}
-                if src in parts:
-                    parts[src] = len(sizes)
-            return d
-        if n.target is aten.transpose.int:
-            a, b = (x % ins.dim() for x in n.args[1:3])
-            return b if d == a else a if d == b else d
-        if n.target is aten.permute.default:
-            return [x % ins.dim() for x in n.args[1]].index(d)
-        if n.target is SDPA:
-            if d != 1:
-                raise MoecError(f"--tp {self.tp}: the attention of {module} does not split q/k/v by heads; use --tp 1")
-            return 1
-        if n.target in SIZED:
-            return self._resize(n, src, d, module)
-        if n.target in (aten.unsqueeze.default, aten.stack.default):  # a new dim k before or after d
-            k = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % (ins.dim() + 1)
-            return d + (k <= d)
-        if n.target is aten.flatten.using_ints:
-            start, end = (k % ins.dim() for k in (n.args[1] if len(n.args) > 1 else 0,
-                                                   n.args[2] if len(n.args) > 2 else -1))
-            if start < d <= end:
-                raise MoecError(f"--tp {self.tp}: {n.name} in {module} flattens the split dim into another; "
-                                f"use --tp 1")
-            return d if d <= start else d - (end - start)
-        if not isinstance(val, torch.Tensor) or val.dim() != ins.dim():
-            raise MoecError(f"--tp {self.tp}: in {module}, {n.name} ({n.target}) changes the rank of the split "
-                            f"activations in a way tensor parallelism does not follow; use --tp 1")
-        return d  # elementwise, matmul, softmax, slicing: the dims keep their places
-
-    def _resize(self, n: torch.fx.Node, src: torch.fx.Node, d: int, module: str) -> int:
-        ins, outs = _numbers(src.meta["val"].shape), _numbers(n.meta["val"].shape)
-        sizes = list(n.args[1])
-        if n.target is aten.expand.default:
-            j = d + len(outs) - len(ins)
-        else:
-            before = math.prod(ins[:d])
-            j = next((j for j in range(len(outs)) if math.prod(outs[:j]) == before and outs[j] > 1), None)
-        if j is None or isinstance(sizes[j], torch.fx.Node):
-            raise MoecError(f"--tp {self.tp}: cannot give {n.name} in {module} the local sizes of a TP rank; "
-                            f"use --tp 1")
-        shape = n.meta["val"].shape
-        for i, s in enumerate(sizes):
-            if i != j and s == -1 and n.target is not aten.expand.default:
-                if not isinstance(shape[i], int):
-                    raise MoecError(f"--tp {self.tp}: {n.name} in {module} infers a size (-1) that tensor "
-                                    f"parallelism needs for the heads; use --tp 1")
-                sizes[i] = shape[i]
-        sizes[j] = -1
-        n.update_arg(1, sizes)
-        return j
 
     def report(self, gm: torch.fx.GraphModule) -> list[str]:
         plan = gm.meta.get("tp_plan", {})
