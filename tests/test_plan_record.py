@@ -79,13 +79,15 @@ def test_a_planned_build_reads_its_plan_back(tmp_path):
     (dict(ep=2), 3, "needs a multiple of 2 processes, not 3: start torchrun with 2"),
     (dict(ep=2, dp=2), 2, "runs on 4 processes, not 2: start torchrun with 4 in all"),
     (dict(ep=4), 6, "needs a multiple of 4 processes, not 6: start torchrun with 4"),
+    (dict(ep=2, tp=2), 2, r"\(EP2 PP1 TP2\) needs a multiple of 4 processes, not 2: start torchrun with 4"),
 ])
 def test_a_world_that_does_not_fit_the_plan_is_refused(plan, world, message):
     with pytest.raises(MoecError, match=message):
         check_world(Options(experts=4, **plan), world)
 
 
-@pytest.mark.parametrize("plan,world", [(dict(ep=2), 1), (dict(ep=2), 4), (dict(ep=2, dp=2), 4), (dict(), 3)])
+@pytest.mark.parametrize("plan,world", [(dict(ep=2), 1), (dict(ep=2), 4), (dict(ep=2, dp=2), 4), (dict(), 3),
+                                        (dict(ep=2, tp=2), 8), (dict(ep=2, tp=2), 1)])
 def test_a_world_that_fits_the_plan_runs(plan, world):
     check_world(Options(experts=4, **plan), world)
 

@@ -1,7 +1,7 @@
 """train.py of builds compiled with --tp 2 under torchrun (gloo): a dense TP2 build gives the losses of the same
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives the losses of EP2 on 2 (the ranks of a TP group read the same data
-and hold the same experts)."""
+and hold the same experts); train.py's --zero, which TP does not combine with yet, is refused in one line."""
 import pytest
 from safetensors.torch import load_file
 
@@ -37,10 +37,15 @@ def _same(reference: list, got: list, steps: list) -> None:
     assert got[-1]["lm_loss"] < got[0]["lm_loss"]
 
 
-def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def tp2_dense_build(tmp_path_factory):
+    return _build(tmp_path_factory, "gpt-dense-tp2", dense=True, tp=2)
+
+
+def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back(tp2_dense_build, tmp_path):
     """Steps 1-4 under TP2, 5-6 on one process from its checkpoint, 7-8 under TP2 again: the losses and gradient
     norms (clipped over both ranks' slices) of 8 steps on one process."""
-    build = _build(tmp_path_factory, "gpt-dense-tp2", dense=True, tp=2, shared_experts=0)
+    build = tp2_dense_build
     one = _train(build, tmp_path / "one", 1, 8)
     moved = tmp_path / "moved"
     _train(build, moved, 2, 4)
@@ -66,3 +71,11 @@ def test_tp2_x_ep2_on_four_processes_gives_the_losses_of_ep2_on_two(tmp_path_fac
     for a, b in zip(reference, got):
         for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):
             assert lb == pytest.approx(la, rel=1e-9), a["step"]
+
+
+def test_zero_which_tp_does_not_combine_with_is_one_line_before_training(tp2_dense_build, tmp_path):
+    r = run_train(tp2_dense_build, "--steps", 1, "--zero", run_dir=tmp_path / "run", nproc=2, timeout=120)
+    assert r.returncode != 0
+    assert "error: --zero does not combine with tensor parallelism (TP=2) yet: drop it, or recompile without --tp" \
+        in r.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
