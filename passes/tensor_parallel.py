@@ -9,8 +9,9 @@ Rewrites: a column-parallel linear reads its input through moec.runtime.distribu
 a row-parallel one drops its bias, its output goes through tensor_parallel.reduce and the bias is added
 after. Between them, a view, reshape or expand gives the split dimension (heads, or the features they
 come from) as -1, and a split of it into equal pieces (a fused q/k/v projection) becomes a chunk: the
-code reads each rank's local sizes (tp_dims follows the split dimension there). gm.meta["tp_plan"] = {weight: {"style": "colwise" | "rowwise",
-"bias": name or None, "parts": equal pieces of a fused output}}, which config.json carries to the runtime.
+code reads each rank's local sizes (tp_dims follows the split dimension there).
+gm.meta["tp_plan"] = {weight: {"style": "colwise" | "rowwise", "bias": name or None, "parts": equal pieces
+of a fused output}}, which config.json carries to the runtime.
 Invariant: on one process (no "tp" group) the graph computes what it computed before; every split
 dimension (heads included) divides by TP, else a MoecError names the layer.
 """

@@ -15,7 +15,7 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
 
 @pytest.mark.parametrize("args,message", [
     (["--tp", "2"], "--tp 2 with --ep 1: routed experts are not split by TP but sharded by expert parallelism, "
-                    "which must be at least TP (as torchtitan's); use --ep 2 or more"),
+                    "which must be at least TP (as torchtitan requires); use --ep 2 or more"),
     (["--tp", "2", "--ep", "2", "--pp", "2"], "--tp 2 with --pp 2: the training program does not combine them yet"),
     (["--tp", "2", "--ep", "2", "--zero", "1"], "--tp 2 with --zero 1: the training program does not combine them"),
     (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),

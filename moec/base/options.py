@@ -198,12 +198,13 @@ class Options:
     def _tp_problems(self):
         if not self.dense and self.ep < self.tp:
             yield (f"--tp {self.tp} with --ep {self.ep}: routed experts are not split by TP but sharded by expert "
-                   f"parallelism, which must be at least TP (as torchtitan's); use --ep {self.tp} or more")
+                   f"parallelism, which must be at least TP (as torchtitan requires); use --ep {self.tp} or more")
         for flag, on in ((f"--pp {self.pp}", self.pp > 1), (f"--zero {self.zero}", self.zero > 0),
                          (f"--ep-variant {self.ep_variant}", self.ep_variant != "flat"),
                          (f"--ep-chunks {self.ep_chunks}", self.ep_chunks > 1)):
             if on:
-                yield f"--tp {self.tp} with {flag}: the training program does not combine them yet; drop {flag.split()[0]}"
+                yield (f"--tp {self.tp} with {flag}: the training program does not combine them yet; "
+                       f"drop {flag.split()[0]}")
 
     def parallel_label(self) -> str:
         return f"EP{self.ep} DP{self.dp or '*'} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"
