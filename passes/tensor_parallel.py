@@ -118,8 +118,7 @@ class TensorParallel(Pass):
             if n.op != "call_function":
                 raise MoecError(f"--tp {self.tp}: in {module}, {n.name} reads the split activations outside the "
                                 f"attention or FFN; use --tp 1")
-            src = next(a for a in n.all_input_nodes if a in where)
-            where[n] = follow(n, src, where[src], module, parts, self.tp)
+            where[n] = follow(n, where, module, parts, self.tp)
             todo = sorted(set(todo) | set(n.users), key=order.get)
         if row.args[0] not in where:
             raise MoecError(f"--tp {self.tp}: the output projection of {module} does not read what its input "

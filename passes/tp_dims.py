@@ -18,9 +18,11 @@ LINEAR, SDPA = aten.linear.default, aten.scaled_dot_product_attention.default
 SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 
-def follow(n: torch.fx.Node, src: torch.fx.Node, d: int, module: str, parts: dict, tp: int) -> int:
-    """Which dim of n's value is split over the TP ranks, given that its input src's dim d is; rewrites n's sizes
-    to local ones. parts: {column-parallel linear: pieces its output is split in}, updated."""
+def follow(n: torch.fx.Node, where: dict, module: str, parts: dict, tp: int) -> int:
+    """Which dim of n's value is split over the TP ranks, given where ({node: its split dim}) for its inputs;
+    rewrites n's sizes to local ones. parts: {column-parallel linear: pieces its output is split in}, updated."""
+    src = next(a for a in n.all_input_nodes if a in where)
+    d = where[src]
     if n.target is operator.getitem:
         return d
     val, ins = n.meta.get("val"), src.meta["val"]
@@ -59,7 +61,28 @@ def follow(n: torch.fx.Node, src: torch.fx.Node, d: int, module: str, parts: dic
     if not isinstance(val, torch.Tensor) or val.dim() != ins.dim():
         raise MoecError(f"--tp {tp}: in {module}, {n.name} ({n.target}) changes the rank of the split "
                         f"activations in a way tensor parallelism does not follow; use --tp 1")
-    return d  # elementwise, matmul, softmax, slicing: the dims keep their places
+    # a norm, softmax or slice across the heads would see only this rank's (grouped heads repeat in place)
+    if d in _dims(n, ins.dim()) and n.target is not aten.repeat_interleave.self_int:
+        raise MoecError(f"--tp {tp}: in {module}, {n.name} ({n.target}) works across the heads (or the features "
+                        f"they come from), which TP splits; use --tp 1")
+    for a in n.all_input_nodes:  # a whole-width tensor (a norm's weight over all heads) against the split one
+        v = a.meta.get("val")
+        i = d - (val.dim() - v.dim()) if isinstance(v, torch.Tensor) else -1
+        if 0 <= i < v.dim() and v.shape[i] != 1 and a not in where:
+            raise MoecError(f"--tp {tp}: in {module}, {n.name} combines the split activations with {a.name}, "
+                            f"which spans all heads; use --tp 1")
+    return d  # elementwise, matmul, slicing within a head: the dims keep their places
+
+
+def _dims(n: torch.fx.Node, rank: int) -> set[int]:
+    """The dims an aten op's `dim` argument names (reductions, softmax, slice, cat), counted from 0."""
+    schema = getattr(n.target, "_schema", None)
+    for i, arg in enumerate(schema.arguments if schema is not None else ()):
+        if arg.name == "dim":
+            value = n.args[i] if i < len(n.args) else n.kwargs.get("dim", arg.default_value)
+            values = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            return {v % rank for v in values if isinstance(v, int)}
+    return set()
 
 def _resize(n: torch.fx.Node, src: torch.fx.Node, d: int, module: str, tp: int) -> int:
     ins, outs = _numbers(src.meta["val"].shape), _numbers(n.meta["val"].shape)

@@ -96,6 +96,35 @@ def test_heads_that_tp_does_not_divide_are_refused():
         _split(FusedAttention(heads=1))
 
 
+class NormedAcrossHeads(FusedAttention):  # OLMo2's: q and k normalised over all heads' features
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, D))
+
+
+class WeightedAcrossHeads(FusedAttention):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.c_attn(x).split(D, dim=2)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2) for t in (q * self.scale, k, v))
+        return self.c_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, D))
+
+
+@pytest.mark.parametrize("model,message", [(NormedAcrossHeads(), r"mean \(aten.mean.dim\) works across the heads"),
+                                           (WeightedAcrossHeads(), "combines the split activations with .*, which "
+                                                                   "spans all heads")])
+def test_what_works_across_the_heads_is_refused(model, message):
+    with pytest.raises(MoecError, match=message):
+        _split(model)
+
+
 def test_attention_that_does_not_project_with_linears_is_refused():
     class Bare(nn.Module):
         def forward(self, x):
