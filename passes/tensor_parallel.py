@@ -24,6 +24,7 @@ from moec.passes.tp_dims import LINEAR, SDPA, aten, follow
 from moec.runtime.distributed import tensor_parallel as tp_ops
 
 SHARED = {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
+DROPOUTS = {aten.dropout.default, aten.native_dropout.default}
 
 
 def _tensor(n) -> bool:
@@ -44,6 +45,7 @@ class TensorParallel(Pass):
         self.tp = tp
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._check_dropout(gm)
         linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR and _weight(n)]
         regions = [self._attention(a) for a in gm.graph.nodes if a.op == "call_function" and a.target is SDPA]
         if not regions:
@@ -70,6 +72,16 @@ class TensorParallel(Pass):
             plan.update(self._split(gm, module, cols, row))
         gm.meta["tp_plan"] = plan
         return PassResult(gm, True)
+
+    def _check_dropout(self, gm: torch.fx.GraphModule) -> None:
+        """Every rank of a TP group draws from the same seed, and a rank's draws on its heads advance its
+        generator by its share: a dropout after one would mask the replicated activations differently."""
+        for n in gm.graph.nodes:
+            p = (n.args[1] if len(n.args) > 1 else n.kwargs.get("p")) if n.target in DROPOUTS else \
+                n.kwargs.get("dropout_p", n.args[4] if len(n.args) > 4 else 0.0) if n.target is SDPA else 0.0
+            if p:
+                raise MoecError(f"--tp {self.tp}: {n.name} drops out with p={p}, which the ranks of a TP group would "
+                                f"draw differently; build the model with dropout 0, or use --tp 1")
 
     def _attention(self, sdpa: torch.fx.Node):
         """(module, column-parallel linears feeding q, k, v, the row-parallel linear the output reaches)."""

@@ -110,6 +110,8 @@ def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
                                  "must divide; use a --tp that divides them"),
     (["--tp", "2", "--dense", "--set", "n_embd=33", "--set", "n_head=1"],
      "--tp 2: the attention of h.0.attn has 1 query and 1 key/value heads, which TP=2 must divide"),
+    (["--tp", "2", "--dense", "--set", "dropout=0.1"], "drops out with p=0.1, which the ranks of a TP group would "
+                                                       "draw differently; build the model with dropout 0"),
 ])
 def test_more_stages_than_layers_is_refused_after_the_capture(tmp_path, args, message):
     r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--no-verify", *args)
