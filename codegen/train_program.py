@@ -104,7 +104,7 @@ def main(args):
 
     # the build's plan (config.json): pipeline stages, EP, DDP or FSDP2, ZeRO; --fsdp and --zero add sharding
     parallel = rt.parallelize(model, env, build.options, fsdp=args.fsdp, zero=args.zero,
-                              micro_batches=args.grad_accum, loss_fn=lm_loss)
+                              micro_batches=args.grad_accum, loss_fn=lm_loss, tp_plan=build.tp_plan)
     pipeline = parallel.pipeline  # None unless the build was compiled with --pp
     if pipeline is not None:
         pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
@@ -121,9 +121,10 @@ def main(args):
                                     {{"params": no_decay, "weight_decay": 0.0}}], lr=args.lr, betas=(0.9, 0.95),
                                    fused=env.device.type == "cuda",  # one kernel for every parameter
                                    foreach=env.device.type != "cuda")
+    plan = build.options
     ckpt = rt.Checkpointer(run_dir / "checkpoints", args.keep, env.rank, parallel.mesh,
-                           by_name=build.options.ep > 1 or build.options.pp > 1,  # resumable under another plan
-                           fingerprint=build.fingerprint)
+                           by_name=plan.ep > 1 or plan.pp > 1 or plan.tp > 1,  # resumable under another plan
+                           fingerprint=build.fingerprint, tp_plan=build.tp_plan)
     start = rt.resume(ckpt, model, optimizer, args, before, env.rank)
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the flags given now, also on resume
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
@@ -191,7 +192,7 @@ def main(args):
                             losses = [pipeline.evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device))
                                       for x, y in batches]
                     else:
-                        batches = (data.batch("val", i, args.batch_size, env.rank, env.world)
+                        batches = (data.batch("val", i, args.batch_size, parallel.data_rank, parallel.data_world)
                                    for i in range(args.eval_batches))
                         losses = [loss_of(rt.to_device(x, env.device), rt.to_device(y, env.device))[0]
                                   for x, y in batches]

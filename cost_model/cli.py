@@ -85,9 +85,9 @@ def plan_command(provider: ShapeProvider) -> click.Command:
         ranked, enumerated = rank_plans(shape, moe, gpus, hw, global_batch, micro_batch)
         click.echo(f"{shape.name} + MoE E={moe.experts} K={moe.topk} on {gpus} x {hw.gpu_name} ({hw.name}): "
                    f"{len(ranked)} of {enumerated} plans fit\n")
-        runs = lambda plan: not any(moe.with_plan(plan).runtime_problems())  # noqa: E731
+        runs = lambda plan: not any(moe.with_plan(plan).planner_problems())  # noqa: E731
         click.echo(table(ranked, top, runs))
-        click.echo(f"\n{LEGEND}\ntrain.py: whether the emitted training program carries the plan out "
+        click.echo(f"\n{LEGEND}\ntrain.py: whether the emitted training program carries the plan out as predicted "
                    f"(`moec compile --gpus` chooses among those that it does)")
         click.echo(f"\nbest: {ranked[0].why}")
         if not runs(ranked[0]):

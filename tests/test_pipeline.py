@@ -77,8 +77,9 @@ def test_stop_after_writes_the_dumps_up_to_that_pass_only(tmp_path):
 
 
 def test_the_pipeline_is_a_list_of_names():
-    names = [p.name for p in passes_for(Options(ep=2))]
+    names = [p.name for p in passes_for(Options(ep=2, tp=2))]
     assert names == [n for n in PIPELINE if n != "plan_sharding"]
+    assert "tensor_parallel" not in [p.name for p in passes_for(Options(ep=2))]
     assert [p.name for p in passes_for(Options(), stop_after="lower_moe")] == ["find_ffn", "sample_ffn_inputs",
                                                                               "ffn_to_moe", "lower_moe"]
     assert [p.name for p in passes_for(Options(router_init="random"), stop_after="ffn_to_moe")] == ["find_ffn",

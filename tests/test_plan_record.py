@@ -14,7 +14,10 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tp", "2"], "--tp 2: the training program does not run tensor parallelism yet; use --tp 1"),
+    (["--tp", "2"], "--tp 2 with --ep 1: routed experts are not split by TP but sharded by expert parallelism, "
+                    "which must be at least TP (as torchtitan requires); use --ep 2 or more"),
+    (["--tp", "2", "--ep", "2", "--pp", "2"], "--tp 2 with --pp 2: the training program does not combine them yet"),
+    (["--tp", "2", "--ep", "2", "--zero", "1"], "--tp 2 with --zero 1: the training program does not combine them"),
     (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),
     (["--zero", "3", "--ep", "2"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2"),
     (["--zero", "4"], "--zero one of 0-3"),
@@ -33,7 +36,7 @@ def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_p
 
 
 @pytest.mark.parametrize("record,extra,message", [
-    ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 1, "recompute": False}}, [], "--tp 2: the training"),
+    ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 1, "recompute": False}}, [], "--tp 2 with --zero 1"),
     ({"ep": 2}, ["--ep", "2"], "gives the parallel plan: drop --ep"),
     ([1, 2], [], "expected plan.json, or an object of ep, dp, tp, pp, zero, recompute"),
     ({"ep": 3}, [], "--ep 3 does not divide the 4 routed experts"),
@@ -76,13 +79,15 @@ def test_a_planned_build_reads_its_plan_back(tmp_path):
     (dict(ep=2), 3, "needs a multiple of 2 processes, not 3: start torchrun with 2"),
     (dict(ep=2, dp=2), 2, "runs on 4 processes, not 2: start torchrun with 4 in all"),
     (dict(ep=4), 6, "needs a multiple of 4 processes, not 6: start torchrun with 4"),
+    (dict(ep=2, tp=2), 2, r"\(EP2 PP1 TP2\) needs a multiple of 4 processes, not 2: start torchrun with 4"),
 ])
 def test_a_world_that_does_not_fit_the_plan_is_refused(plan, world, message):
     with pytest.raises(MoecError, match=message):
         check_world(Options(experts=4, **plan), world)
 
 
-@pytest.mark.parametrize("plan,world", [(dict(ep=2), 1), (dict(ep=2), 4), (dict(ep=2, dp=2), 4), (dict(), 3)])
+@pytest.mark.parametrize("plan,world", [(dict(ep=2), 1), (dict(ep=2), 4), (dict(ep=2, dp=2), 4), (dict(), 3),
+                                        (dict(ep=2, tp=2), 8), (dict(ep=2, tp=2), 1)])
 def test_a_world_that_fits_the_plan_runs(plan, world):
     check_world(Options(experts=4, **plan), world)
 
@@ -101,6 +106,12 @@ def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--pp", "3"], "3 pipeline stages need at least 3 layers, and the model has 2"),
     (["--pp", "2", "--pp-schedule", "interleaved-1f1b"], "4 pipeline stages need at least 4 layers"),
+    (["--tp", "4", "--ep", "4"], "--tp 4: the attention of h.0.attn has 2 query and 2 key/value heads, which TP=4 "
+                                 "must divide; use a --tp that divides them"),
+    (["--tp", "2", "--dense", "--set", "n_embd=33", "--set", "n_head=1"],
+     "--tp 2: the attention of h.0.attn has 1 query and 1 key/value heads, which TP=2 must divide"),
+    (["--tp", "2", "--dense", "--set", "dropout=0.1"], "drops out with p=0.1, which the ranks of a TP group would "
+                                                       "draw differently; build the model with dropout 0"),
 ])
 def test_more_stages_than_layers_is_refused_after_the_capture(tmp_path, args, message):
     r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--no-verify", *args)

@@ -170,7 +170,7 @@ class Options:
         """What the training program cannot carry out of this plan, each a line naming the option and what
         it runs instead. The compiler refuses such a plan and the planner's --gpus search skips it."""
         if self.tp > 1:
-            yield f"--tp {self.tp}: the training program does not run tensor parallelism yet; use --tp 1"
+            yield from self._tp_problems()
         if self.pp > 1 and self.zero:
             yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
         if self.pp_schedule == "dualpipev":
@@ -186,6 +186,25 @@ class Options:
         if self.recompute:
             yield ("--recompute: the training program does not recompute whole layers yet; "
                    "--recompute-experts recomputes the experts' activations")
+
+    def planner_problems(self):
+        """runtime_problems, and plans the cost model predicts otherwise than the training program runs them:
+        what the planner's --gpus search skips."""
+        yield from self.runtime_problems()
+        if self.tp > 1:  # the program's TP splits attention and dense FFNs only, every rank holding all tokens
+            yield (f"--tp {self.tp}: the cost model splits experts and activations (sequence parallel) over TP, "
+                   f"which the training program does not yet")
+
+    def _tp_problems(self):
+        if not self.dense and self.ep < self.tp:
+            yield (f"--tp {self.tp} with --ep {self.ep}: routed experts are not split by TP but sharded by expert "
+                   f"parallelism, which must be at least TP (as torchtitan requires); use --ep {self.tp} or more")
+        for flag, on in ((f"--pp {self.pp}", self.pp > 1), (f"--zero {self.zero}", self.zero > 0),
+                         (f"--ep-variant {self.ep_variant}", self.ep_variant != "flat"),
+                         (f"--ep-chunks {self.ep_chunks}", self.ep_chunks > 1)):
+            if on:
+                yield (f"--tp {self.tp} with {flag}: the training program does not combine them yet; "
+                       f"drop {flag.split()[0]}")
 
     def parallel_label(self) -> str:
         return f"EP{self.ep} DP{self.dp or '*'} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"

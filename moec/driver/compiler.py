@@ -133,7 +133,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     gm, rows = run_pipeline(gm, passes_for(o, plan, stop_after), tmp / "ir", log)
     report = {"params": rows[-1]["params"], "active_params": rows[-1]["active_params"],
               "moe_layers": rows[-1]["moe_layers"], "context": context,
-              "router_biases": gm.meta.get("router_biases", [])}
+              "router_biases": gm.meta.get("router_biases", []),
+              "tp_plan": gm.meta.get("tp_plan", {})}  # weight -> how the runtime splits it over the TP ranks
     hf_config = _hf_config(meta_model)
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)
@@ -196,7 +197,7 @@ def _plan(model: str, o: Options, gm, meta_model, tmp: Path, log, hardware):
     from moec.cost_model import rank_plans
     from moec.cost_model.report import write_plan_json
     shape = _shape(model, o, gm, meta_model)
-    runnable = lambda plan: not any(o.with_plan(plan).runtime_problems())  # noqa: E731
+    runnable = lambda plan: not any(o.with_plan(plan).planner_problems())  # noqa: E731
     ranked, enumerated = rank_plans(shape, o, o.gpus, hardware, allowed=runnable)
     write_plan_json(tmp, ranked, enumerated, shape, o)
     log(f"plan: {ranked[0].why}")

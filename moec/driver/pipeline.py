@@ -33,8 +33,10 @@ from moec.passes.lower_moe import LowerMoE
 from moec.passes.lower_to_triton import LowerToTriton
 from moec.passes.plan_sharding import PlanSharding
 from moec.passes.sample_ffn_inputs import SampleFFNInputs
+from moec.passes.tensor_parallel import TensorParallel
 
-PIPELINE = ("find_ffn", "sample_ffn_inputs", "ffn_to_moe", "lower_moe", "plan_sharding", "insert_collectives", "lower_to_triton")
+PIPELINE = ("find_ffn", "sample_ffn_inputs", "ffn_to_moe", "lower_moe", "plan_sharding", "insert_collectives",
+            "tensor_parallel", "lower_to_triton")
 
 
 class PassFailed(RuntimeError):
@@ -48,16 +50,18 @@ def check_stop_after(stop_after: str | None) -> None:
 
 def passes_for(options: Options, plan=None, stop_after: str | None = None) -> list:
     """The passes a build runs, in PIPELINE's order: a dense build only finds the FFNs; plan_sharding runs
-    for a planner's plan, insert_collectives for expert parallelism, lower_to_triton unless --no-triton."""
+    for a planner's plan, insert_collectives for expert parallelism, tensor_parallel for TP > 1,
+    lower_to_triton unless --no-triton."""
     check_stop_after(stop_after)
     wanted = {"find_ffn": True, "sample_ffn_inputs": not options.dense and options.router_init != "random",
               "ffn_to_moe": not options.dense, "lower_moe": not options.dense,
               "plan_sharding": plan is not None and not options.dense,
-              "insert_collectives": options.ep > 1 and not options.dense,
+              "insert_collectives": options.ep > 1 and not options.dense, "tensor_parallel": options.tp > 1,
               "lower_to_triton": options.triton and not options.dense}
     make = {"find_ffn": FindFFN, "sample_ffn_inputs": lambda: SampleFFNInputs(options),
             "ffn_to_moe": lambda: FFNToMoE(options), "lower_moe": LowerMoE,
             "plan_sharding": lambda: PlanSharding(plan), "insert_collectives": lambda: InsertCollectives(options),
+            "tensor_parallel": lambda: TensorParallel(options.tp),
             "lower_to_triton": LowerToTriton}
     out = []
     for name in PIPELINE:

@@ -1,5 +1,6 @@
-"""Expert parallelism at run time: the collectives the graph calls, the mesh
-and its named groups, expert sharding, gradient sync, ZeRO-1 and resharding
+"""Expert (and tensor) parallelism at run time: the collectives the graph calls,
+the mesh and its named groups, expert sharding, the slices of tensor
+parallelism (tensor_parallel), gradient sync, ZeRO-1 and resharding
 checkpoints.
 
 What a training loop does with an EP build (`moec compile --ep N`):

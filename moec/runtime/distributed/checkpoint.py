@@ -4,7 +4,9 @@ Each expert parameter (and its optimizer state) is saved as a DTensor over the
 (dp, ep) mesh, sharded on dim 0 along ep and replicated along dp, so the
 checkpoint holds every expert once under its global shape. Loading builds the
 same state for the current mesh and lets DCP read each rank's slice: a run
-saved at EP=2 resumes at EP=4, or on one process (plain, full tensors).
+saved at EP=2 resumes at EP=4, or on one process (plain, full tensors). The
+slices of tensor parallelism are saved the same way, over the (dp, ep, tp)
+mesh, sharded along tp.
 Replicated tensors are plain tensors; DCP writes them once.
 
 Loading never runs code a checkpoint carries: DCP unpickles .metadata with
@@ -91,7 +93,11 @@ def read_model(path) -> dict:
     state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in saved.items()
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     load_state(state, path)
-    return {key[len("model."):]: t for key, t in state.items()}
+    fused = {key[len(FUSED) + 1:] for key in saved if key.startswith(FUSED + ".")}  # DCP flattens the dict
+    return {key[len("model."):]: t.flatten(0, 1) if key[len("model."):] in fused else t for key, t in state.items()}
+
+
+FUSED = "tp_fused"  # {name: parts} of the fused weights a tensor-parallel build saves viewed [parts, ...]
 
 
 def mismatch(state: dict, metadata: Metadata) -> str | None:
@@ -106,10 +112,19 @@ def mismatch(state: dict, metadata: Metadata) -> str | None:
     return None
 
 
-def _wrap(name: str, t: torch.Tensor, mesh):
+def _wrap(name: str, t: torch.Tensor, mesh, split: dict):
+    """t as saved: an expert's over (dp, ep[, tp]), sharded on dim 0 along ep; a tensor-parallel slice
+    (split: {name: (dim, parts)}) over (dp, ep, tp), sharded along tp on dim, a fused weight of P parts
+    viewed [P, out/P, ...] so that each rank's slice is a block of it (also on one process)."""
+    tp = mesh is not None and "tp" in mesh.mesh_dim_names
+    if name in split and t.dim():
+        dim, parts = split[name]
+        if parts > 1:
+            t, dim = t.view(parts, -1, *t.shape[1:]), dim + 1
+        return DTensor.from_local(t, mesh, [Replicate(), Replicate(), Shard(dim)], run_check=False) if tp else t
     if mesh is None or not is_expert(name) or t.dim() == 0:
         return t
-    return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
+    return DTensor.from_local(t, mesh, [Replicate(), Shard(0)] + [Replicate()] * tp, run_check=False)
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -125,29 +140,33 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def named_state(model, optimizer, mesh) -> dict:
+def named_state(model, optimizer, mesh, split: dict | None = None) -> dict:
     """The state this layout saves, keyed "model.NAME" and "optim.NAME.KEY"; optimizer None: the model's."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise MoecError(f"checkpoint: {type(optimizer).__name__} is not a torch.optim.Optimizer; its state "
                         "cannot be saved by parameter name")
-    names = {p: n for n, p in model.named_parameters()}
-    state = {f"model.{n}": _wrap(n, p.detach(), mesh) for n, p in model.named_parameters()}
+    names, split = {p: n for n, p in model.named_parameters()}, split or {}
+    state = {f"model.{n}": _wrap(n, p.detach(), mesh, split) for n, p in model.named_parameters()}
     state.update({f"model.{n}": b for n, b in model.named_buffers()})  # replicated (router biases, rotary tables)
+    fused = {n: parts for n, (_, parts) in split.items() if parts > 1}
+    if fused:  # read_model gives these back at the model's shapes
+        state[FUSED] = fused
     if optimizer is not None:
         for p, s in optimizer.state.items():
             for k, v in s.items():
-                state[f"optim.{names[p]}.{k}"] = _wrap(names[p], v, mesh) if torch.is_tensor(v) else v
+                state[f"optim.{names[p]}.{k}"] = _wrap(names[p], v, mesh, split) if torch.is_tensor(v) else v
     return state
 
 
-def save(path, model: torch.nn.Module, optimizer=None, mesh=None) -> None:
-    dcp.save(named_state(model, optimizer, mesh), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+def save(path, model: torch.nn.Module, optimizer=None, mesh=None, split: dict | None = None) -> None:
+    dcp.save(named_state(model, optimizer, mesh, split), checkpoint_id=str(path), no_dist=not dist.is_initialized())
 
 
-def load(path, model: torch.nn.Module, optimizer=None, mesh=None) -> None:
-    """Fill model (holding this rank's experts) and optimizer from a checkpoint written at any EP."""
+def load(path, model: torch.nn.Module, optimizer=None, mesh=None, split: dict | None = None) -> None:
+    """Fill model (holding this rank's experts and TP slices) and optimizer from a checkpoint written at any
+    EP and TP."""
     if optimizer is not None and not optimizer.state:
         _init_optimizer_state(optimizer)
     # the state's tensors alias the parameters and optimizer tensors (DTensor.from_local keeps
     # the local tensor), so DCP's in-place load fills them
-    load_state(named_state(model, optimizer, mesh), path)
+    load_state(named_state(model, optimizer, mesh, split), path)

@@ -48,12 +48,15 @@ def shard_experts(model: torch.nn.Module, ep: int, j: int) -> list[str]:
 class GradSync:
     """Call after backward, before the optimizer step: one flat all-reduce per group. shared: {name: (shape,
     dtype, counted)} of the parameters more than one stage of a pipeline holds (tied embeddings), the same
-    on every rank of it, their gradients summed over "pp"; counted: whether this rank counts it in the norm."""
+    on every rank of it, their gradients summed over "pp"; counted: whether this rank counts it in the norm.
+    tp_split: names of the parameters this rank holds a tensor-parallel slice of (the other parameters are
+    the same on every rank of a TP group, and so are their gradients)."""
 
-    def __init__(self, model: torch.nn.Module, shared: dict | None = None):
+    def __init__(self, model: torch.nn.Module, shared: dict | None = None, tp_split=()):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in params if is_expert(n)]
         self.dense = [p for n, p in params if not is_expert(n)]
+        self.tp_split = [p for n, p in params if n in set(tp_split)]  # slices of linears split over "tp"
         self.shared, self.named = shared or {}, dict(params)
         uncounted = {id(self.named[n]) for n, (_, _, counted) in self.shared.items() if not counted and n in self.named}
         self.norm_dense = [p for p in self.dense if id(p) not in uncounted]
@@ -81,15 +84,20 @@ class GradSync:
                 p.grad = grad
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model: this rank holds only its experts (and its pipeline stage), so
-        the squared norms are summed over the EP group (and the pipeline) before scaling (call after __call__)."""
+        """clip_grad_norm_ over the whole model: this rank holds only its experts, its slices of the TP-split
+        linears (and its pipeline stage), so the squared norms are summed over the EP group, the TP group (and
+        the pipeline) before scaling (call after __call__)."""
         params = self.dense + self.expert
         sq = lambda ps: sum((p.grad.float().square().sum() for p in ps if p.grad is not None),
                             torch.zeros((), device=params[0].device))
         expert_sq = sq(self.expert)
         if groups.get("ep") is not None:
             dist.all_reduce(expert_sq, group=groups.get("ep"))
-        total_sq = sq(self.norm_dense) + expert_sq
+        split = {id(p) for p in self.tp_split}
+        split_sq = sq(self.tp_split)
+        if split:
+            dist.all_reduce(split_sq, group=groups.get("tp"))
+        total_sq = sq([p for p in self.norm_dense if id(p) not in split]) + expert_sq + split_sq
         if groups.get("pp") is not None:
             dist.all_reduce(total_sq, group=groups.get("pp"))
         total = total_sq.sqrt()

@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from moec.base.errors import MoecError
 from moec.runtime.distributed import checkpoint as by_name
+from moec.runtime.distributed.tensor_parallel import tp_layout
 from moec.runtime.distributed.zero import ShardedOptimizer
 from moec.runtime.training.loop import unwrap
 
@@ -142,18 +143,21 @@ def _local_bytes(model, optimizer) -> int:
 
 class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, rank: int = 0, mesh=None, by_name: bool = False,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, tp_plan: dict | None = None):
         """mesh: the (dp, ep) DeviceMesh of an expert-parallel run, whose experts are
         saved with their global shapes, so a run resumes at another EP size.
         by_name: write the "by_name" layout without a mesh too (an expert-parallel
         build on one process), so torchrun can resume it at its EP size.
         fingerprint: names the model (train.py's, from the build's parameter table); None: every
-        checkpoint counts as this model's."""
+        checkpoint counts as this model's.
+        tp_plan: config.json's, for a build with tensor parallelism: the weights it splits are saved
+        at their global shapes whether this run splits them or not (by_name layout)."""
         if keep < 1:
             raise ValueError(f"Checkpointer keeps the newest `keep` checkpoints: keep={keep} must be at least 1")
         self.root, self.keep, self.rank, self.mesh = Path(root), keep, rank, mesh
         self.by_name = by_name or mesh is not None
         self.fingerprint = fingerprint
+        self.split = tp_layout(tp_plan or {})
 
     def _steps(self, at_most: int | None = None) -> list[tuple[int, Path]]:
         """(step, path) of every step_N directory (of step at_most or earlier), newest first."""
@@ -235,7 +239,7 @@ class Checkpointer:
     def _write(self, tmp: Path, step: int, model, optimizer, extra: dict) -> None:
         if self.by_name or isinstance(optimizer, ShardedOptimizer):
             layout = "by_name"
-            by_name.save(tmp, unwrap(model), optimizer, self.mesh)
+            by_name.save(tmp, unwrap(model), optimizer, self.mesh, self.split)
         else:
             layout = "state_dict"
             msd, osd = get_state_dict(model, optimizer)
@@ -293,7 +297,7 @@ class Checkpointer:
         if layout != "by_name" and isinstance(optimizer, ShardedOptimizer):
             raise MoecError(f"checkpoint {path} holds a whole optimizer state (written without --zero): "
                             f"resume it without --zero")
-        state = (by_name.named_state(unwrap(model), None, self.mesh) if layout == "by_name" else
+        state = (by_name.named_state(unwrap(model), None, self.mesh, self.split) if layout == "by_name" else
                  {f"model.{k}": v for k, v in get_model_state_dict(model).items()})
         try:
             problem = by_name.mismatch(state, metadata)
@@ -333,7 +337,7 @@ class Checkpointer:
 
     def _restore(self, path: Path, extra: dict, model, optimizer) -> None:
         if extra["layout"] == "by_name":
-            by_name.load(path, unwrap(model), optimizer, self.mesh)  # experts resharded to this run's EP
+            by_name.load(path, unwrap(model), optimizer, self.mesh, self.split)  # resharded to this run's EP, TP
             for group, saved in zip(optimizer.param_groups, extra["param_groups"], strict=True):
                 group.update(saved)
         else:

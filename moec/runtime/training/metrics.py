@@ -66,8 +66,18 @@ def attention_flops_per_step(model_cls, batch: int, seq_len: int, ep: int = 1) -
     return 3.0 * forward
 
 
-def step_flops(active_params: int, tokens: int, attention_flops: float) -> float:
-    return 6.0 * active_params * tokens + attention_flops
+def step_flops(active_params: int, tokens: int, attention_flops: float, tp: int = 1, split_params: int = 0) -> float:
+    """One rank's FLOPs of a step of `tokens`: with TP, the ranks of a TP group share the same tokens and each
+    computes 1/TP of the attention and of the split linears (split_params of the active ones)."""
+    return 6.0 * (active_params - split_params + split_params / tp) * tokens + attention_flops / tp
+
+
+def split_params(model_cls, tp_plan: dict) -> int:
+    """How many parameters tensor parallelism splits (config.json's tp_plan), counted on the meta device."""
+    from moec.runtime.distributed.tensor_parallel import tp_layout
+
+    names = tp_layout(tp_plan)
+    return sum(p.numel() for n, p in model_cls(device="meta").named_parameters() if n in names)
 
 
 def expert_load(counts: list, tokens: int, k: int, capacity_factor: float) -> torch.Tensor:

@@ -33,14 +33,15 @@ class Parallel:
 
     def __init__(self, model, env: Env, mesh=None, grad_sync=None, zero: bool = False, pipeline=None):
         self.model, self.mesh, self.grad_sync, self.zero, self.pipeline = model, mesh, grad_sync, zero, pipeline
-        # which share of the data this rank reads: the stages of a pipeline read the same
-        data = groups.get("data") if pipeline is not None else None
+        # which share of the data this rank reads: the stages of a pipeline, and the ranks of a TP group, read the same
+        data = groups.get("data") if mesh is not None else None
         self.data_rank = env.rank if data is None else dist.get_rank(data)
         self.data_world = env.world if data is None else dist.get_world_size(data)
 
     @property
     def expert_parallel(self) -> bool:
-        """Whether ranks hold different parameters (experts, pipeline stages): no one rank has the model."""
+        """Whether ranks hold different parameters (experts, pipeline stages, TP slices): no one rank has the
+        model."""
         return self.mesh is not None
 
     def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
@@ -82,12 +83,14 @@ def check_world(options, world: int) -> None:
 
 
 def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, zero: bool = False,
-                micro_batches: int = 1, loss_fn=None) -> Parallel:
+                micro_batches: int = 1, loss_fn=None, tp_plan: dict | None = None) -> Parallel:
     """Apply the build's parallel plan (its Options), in one place and this order: check the world against it;
-    build the (pp, dp, ep) mesh; experts over the EP ranks (ep > 1 under torchrun, gradients reduced by
-    moec.runtime.distributed); this rank's pipeline stages of stages.py (pp > 1: micro_batches a step, the
-    last stage's loss_fn(logits, targets)); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3 or train.py's
-    --fsdp); then ZeRO-1 for the optimizer (the plan's --zero 1 or train.py's --zero)."""
+    build the (pp, dp, ep, tp) mesh; experts over the EP ranks (ep > 1 under torchrun, gradients reduced by
+    moec.runtime.distributed); attention, dense FFNs and shared experts over the TP ranks (tp > 1: the
+    compiler's tp_plan, config.json's, says which weights split how; the router and the routed experts are
+    the same on every rank of a TP group); this rank's pipeline stages of stages.py (pp > 1: micro_batches a
+    step, the last stage's loss_fn(logits, targets)); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3 or
+    train.py's --fsdp); then ZeRO-1 for the optimizer (the plan's --zero 1 or train.py's --zero)."""
     check_world(options, env.world)
     fsdp, zero = fsdp or options.zero == 3, zero or options.zero == 1
     if fsdp and zero:
@@ -95,10 +98,13 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
                         "parameters and gradients: use one of them")
     from moec.runtime.distributed.setup import setup
 
-    ep, pp = options.ep, options.pp
+    ep, pp, tp = options.ep, options.pp, options.tp
     if (fsdp or zero) and pp > 1 and env.world > 1:
         raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with pipeline parallelism (PP={pp}) yet: "
                         f"each stage already holds only its layers")
+    if (fsdp or zero) and tp > 1 and env.world > 1:
+        raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with tensor parallelism (TP={tp}) yet: "
+                        f"drop it, or recompile without --tp")
     if fsdp and ep > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
                         f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
@@ -111,8 +117,8 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
                             env.device, loss_fn)
         grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model))
         return Parallel(pipeline.model, env, mesh, grad_sync, pipeline=pipeline)
-    if env.world > 1 and ep > 1:
-        model, mesh, grad_sync = setup(model, options)
+    if env.world > 1 and (ep > 1 or tp > 1):
+        model, mesh, grad_sync = setup(model, options, tp_plan)
         return Parallel(model, env, mesh, grad_sync, zero)
     return Parallel(wrap(model, env, fsdp), env, zero=zero)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
-                                   load_summary, step_flops)
+                                   load_summary, split_params, step_flops)
 from moec.runtime.training.progress import MetricsFile, Progress
 
 
@@ -33,6 +33,7 @@ class BuildInfo:
     flops_per_step: float  # per rank
     fingerprint: str  # of the parameter table: which checkpoints and run dirs are this model's
     router_biases: list  # the aux-loss-free balancing biases, in the order of the forward's expert_counts
+    tp_plan: dict  # {weight: how tensor parallelism splits it} (config.json's; empty without --tp)
 
     @classmethod
     def read(cls, build_dir: Path, model_cls, batch: int, seq_len: int) -> "BuildInfo":
@@ -47,8 +48,10 @@ class BuildInfo:
         vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
         active = config["result"]["active_params"]
         attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
-        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention), fingerprint(model_cls),
-                   config["result"].get("router_biases", []))
+        tp_plan = config["result"].get("tp_plan", {})
+        split = split_params(model_cls, tp_plan) if options.tp > 1 else 0
+        return cls(options, active, vocab, step_flops(active, batch * seq_len, attention, options.tp, split),
+                   fingerprint(model_cls), config["result"].get("router_biases", []), tp_plan)
 
 
 def fingerprint(model_cls) -> str:
