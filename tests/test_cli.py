@@ -16,9 +16,7 @@ def load_build(path: Path):
     spec = importlib.util.spec_from_file_location(f"built_{path.name}", path / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.Model()
-    moec.runtime.load_weights(model, path / "model.safetensors")
-    return model
+    return moec.runtime.load_build(mod.Model, path)
 
 
 @pytest.mark.parametrize("example,args", [
@@ -91,15 +89,15 @@ def test_weights_upcycles_a_dense_checkpoint(tmp_path):
 
 
 def test_a_dense_builds_weights_upcycle_with_its_buffers(tmp_path):
-    """A build's weights (model.safetensors, or a run's final.safetensors) hold the buffers of its graph,
+    """A build's weights (weights.safetensors, or a run's final.safetensors) hold the buffers of its graph,
     llama's rotary tables among them, which the model file computes itself: --weights accepts them."""
     dense = tmp_path / "dense"
     assert run("compile", EXAMPLES / "llama.py", "--dense", "-o", dense).exit_code == 0
     from safetensors.torch import load_file
-    assert any("rope" in n for n in load_file(str(dense / "model.safetensors")))
+    assert any("rope" in n for n in load_file(str(dense / "weights.safetensors")))
     out = tmp_path / "moe"
     result = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "-o", out,
-                 "--weights", dense / "model.safetensors")
+                 "--weights", dense / "weights.safetensors")
     assert result.exit_code == 0, result.output
     tokens = torch.randint(0, 256, (2, 16))
     assert torch.allclose(load_build(out)(tokens)["logits"], load_build(dense)(tokens)["logits"], atol=1e-5)
