@@ -92,3 +92,18 @@ def entry(source: str, rows, transposed: bool, role: str, experts: int, granular
           seed: int, drop: int, mean: float, std: float, noise: float) -> dict:
     return dict(source=source, rows=rows, transposed=transposed, role=role, experts=experts,
                 granularity=granularity, scale=scale, seed=seed, drop=drop, mean=mean, std=std, noise=noise)
+
+
+def upcycle_graph(gm: torch.nn.Module) -> torch.nn.Module:
+    """Make every expert of a graph ffn_to_moe left placeholders in, in place, from the recipe and dense
+    tensors it recorded (gm.meta): the graph as a one-process build would load it, for tests and checks
+    that run the graph itself."""
+    sources = gm.meta.get("upcycle_sources", {})
+    for name, entry in gm.meta.get("upcycle", {}).items():
+        *path, leaf = name.split(".")
+        owner = gm.get_submodule(".".join(path))
+        old = getattr(owner, leaf)
+        made = make_experts(entry, sources[entry["source"]], range(old.shape[0]), old.dtype)
+        owner.register_parameter(leaf, torch.nn.Parameter(made, requires_grad=old.requires_grad))
+    gm.meta["upcycle"] = {}
+    return gm
