@@ -150,6 +150,9 @@ def _open_build(build: Path, stack: ExitStack) -> dict:
     written = json.loads((build / RECIPE).read_text())
     tensors = {n: t for n, t in stored.items() if n not in set(written["sources"])}
     for name, entry in written["experts"].items():
+        if entry["source"] not in stored:
+            raise MoecError(f"{build / RECIPE}: {name} is made from {entry['source']}, which {WEIGHTS} lacks; "
+                            f"compile the build again")
         source = stored[entry["source"]]
 
         def read(entry=entry, source=source, i=None):
