@@ -32,7 +32,7 @@ def test_compile_writes_a_build_that_runs(tmp_path, example, args):
     r = run("compile", EXAMPLES / example, "-o", out, *args)
     assert r.exit_code == 0, r.output
     assert "max relative error" in r.output
-    assert {p.name for p in out.iterdir()} >= {"model.py", "model.safetensors", "config.json", "ir"}
+    assert {p.name for p in out.iterdir()} >= {"model.py", "weights.safetensors", "upcycle.json", "config.json", "ir"}
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["experts"] == int(args[1]) and config["result"]["verify_max_rel_error"] < 1e-4
     model = load_build(out)
