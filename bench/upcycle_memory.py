@@ -133,7 +133,7 @@ def main():
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         if a.config:
             rows += real(a.config, a.experts, a.topk, [int(e) for e in a.ep.split(",")], Path(a.work or tmp))
-    for experts in (int(e) for e in a.meta_experts.split(",")):
+    for experts in (int(e) for e in a.meta_experts.split(",") if e and a.meta_config):
         rows += meta(a.meta_config, experts, 2 if experts <= 8 else 8, [int(e) for e in a.meta_ep.split(",")])
     print(textwrap.dedent("\n".join(rows)))
 

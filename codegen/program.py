@@ -470,13 +470,11 @@ def write_weights(gm: torch.nn.Module, directory: Path, dtypes: dict | None = No
     checkpoint held it in) and directory/upcycle.json (each expert tensor's recipe)."""
     import json
 
-    from safetensors.torch import save_file
-
+    from moec.base import safetensors_io
     from moec.runtime.weights import RECIPE, WEIGHTS
 
-    dtypes = dtypes or {}
-    state = {n: t.to(dtypes.get(n, t.dtype)).contiguous() for n, t in weights(gm).items()}
-    save_file(state, str(Path(directory) / WEIGHTS))
+    state = weights(gm)
+    safetensors_io.save(state, Path(directory) / WEIGHTS, dtypes)
     params, buffers, _ = _tables(gm)
     recipe = {"experts": gm.meta.get("upcycle", {}), "sources": sorted(set(state) - set(params) - set(buffers))}
     (Path(directory) / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True) + "\n")

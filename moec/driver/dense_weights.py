@@ -62,12 +62,12 @@ class DenseWeights:
                     if names.get(name) in own:  # not a buffer the model computes itself
                         own[names[name]].copy_(t)
                 return
-            from safetensors import safe_open
+            from moec.base.safetensors_io import Reader
             for file, held in self.shards.items():
-                with safe_open(file, framework="pt") as f:
-                    for name in held:
-                        if names.get(name) in own:
-                            own[names[name]].copy_(f.get_tensor(name))
+                f = Reader(file)
+                for name in held:
+                    if names.get(name) in own:
+                        own[names[name]].copy_(f.get(name))
 
 
 def _model_names(model: torch.nn.Module, names) -> dict:

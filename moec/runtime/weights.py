@@ -69,8 +69,7 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     """model_cls (the build's model.py's Model) holding the build's weights on device: every tensor but the
     experts as the build stores it, and of each expert tensor only the experts of EP rank j of ep, made from
     its dense source by the build's recipe (moec.runtime.upcycle), one at a time."""
-    from safetensors import safe_open
-
+    from moec.base.safetensors_io import Reader
     from moec.runtime.distributed.params import expert_slice
     from moec.runtime.upcycle import make_experts
 
@@ -79,25 +78,24 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     written = json.loads((build / RECIPE).read_text())
     recipe, only_sources = written["experts"], set(written["sources"])
     model = model_cls(device="meta")
-    with safe_open(str(build / WEIGHTS), framework="pt") as f:
-        shapes = {n: f.get_slice(n).get_shape() for n in f.keys()}
-        own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-        fake = {n: torch.empty(shapes[n], device="meta") for n in shapes if n not in only_sources}
-        check_state(model, fake | {n: own[n] for n in recipe if n in own})
-        missing = next((e["source"] for e in recipe.values() if e["source"] not in shapes), None)
-        if missing is not None:
-            raise RuntimeError(f"weights do not match the model: {RECIPE} makes experts from {missing}, which "
-                               f"{WEIGHTS} lacks")
+    f = Reader(build / WEIGHTS)
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    fake = {n: torch.empty(f.shape(n), device="meta") for n in f.keys() if n not in only_sources}
+    check_state(model, fake | {n: own[n] for n in recipe if n in own})
+    missing = next((e["source"] for e in recipe.values() if e["source"] not in f.keys()), None)
+    if missing is not None:
+        raise RuntimeError(f"weights do not match the model: {RECIPE} makes experts from {missing}, which "
+                           f"{WEIGHTS} lacks")
 
-        def make(name, old):
-            if name not in recipe:
-                return f.get_tensor(name).to(device=device, dtype=old.dtype)
-            entry = recipe[name]
-            local = expert_slice(old.shape[0], ep, j)
-            source = f.get_tensor(entry["source"]).to(device)
-            return make_experts(entry, source, range(local.start, local.stop), old.dtype)
+    def make(name, old):
+        if name not in recipe:
+            return f.get(name).to(device=device, dtype=old.dtype)
+        entry = recipe[name]
+        local = expert_slice(old.shape[0], ep, j)
+        source = f.get(entry["source"]).to(device)
+        return make_experts(entry, source, range(local.start, local.stop), old.dtype)
 
-        _replace_tensors(model, make)
+    _replace_tensors(model, make)
     return model
 
 
