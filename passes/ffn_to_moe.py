@@ -21,6 +21,9 @@ softmax scores times E/K instead of renormalising them: equal to the dense
 FFN under a uniform router only. --drop-upcycle R gives each coarse expert
 its own random share R of the F units drawn afresh from N(mean, std) of each
 dense matrix (Drop-Upcycling).
+--upcycle-noise s adds to every entry of a fine expert's weight matrices
+Gaussian noise of std s times the dense matrix's std (times the segment's
+scale), drawn for that expert alone.
 The experts are not made here: their parameters are zero-stride placeholders
 of the right shape, and gm.meta["upcycle"] holds each one's recipe (its dense
 source, segment, scale, seeds; moec.runtime.upcycle) and
