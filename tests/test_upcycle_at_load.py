@@ -31,7 +31,8 @@ def noisy_build(tmp_path_factory):
     dense = _dense_checkpoint(tmp / "dense.safetensors")
     build = tmp / "build"
     r = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "--granularity", "2",
-            "--upcycle-noise", "0.05", "--drop-upcycle", "0.25", "--weights", tmp / "dense.safetensors", "--no-verify", "-o", build)
+            "--upcycle-noise", "0.05", "--drop-upcycle", "0.25", "--weights", tmp / "dense.safetensors", "--no-verify",
+            "-o", build)
     assert r.exit_code == 0, r.output
     return build, tmp / "dense.safetensors", dense
 

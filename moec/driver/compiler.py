@@ -122,8 +122,11 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
                   hardware) -> dict:
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
+    dtypes = {}  # what the build stores each dense tensor as: the dtype the checkpoint held it in
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
+        wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
+        dtypes = dense_weights.dtypes_in(_unwrapped(meta_model), wrapped)
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     _check_against_model(gm, o)
@@ -141,7 +144,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)
         return report
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())  # the whole MoE model's
-    stored = stored_bytes(gm)  # what the build holds: the dense weights, routers, no experts
+    stored = stored_bytes(gm, dtypes)  # what the build holds: the dense weights, routers, no experts
     real = stored <= o.max_weights_gb * 2**30
     moe_fits = nbytes <= o.max_weights_gb * 2**30  # then compile-time checks make the whole MoE model
     report["weights_written"], report["weights_bytes"], report["moe_weights_bytes"] = real, stored, nbytes
@@ -152,10 +155,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     if real:
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        dtypes = {}
         if dense_weights is not None:
             dense_weights.load_into(_unwrapped(dense))
-            dtypes = dense_weights.dtypes_in(_unwrapped(dense), "model." if isinstance(dense, LogitsOnly) else "")
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp, dtypes)
         log(f"weights: {stored / 2**20:,.1f} MiB of dense weights and routers -> {WEIGHTS}, each rank makes its "

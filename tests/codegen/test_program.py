@@ -56,8 +56,9 @@ def test_one_class_per_block_built_for_every_layer(depths):
 def test_loads_the_same_weights_under_the_users_names(depths):
     model = _load(depths[2])
     saved = load_file(str(depths[2] / "weights.safetensors"))
-    experts = json.loads((depths[2] / "upcycle.json").read_text())["experts"]
-    assert set(model.state_dict()) == set(saved) - set(json.loads((depths[2] / "upcycle.json").read_text())["sources"]) | set(experts)
+    recipe = json.loads((depths[2] / "upcycle.json").read_text())
+    experts = recipe["experts"]
+    assert set(model.state_dict()) == set(saved) - set(recipe["sources"]) | set(experts)
     assert "h.1.attn.c_attn.weight" in saved and "h.1.mlp.moe.experts.w1" in experts
 
 
