@@ -65,7 +65,7 @@ def real(config: str, experts: int, topk: int, eps: list[int], work: Path) -> li
         child(["-c", SAVE_DENSE, LLAMA, config, dense])
     build = work / "build"
     seconds, rss, out = child(["-m", "moec.driver.cli", "compile", LLAMA, "--config", config, "--experts", experts,
-                               "--topk", topk, "--weights", dense, "--max-weights-gb", 64, "--force", "-o", build])
+                               "--topk", topk, "--weights", dense, "--force", "-o", build])
     result = json.loads((build / "config.json").read_text())["result"]
     dense_bytes, size = dense.stat().st_size, sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
     _, base, _ = child(["-c", LOAD_RANK, build, 0, 0])
