@@ -24,8 +24,9 @@ dense matrix (Drop-Upcycling).
 --upcycle-noise s adds to every entry of a fine expert's weight matrices
 Gaussian noise of std s times the dense matrix's std (times the segment's
 scale), drawn for that expert alone.
-The experts are not made here: their parameters are zero-stride placeholders
-of the right shape, and gm.meta["upcycle"] holds each one's recipe (its dense
+The experts (routed and shared) are not made here: their parameters are
+zero-stride placeholders of the right shape, and gm.meta["upcycle"] holds
+each one's recipe (its dense
 source, segment, scale, seeds; moec.runtime.upcycle) and
 gm.meta["upcycle_sources"] the dense tensors, which a build stores once and
 train.py upcycles on each rank for the experts that rank holds.
@@ -108,44 +109,45 @@ class FFNToMoE(Pass):
                 per_fine = M if o.router == "softmax" else 1
                 coarse = selection_scores(x @ rows.t(), o.router)
                 w["router.bias"] = (balancing_bias(coarse, o.topk) / per_fine).repeat_interleave(M)
-        w.update(self._experts(gm, ffn, E, seed, prefix, u))
-        if S:
-            rows = [i % M for i in range(S)]
-            width = W1.shape[0] // M
-            cat_rows = lambda t: None if t is None else torch.cat([t[s * width:(s + 1) * width] for s in rows])
-            scale = 1 / (1 + u) if u else 0.0
-            w["shared.w1"], w["shared.b1"] = cat_rows(W1), cat_rows(B1)
-            w["shared.w3"], w["shared.b3"] = cat_rows(W3), cat_rows(B3)
-            w["shared.w2"] = cat_rows(W2.t()).t().contiguous() * scale
-            w["shared.b2"] = None if B2 is None else B2 * (u / (1 + u))
+        w.update(self._made_at_load(gm, ffn, prefix, "experts", E, seed, u))
+        if S:  # shared expert i holds segment i mod M
+            w.update(self._made_at_load(gm, ffn, prefix, "shared", E, seed, u, [i % M for i in range(S)]))
         return w
 
-    def _experts(self, gm, ffn, E: int, seed: int, prefix: str, u: int) -> dict:
-        """Placeholders of the expert tensors (zero-stride: no memory) and, in gm.meta["upcycle"], the recipe
-        that makes each from its dense source at load time (moec.runtime.upcycle)."""
+    def _made_at_load(self, gm, ffn, prefix: str, group: str, E: int, seed: int, u: int, segments=None) -> dict:
+        """Placeholders of the expert (or shared-expert) tensors (zero-stride: no memory) and, in
+        gm.meta["upcycle"], the recipe that makes each from its dense source at load time
+        (moec.runtime.upcycle)."""
         o, M = self.o, self.o.granularity
         out = {}
         for role, ref in (("w1", ffn.w1), ("b1", ffn.b1), ("w3", ffn.w3), ("b3", ffn.b3), ("w2", ffn.w2),
                           ("b2", ffn.b2)):
+            name = f"{group}.{role}"
             if ref is None:
-                out[f"experts.{role}"] = None
+                out[name] = None
                 continue
             source = get_param(gm, ref.name)
             dense = ref.fetch(gm)  # [F, D], [F], [D, F] or [D]
             F = dense.shape[-1] if role == "w2" else dense.shape[0]
-            shape = {"w2": (E * M, dense.shape[0], F // M), "b2": (E * M, *dense.shape)}.get(
-                role, (E * M, F // M, *dense.shape[1:]))
-            scale = M / (1 + u) if role == "w2" else 1 / (1 + u) if role == "b2" else 1.0
+            if segments is None:
+                scale = M / (1 + u) if role == "w2" else 1 / (1 + u) if role == "b2" else 1.0
+                shape = {"w2": (E * M, dense.shape[0], F // M), "b2": (E * M, *dense.shape)}.get(
+                    role, (E * M, F // M, *dense.shape[1:]))
+            else:  # the shared outputs weigh u/(1+u); without whole dense copies (u=0) they start at zero
+                scale = (1 / (1 + u) if u else 0.0) if role == "w2" else u / (1 + u) if role == "b2" else 1.0
+                width = len(segments) * F // M
+                shape = {"w2": (dense.shape[0], width), "b2": tuple(dense.shape)}.get(role, (width, *dense.shape[1:]))
+            routed = segments is None and role != "b2"
             mean = std = None
-            if not dense.is_meta:
+            if routed and not dense.is_meta:
                 mean, std = dense.float().mean().item(), dense.float().std().item()
-            noisy = o.upcycle_noise and role in ("w1", "w3", "w2") and std is not None
-            gm.meta.setdefault("upcycle", {})[f"{prefix}.experts.{role}"] = upcycle.entry(
+            noisy = routed and o.upcycle_noise and role in ("w1", "w3", "w2") and std is not None
+            gm.meta.setdefault("upcycle", {})[f"{prefix}.{name}"] = upcycle.entry(
                 ref.name, [ref.start, ref.stop], ref.transposed, role, E, M, scale, seed,
-                0 if role == "b2" else round(o.drop_upcycle * F), mean, std,
-                o.upcycle_noise * std * scale if noisy else 0.0)
+                round(o.drop_upcycle * F) if routed else 0, mean, std,
+                o.upcycle_noise * std * scale if noisy else 0.0, segments)
             gm.meta.setdefault("upcycle_sources", {})[ref.name] = source
-            out[f"experts.{role}"] = source.new_zeros((), dtype=dense.dtype).expand(shape)
+            out[name] = source.new_zeros((), dtype=dense.dtype).expand(shape)
         return out
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -173,7 +175,7 @@ class FFNToMoE(Pass):
             weights = {n: t for n, t in self._weights(gm, ffn, E, gen, seed, prefix, hashed).items() if t is not None}
             prefixes.append(prefix if "router.bias" in weights else None)
             for name, t in weights.items():
-                made_at_load = name.startswith("experts.")
+                made_at_load = name.startswith(("experts.", "shared."))
                 set_param(gm, f"{prefix}.{name}", t if made_at_load else t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
                 stats.append(self._rewrite(g, ffn, prefix, set(weights), E, token_ids if hashed else None))

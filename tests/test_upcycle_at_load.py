@@ -31,8 +31,8 @@ def noisy_build(tmp_path_factory):
     dense = _dense_checkpoint(tmp / "dense.safetensors")
     build = tmp / "build"
     r = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "--granularity", "2",
-            "--upcycle-noise", "0.05", "--drop-upcycle", "0.25", "--weights", tmp / "dense.safetensors", "--no-verify",
-            "-o", build)
+            "--shared-experts", "2", "--upcycle-noise", "0.05", "--drop-upcycle", "0.25",
+            "--weights", tmp / "dense.safetensors", "--no-verify", "-o", build)
     assert r.exit_code == 0, r.output
     return build, tmp / "dense.safetensors", dense
 
@@ -44,8 +44,8 @@ def _model_class(build):
     return mod.Model
 
 
-def _experts(model):
-    return {n: p.detach() for n, p in model.named_parameters() if ".experts." in n}
+def _experts(model, group="experts"):
+    return {n: p.detach() for n, p in model.named_parameters() if f".{group}." in n}
 
 
 def test_each_ep_rank_makes_its_slice_of_the_one_process_experts(noisy_build):
@@ -59,13 +59,16 @@ def test_each_ep_rank_makes_its_slice_of_the_one_process_experts(noisy_build):
         assert torch.equal(torch.cat([ranks[0][name], ranks[1][name]]), t), name
     again = _experts(load_build(Model, build))
     assert all(torch.equal(again[n], t) for n, t in whole.items())  # the seeds, not the process, decide
+    shared = _experts(load_build(Model, build), "shared")
+    assert shared and all(torch.equal(_experts(load_build(Model, build, "cpu", 2, 1), "shared")[n], t)
+                          for n, t in shared.items())  # every rank holds them whole
 
 
 def test_the_build_stores_the_dense_weights_once_in_their_dtype(noisy_build):
     build, checkpoint, dense = noisy_build
     with safe_open(str(build / "weights.safetensors"), framework="pt") as f:
         stored = {n: f.get_slice(n) for n in f.keys()}
-    assert not any(".experts." in n for n in stored)
+    assert not any(".experts." in n or ".shared." in n for n in stored)
     assert all(stored[n].get_dtype() == "BF16" for n in dense)
     recipe = json.loads((build / "upcycle.json").read_text())
     assert {e["source"] for e in recipe["experts"].values()} <= set(recipe["sources"]) <= set(dense)

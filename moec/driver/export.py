@@ -143,7 +143,7 @@ def _open(weights: Path, stack: ExitStack) -> dict:
 
 
 def _open_build(build: Path, stack: ExitStack) -> dict:
-    from moec.runtime.upcycle import expert_shape, make_expert, make_experts
+    from moec.runtime.upcycle import expert_shape, make, make_expert
     from moec.runtime.weights import RECIPE, WEIGHTS
 
     stored = _open(build / WEIGHTS, stack)
@@ -157,7 +157,7 @@ def _open_build(build: Path, stack: ExitStack) -> dict:
 
         def read(entry=entry, source=source, i=None):
             if i is None:
-                return make_experts(entry, source.read(), range(expert_shape(entry, source.shape)[0]), source.dtype)
+                return make(entry, source.read(), dtype=source.dtype)
             return make_expert(entry, source.read(), i).to(source.dtype)
         tensors[name] = Lazy(expert_shape(entry, source.shape), source.dtype, read)
     return tensors

@@ -15,6 +15,8 @@ holds only to make experts from, and under "experts", for every expert tensor `<
     drop        units of each coarse expert drawn afresh from N(mean, std) of the source (Drop-Upcycling)
     mean, std   of the source, over all its entries (float32)
     noise       the std of the Gaussian noise added to every entry of a weight matrix (0: none)
+    segments    of a shared-experts tensor (<layer>.shared.<role>): the segments it holds side by side; null
+                for routed experts
 
 Draws are made on the CPU and then moved, so a GPU rank makes the same experts as a CPU one.
 """
@@ -79,7 +81,9 @@ def make_experts(entry: dict, source: torch.Tensor, experts: range, dtype=torch.
 
 
 def expert_shape(entry: dict, source_shape) -> tuple:
-    """The shape of this entry's whole tensor [E*M, ...], from its source's."""
+    """The shape of this entry's whole tensor ([E*M, ...] for routed experts), from its source's."""
+    if entry["segments"] is not None:
+        return tuple(make_shared(entry, torch.empty(source_shape, device="meta")).shape)
     w = units_first(entry, torch.empty(source_shape, device="meta"))
     n = entry["experts"] * entry["granularity"]
     if entry["role"] == "b2":
@@ -88,10 +92,31 @@ def expert_shape(entry: dict, source_shape) -> tuple:
     return (n, *(reversed(segment) if entry["role"] in UNITS_ALONG_COLUMNS else segment))
 
 
+def make_shared(entry: dict, source: torch.Tensor) -> torch.Tensor:
+    """A shared-experts tensor: the source's segments entry["segments"] side by side, times the scale, in
+    float32 (no noise, no dropped units: shared experts are the dense FFN's)."""
+    w = units_first(entry, source)
+    if entry["role"] != "b2":
+        width = w.shape[0] // entry["granularity"]
+        w = torch.cat([w[s * width:(s + 1) * width] for s in entry["segments"]])
+    out = w.float() * entry["scale"]
+    return out.t() if entry["role"] in UNITS_ALONG_COLUMNS else out
+
+
+def make(entry: dict, source: torch.Tensor, experts: range | None = None, dtype=torch.float32) -> torch.Tensor:
+    """The tensor entry describes, on the source's device: a shared-experts one, or of a routed one the experts
+    in `experts` (default all)."""
+    if entry["segments"] is not None:
+        return make_shared(entry, source).to(dtype)
+    every = range(expert_shape(entry, source.shape)[0])
+    return make_experts(entry, source, every if experts is None else experts, dtype)
+
+
 def entry(source: str, rows, transposed: bool, role: str, experts: int, granularity: int, scale: float,
-          seed: int, drop: int, mean: float, std: float, noise: float) -> dict:
+          seed: int, drop: int, mean: float, std: float, noise: float, segments: list | None = None) -> dict:
     return dict(source=source, rows=rows, transposed=transposed, role=role, experts=experts,
-                granularity=granularity, scale=scale, seed=seed, drop=drop, mean=mean, std=std, noise=noise)
+                granularity=granularity, scale=scale, seed=seed, drop=drop, mean=mean, std=std, noise=noise,
+                segments=segments)
 
 
 def upcycle_graph(gm: torch.nn.Module) -> torch.nn.Module:
@@ -103,7 +128,7 @@ def upcycle_graph(gm: torch.nn.Module) -> torch.nn.Module:
         *path, leaf = name.split(".")
         owner = gm.get_submodule(".".join(path))
         old = getattr(owner, leaf)
-        made = make_experts(entry, sources[entry["source"]], range(old.shape[0]), old.dtype)
+        made = make(entry, sources[entry["source"]], dtype=old.dtype)
         owner.register_parameter(leaf, torch.nn.Parameter(made, requires_grad=old.requires_grad))
     gm.meta["upcycle"] = {}
     return gm

@@ -70,8 +70,8 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     experts as the build stores it, and of each expert tensor only the experts of EP rank j of ep, made from
     its dense source by the build's recipe (moec.runtime.upcycle), one at a time."""
     from moec.base.safetensors_io import Reader
-    from moec.runtime.distributed.params import expert_slice
-    from moec.runtime.upcycle import make_experts
+    from moec.runtime.distributed.params import expert_slice, is_expert
+    from moec.runtime import upcycle
 
     build = Path(build)
     require_weights(build)
@@ -87,15 +87,14 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
         raise RuntimeError(f"weights do not match the model: {RECIPE} makes experts from {missing}, which "
                            f"{WEIGHTS} lacks")
 
-    def make(name, old):
+    def tensor(name, old):
         if name not in recipe:
             return f.get(name).to(device=device, dtype=old.dtype)
-        entry = recipe[name]
-        local = expert_slice(old.shape[0], ep, j)
-        source = f.get(entry["source"]).to(device)
-        return make_experts(entry, source, range(local.start, local.stop), old.dtype)
+        entry, source = recipe[name], f.get(recipe[name]["source"]).to(device)
+        local = expert_slice(old.shape[0], ep, j) if is_expert(name) else slice(0, old.shape[0])
+        return upcycle.make(entry, source, range(local.start, local.stop), old.dtype)
 
-    _replace_tensors(model, make)
+    _replace_tensors(model, tensor)
     return model
 
 
