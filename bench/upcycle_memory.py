@@ -104,8 +104,9 @@ def meta(config: str, experts: int, topk: int, eps: list[int]) -> list[str]:
     stored = stored_bytes(gm, {n: torch.bfloat16 for n in weights(gm) if ".moe.router." not in n})
     stored += len(json.dumps(recipe, indent=1))
     params = dict(gm.named_parameters()) | dict(gm.named_buffers())
-    expert_bytes = sum(params[n].numel() * 4 for n in recipe)
-    rest = sum(t.numel() * t.element_size() for n, t in params.items() if n not in recipe)
+    routed = [n for n in recipe if ".experts." in n]  # what EP divides; shared experts every rank holds
+    expert_bytes = sum(params[n].numel() * 4 for n in routed)
+    rest = sum(t.numel() * t.element_size() for n, t in params.items() if n not in routed)
     rows = [f"| {config} -> {experts} experts, top-{topk} (meta) | {(expert_bytes + rest) / 1e9:,.1f} GB MoE (fp32), "
             f"dense checkpoint {dense_bf16 / 1e9:.1f} GB (bf16) | build dir | | {stored / 1e9:.1f} GB "
             f"({stored / dense_bf16:.3f}x the dense checkpoint; the whole-MoE build: "
