@@ -2,7 +2,8 @@
 
 A build stores the dense weights once; upcycle.json lists under "sources" the dense tensors its weights file
 holds only to make experts from, and under "experts", for every expert tensor `<layer>.experts.<role>`
-([E*M, ...], fine expert b*M+s = segment s of coarse expert b's copy), one entry:
+([E*M, ...], fine expert b*M+s = segment s of coarse expert b's copy) and shared-experts tensor
+`<layer>.shared.<role>`, one entry:
 
     source      the dense tensor's name in the build's weights file
     rows        [start, stop) of its [out, in] view (a fused gate/up matrix holds two; stop null: to the end)

@@ -90,27 +90,31 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     def tensor(name, old):
         if name not in recipe:
             return f.get(name).to(device=device, dtype=old.dtype)
-        entry, source = recipe[name], f.get(recipe[name]["source"]).to(device)
-        local = expert_slice(old.shape[0], ep, j) if is_expert(name) else slice(0, old.shape[0])
-        return upcycle.make(entry, source, range(local.start, local.stop), old.dtype)
+        local = expert_slice(old.shape[0], ep, j) if is_expert(name) else None  # shared experts: whole
+        source = f.get(recipe[name]["source"]).to(device)
+        return upcycle.make(recipe[name], source, local and range(local.start, local.stop), old.dtype)
 
-    _replace_tensors(model, tensor)
+    _replace_tensors(model, tensor, lambda name: name in recipe or name in f.keys())
     return model
 
 
-def _replace_tensors(model: torch.nn.Module, make) -> None:
-    """Give every parameter and buffer the tensor make(name, old) returns, a tied one its source's."""
-    made = {}
+def _replace_tensors(model: torch.nn.Module, make, stored) -> None:
+    """Give every parameter and buffer the tensor make(name, old) returns; tied names share one, made under
+    the name stored(name) says the weights hold it by."""
+    names, tensors = {}, []
     for path, module in model.named_modules():
         for table in (module._parameters, module._buffers):
             for leaf, old in table.items():
-                if old is None:
-                    continue
-                if id(old) not in made:
-                    t = make(f"{path}.{leaf}" if path else leaf, old)
-                    is_param = table is module._parameters
-                    made[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
-                table[leaf] = made[id(old)]
+                if old is not None:
+                    names.setdefault(id(old), []).append(f"{path}.{leaf}" if path else leaf)
+                    tensors.append((table, leaf, old, table is module._parameters))
+    made = {}
+    for table, leaf, old, is_param in tensors:
+        if id(old) not in made:
+            aliases = names[id(old)]
+            t = make(next((n for n in aliases if stored(n)), aliases[0]), old)
+            made[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
+        table[leaf] = made[id(old)]
 
 
 def load_weights(model: torch.nn.Module, path) -> None:
