@@ -61,8 +61,7 @@ def profile(build: Path, args) -> str:
     spec = importlib.util.spec_from_file_location(f"model_{build.name}", build / "model.py")
     emitted = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(emitted)
-    model = emitted.Model(device="cuda")
-    rt.load_weights(model, build / "model.safetensors")
+    model = rt.load_build(emitted.Model, build, "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     tokens = torch.randint(0, 256, (args.batch_size, args.seq_len + 1), device="cuda")
 

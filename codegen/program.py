@@ -455,13 +455,31 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
 
 
 def weights(gm: torch.nn.Module) -> dict:
-    """Every parameter once (tied names share one entry) and every buffer, persistent or not."""
+    """What a build stores: every parameter once (tied names share one entry) and every buffer, persistent or
+    not, except the experts, which are made at load time (gm.meta["upcycle"]), and instead the dense tensors
+    they are made from, once each; all lazily as they are in gm (no copies)."""
     params, buffers, _ = _tables(gm)
+    recipe = gm.meta.get("upcycle", {})
     state = dict(gm.named_parameters(remove_duplicate=False)) | dict(gm.named_buffers())
-    return {n: state[n].detach().contiguous() for n in [*params, *buffers]}
+    stored = {n: state[n].detach() for n in [*params, *buffers] if n not in recipe}
+    return stored | {n: t.detach() for n, t in gm.meta.get("upcycle_sources", {}).items() if n not in stored}
 
 
-def write_weights(gm: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+def write_weights(gm: torch.nn.Module, directory: Path, dtypes: dict | None = None) -> None:
+    """directory/weights.safetensors (weights(gm), a tensor in dtypes[name] where given: the dtype the dense
+    checkpoint held it in) and directory/upcycle.json (each expert tensor's recipe)."""
+    import json
 
-    save_file(weights(gm), str(path))
+    from moec.base import safetensors_io
+    from moec.runtime.weights import RECIPE, WEIGHTS
+
+    state = weights(gm)
+    safetensors_io.save(state, Path(directory) / WEIGHTS, dtypes)
+    params, buffers, _ = _tables(gm)
+    recipe = {"experts": gm.meta.get("upcycle", {}), "sources": sorted(set(state) - set(params) - set(buffers))}
+    (Path(directory) / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True) + "\n")
+
+
+def stored_bytes(gm: torch.nn.Module, dtypes: dict | None = None) -> int:
+    dtypes = dtypes or {}
+    return sum(t.numel() * dtypes.get(n, t.dtype).itemsize for n, t in weights(gm).items())

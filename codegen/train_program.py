@@ -89,13 +89,13 @@ def parse_args():
 
 def main(args):
     rt.check_flags(args)
-    rt.weights.require_weights(HERE / "model.safetensors")  # before the model is allocated
+    rt.weights.require_weights(HERE)  # before the model is allocated
     env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     rt.check_world(build.options, env.world)  # the processes torchrun started fit the plan: before any work
-    model = Model(device=env.device)
-    rt.load_weights(model, HERE / "model.safetensors")
+    # the dense weights, and of the experts only those this rank holds, made from them (upcycle.json)
+    model = rt.load_build(Model, HERE, env.device, *rt.local_experts(build.options, env.world, env.rank))
     before = rt.RunDir(run_dir, build.fingerprint, HERE).claim(args) if env.rank == 0 else {{}}
     data = rt.TokenData(rt.load_tokens(args.data, args.data_dtype), args.seq_len, args.val_fraction, args.seed)
     rt.check_vocab(data, build)

@@ -21,6 +21,15 @@ softmax scores times E/K instead of renormalising them: equal to the dense
 FFN under a uniform router only. --drop-upcycle R gives each coarse expert
 its own random share R of the F units drawn afresh from N(mean, std) of each
 dense matrix (Drop-Upcycling).
+--upcycle-noise s adds to every entry of a fine expert's weight matrices
+Gaussian noise of std s times the dense matrix's std (times the segment's
+scale), drawn for that expert alone.
+The experts (routed and shared) are not made here: their parameters are
+zero-stride placeholders of the right shape, and gm.meta["upcycle"] holds
+each one's recipe (its dense
+source, segment, scale, seeds; moec.runtime.upcycle) and
+gm.meta["upcycle_sources"] the dense tensors, which a build stores once and
+train.py upcycles on each rank for the experts that rank holds.
 --hash-layers: those MoE layers have no router; a buffer router.table
 [vocab, K*M] gives each token id K blocks (balanced over the calibration
 text's token frequencies) at weight 1/K. --routing expert-choice: each expert
@@ -36,7 +45,8 @@ import torch.fx
 
 from moec.base.errors import MoecError
 from moec.base.options import Options
-from moec.base.graph import delete_unused_attrs, set_param
+from moec.base.graph import delete_unused_attrs, get_param, set_param
+from moec.runtime import upcycle
 from moec.runtime.ops import elementwise
 from moec.runtime.ops.moe import hash_experts, load_balance_loss, moe_layer, sequence_balance_loss, z_loss
 from moec.passes.base import Pass, PassResult, inherit_provenance
@@ -46,35 +56,6 @@ from moec.runtime.training.data import load_tokens
 aten = torch.ops.aten
 ACT_NODE = {"gelu": (aten.gelu.default, {}), "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
             "relu": (aten.relu.default, {}), "silu": (aten.silu.default, {})}
-
-
-def _segments(w, M, E, dropped=None, gen=None):
-    """[F, ...] -> [E*M, F/M, ...]: entry b*M+s holds segment s of expert b's copy of w. dropped: [E, F]
-    masks of the units each expert draws afresh from N(mean, std) of w (Drop-Upcycling), or None."""
-    copies = w.expand(E, *w.shape).clone()
-    if dropped is not None and not w.is_meta:
-        mean, std = w.float().mean(), w.float().std()
-        for e in range(E):
-            units = copies[e, dropped[e]]
-            copies[e, dropped[e]] = (mean + std * torch.randn(units.shape, generator=gen)).to(w)
-    return copies.reshape(E * M, w.shape[0] // M, *w.shape[1:])
-
-
-def _drop_masks(E: int, F: int, share: float, gen) -> torch.Tensor | None:
-    """[E, F]: round(share * F) units per expert, a different random set for each."""
-    n = round(share * F)
-    if n == 0:
-        return None
-    masks = torch.zeros(E, F, dtype=torch.bool)
-    for e in range(E):
-        masks[e, torch.randperm(F, generator=gen)[:n]] = True
-    return masks
-
-
-def _noisy(w, sigma, gen):
-    if sigma == 0 or w.is_meta:
-        return w
-    return w + sigma * w.float().std() * torch.randn(w.shape, generator=gen).to(w)
 
 
 BUFFERS = ("router.bias", "router.table")  # state that is not trained by gradients
@@ -108,7 +89,7 @@ class FFNToMoE(Pass):
             self._counted = torch.bincount(ids, minlength=self._vocab)
         return self._counted
 
-    def _weights(self, gm, ffn, E, gen, hashed: bool):
+    def _weights(self, gm, ffn, E, gen, seed: int, prefix: str, hashed: bool):
         o, M, S = self.o, self.o.granularity, self.o.shared_experts
         fetch = lambda ref: None if ref is None else ref.fetch(gm)
         W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
@@ -128,24 +109,46 @@ class FFNToMoE(Pass):
                 per_fine = M if o.router == "softmax" else 1
                 coarse = selection_scores(x @ rows.t(), o.router)
                 w["router.bias"] = (balancing_bias(coarse, o.topk) / per_fine).repeat_interleave(M)
-        dropped = _drop_masks(E, W1.shape[0], o.drop_upcycle, gen)
-        seg = lambda t: None if t is None else _segments(t, M, E, dropped, gen)
-        w["experts.w1"], w["experts.b1"], w["experts.w3"], w["experts.b3"] = seg(W1), seg(B1), seg(W3), seg(B3)
-        w["experts.w2"] = seg(W2.t()).transpose(1, 2).contiguous() * (M / (1 + u))
-        w["experts.b2"] = None if B2 is None else (B2 / (1 + u)).expand(E * M, -1).contiguous()
-        for name in ("experts.w1", "experts.w3", "experts.w2"):
-            if w[name] is not None:
-                w[name] = _noisy(w[name], o.upcycle_noise, gen)
-        if S:
-            rows = [i % M for i in range(S)]
-            width = W1.shape[0] // M
-            cat_rows = lambda t: None if t is None else torch.cat([t[s * width:(s + 1) * width] for s in rows])
-            scale = 1 / (1 + u) if u else 0.0
-            w["shared.w1"], w["shared.b1"] = cat_rows(W1), cat_rows(B1)
-            w["shared.w3"], w["shared.b3"] = cat_rows(W3), cat_rows(B3)
-            w["shared.w2"] = cat_rows(W2.t()).t().contiguous() * scale
-            w["shared.b2"] = None if B2 is None else B2 * (u / (1 + u))
+        w.update(self._made_at_load(gm, ffn, prefix, "experts", E, seed, u))
+        if S:  # shared expert i holds segment i mod M
+            w.update(self._made_at_load(gm, ffn, prefix, "shared", E, seed, u, [i % M for i in range(S)]))
         return w
+
+    def _made_at_load(self, gm, ffn, prefix: str, group: str, E: int, seed: int, u: int, segments=None) -> dict:
+        """Placeholders of the expert (or shared-expert) tensors (zero-stride: no memory) and, in
+        gm.meta["upcycle"], the recipe that makes each from its dense source at load time
+        (moec.runtime.upcycle)."""
+        o, M = self.o, self.o.granularity
+        out = {}
+        for role, ref in (("w1", ffn.w1), ("b1", ffn.b1), ("w3", ffn.w3), ("b3", ffn.b3), ("w2", ffn.w2),
+                          ("b2", ffn.b2)):
+            name = f"{group}.{role}"
+            if ref is None:
+                out[name] = None
+                continue
+            source = get_param(gm, ref.name)
+            dense = ref.fetch(gm)  # [F, D], [F], [D, F] or [D]
+            F = dense.shape[-1] if role == "w2" else dense.shape[0]
+            if segments is None:
+                scale = M / (1 + u) if role == "w2" else 1 / (1 + u) if role == "b2" else 1.0
+                shape = {"w2": (E * M, dense.shape[0], F // M), "b2": (E * M, *dense.shape)}.get(
+                    role, (E * M, F // M, *dense.shape[1:]))
+            else:  # the shared outputs weigh u/(1+u); without whole dense copies (u=0) they start at zero
+                scale = (1 / (1 + u) if u else 0.0) if role == "w2" else u / (1 + u) if role == "b2" else 1.0
+                width = len(segments) * F // M
+                shape = {"w2": (dense.shape[0], width), "b2": tuple(dense.shape)}.get(role, (width, *dense.shape[1:]))
+            routed = segments is None and role != "b2"
+            mean = std = None
+            if routed and not dense.is_meta:
+                mean, std = dense.float().mean().item(), dense.float().std().item()
+            noisy = routed and o.upcycle_noise and role in ("w1", "w3", "w2") and std is not None
+            gm.meta.setdefault("upcycle", {})[f"{prefix}.{name}"] = upcycle.entry(
+                ref.name, [ref.start, ref.stop], ref.transposed, role, E, M, scale, seed,
+                round(o.drop_upcycle * F) if routed else 0, mean, std,
+                o.upcycle_noise * std * scale if noisy else 0.0, segments)
+            gm.meta.setdefault("upcycle_sources", {})[ref.name] = source
+            out[name] = source.new_zeros((), dtype=dense.dtype).expand(shape)
+        return out
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         o, g = self.o, gm.graph
@@ -165,13 +168,15 @@ class FFNToMoE(Pass):
         for j, i in enumerate(layers):
             ffn = ffns[i]
             E = o.pyramid[0] if j >= pyramid_from else o.experts
-            gen = torch.Generator().manual_seed(o.seed * 1000003 + i)
+            seed = o.seed * 1000003 + i
+            gen = torch.Generator().manual_seed(seed)
             prefix = f"{ffn.module}.moe" if ffn.module else f"moe{i}"
             hashed = j in o.hash_layers
-            weights = {n: t for n, t in self._weights(gm, ffn, E, gen, hashed).items() if t is not None}
+            weights = {n: t for n, t in self._weights(gm, ffn, E, gen, seed, prefix, hashed).items() if t is not None}
             prefixes.append(prefix if "router.bias" in weights else None)
             for name, t in weights.items():
-                set_param(gm, f"{prefix}.{name}", t.detach().clone(), buffer=name in BUFFERS)
+                made_at_load = name.startswith(("experts.", "shared."))
+                set_param(gm, f"{prefix}.{name}", t if made_at_load else t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
                 stats.append(self._rewrite(g, ffn, prefix, set(weights), E, token_ids if hashed else None))
         with inherit_provenance(g, None):

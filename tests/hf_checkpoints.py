@@ -26,12 +26,14 @@ def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
 
 
 def load_program(build: Path, weights: Path | None = None) -> torch.nn.Module:
-    """The build's model.py holding weights (default: the build's model.safetensors), in eval mode."""
+    """The build's model.py holding weights (default: the build's own, its experts upcycled), in eval mode."""
     spec = importlib.util.spec_from_file_location(f"built_{build.name}_{id(weights)}", build / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    if weights is None:
+        return moec.runtime.load_build(mod.Model, build).eval()
     model = mod.Model()
-    moec.runtime.load_weights(model, weights or build / "model.safetensors")
+    moec.runtime.load_weights(model, weights)
     return model.eval()
 
 

@@ -115,7 +115,11 @@ def captured(kind: str, seed: int = 0):
 
 
 def run(gm, p):
-    """Run one pass under the pass manager (its checks, lint, recompile and shape propagation)."""
+    """Run one pass under the pass manager (its checks, lint, recompile and shape propagation), and make the
+    experts ffn_to_moe leaves to load time, as a one-process build loads them, so the graph runs."""
     from moec.driver.pipeline import run_pass
+    from moec.runtime.upcycle import upcycle_graph
 
-    return run_pass(gm, p, [])
+    result = run_pass(gm, p, [])
+    upcycle_graph(gm)
+    return result

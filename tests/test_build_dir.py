@@ -89,7 +89,7 @@ def test_the_build_follows_the_umask(tmp_path):
     finally:
         os.umask(umask)
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
-    assert "b/model.safetensors" in modes and "b/ir" in modes
+    assert "b/weights.safetensors" in modes and "b/ir" in modes
     assert modes == {name: 0o750 if (tmp_path / name).is_dir() else 0o640 for name in modes}
 
 

@@ -16,9 +16,7 @@ def load_build(path: Path):
     spec = importlib.util.spec_from_file_location(f"built_{path.name}", path / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.Model()
-    moec.runtime.load_weights(model, path / "model.safetensors")
-    return model
+    return moec.runtime.load_build(mod.Model, path)
 
 
 @pytest.mark.parametrize("example,args", [
@@ -34,7 +32,7 @@ def test_compile_writes_a_build_that_runs(tmp_path, example, args):
     r = run("compile", EXAMPLES / example, "-o", out, *args)
     assert r.exit_code == 0, r.output
     assert "max relative error" in r.output
-    assert {p.name for p in out.iterdir()} >= {"model.py", "model.safetensors", "config.json", "ir"}
+    assert {p.name for p in out.iterdir()} >= {"model.py", "weights.safetensors", "upcycle.json", "config.json", "ir"}
     config = json.loads((out / "config.json").read_text())
     assert config["options"]["experts"] == int(args[1]) and config["result"]["verify_max_rel_error"] < 1e-4
     model = load_build(out)
@@ -91,15 +89,15 @@ def test_weights_upcycles_a_dense_checkpoint(tmp_path):
 
 
 def test_a_dense_builds_weights_upcycle_with_its_buffers(tmp_path):
-    """A build's weights (model.safetensors, or a run's final.safetensors) hold the buffers of its graph,
+    """A build's weights (weights.safetensors, or a run's final.safetensors) hold the buffers of its graph,
     llama's rotary tables among them, which the model file computes itself: --weights accepts them."""
     dense = tmp_path / "dense"
     assert run("compile", EXAMPLES / "llama.py", "--dense", "-o", dense).exit_code == 0
     from safetensors.torch import load_file
-    assert any("rope" in n for n in load_file(str(dense / "model.safetensors")))
+    assert any("rope" in n for n in load_file(str(dense / "weights.safetensors")))
     out = tmp_path / "moe"
     result = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "-o", out,
-                 "--weights", dense / "model.safetensors")
+                 "--weights", dense / "weights.safetensors")
     assert result.exit_code == 0, result.output
     tokens = torch.randint(0, 256, (2, 16))
     assert torch.allclose(load_build(out)(tokens)["logits"], load_build(dense)(tokens)["logits"], atol=1e-5)

@@ -174,18 +174,23 @@ def test_a_leftover_tensor_is_named(tmp_path, llama_build):
     from safetensors.torch import load_file, save_file
 
     edited = _with_options(tmp_path, llama_build, expert_bias_rate=0.0)
-    state = load_file(str(edited / "model.safetensors"))
+    weights, recipe_file = edited / "weights.safetensors", edited / "upcycle.json"
+    state = load_file(str(weights))
     state = {k: v for k, v in state.items() if not k.endswith("router.bias")}
-    save_file({**state, "model.model.layers.0.extra": torch.zeros(2)}, str(edited / "model.safetensors"))
+    save_file({**state, "model.model.layers.0.extra": torch.zeros(2)}, str(weights))
     line = one_line(run("export", edited, "--format", "mixtral", "-o", tmp_path / "e"))
     assert line == "error: model.model.layers.0.extra: a tensor of the checkpoint that mixtral has no place for"
-    del state["model.model.layers.1.mlp.moe.experts.w3"]
-    save_file(state, str(edited / "model.safetensors"))
+    save_file(state, str(weights))
+    recipe = json.loads(recipe_file.read_text())
+    experts = recipe["experts"]
+    del experts["model.model.layers.1.mlp.moe.experts.w3"]
+    recipe_file.write_text(json.dumps(recipe))
     line = one_line(run("export", edited, "--format", "mixtral", "-o", tmp_path / "e"))
     assert "layer 1's experts are not gated (no experts.w3)" in line
     del state["model.model.norm.weight"]
-    state["model.model.layers.1.mlp.moe.experts.w3"] = state["model.model.layers.1.mlp.moe.experts.w1"].clone()
-    save_file(state, str(edited / "model.safetensors"))
+    save_file(state, str(weights))
+    experts["model.model.layers.1.mlp.moe.experts.w3"] = experts["model.model.layers.1.mlp.moe.experts.w1"]
+    recipe_file.write_text(json.dumps(recipe))
     line = one_line(run("export", edited, "--format", "mixtral", "-o", tmp_path / "e"))
     assert line == "error: the checkpoint lacks model.model.norm.weight, which the exported model needs"
 

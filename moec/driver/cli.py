@@ -124,7 +124,8 @@ def _pyramid(value):
 @click.option("--weights", default=None, type=click.Path(),
               help="Dense weights to upcycle: safetensors, .pt, or a Hugging Face directory or its index json.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--max-weights-gb", default=4.0, show_default=True, help="Write weights only up to this size.")
+@click.option("--max-weights-gb", default=4.0, show_default=True,
+              help="Write the dense weights (the build's weights.safetensors) only up to this size.")
 @click.option("--gpus", default=0, help="Let the planner pick the parallel plan for this many GPUs (plan.json).")
 @click.option("--hardware", default=None, help="Hardware profile name or JSON for --gpus [dgx_h100].")
 @click.option("--ep", default=1, show_default=True,

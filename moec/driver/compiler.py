@@ -1,10 +1,12 @@
-"""`moec compile`: model.py -> build dir (model.py, model.safetensors, config.json, ir/, kernels/).
+"""`moec compile`: model.py -> build dir (model.py, weights.safetensors, upcycle.json, config.json, ir/, kernels/).
 
 The graph is captured and transformed on the meta device first (no weights:
-a 70B model compiles in seconds). When the MoE model's weights fit the
+a 70B model compiles in seconds). When the dense weights fit the
 --max-weights-gb budget they are made for real: the dense model is built on
 the CPU (its weights from --weights or the Hugging Face checkpoint directory, copied
-in tensor by tensor: moec.driver.dense_weights), captured and upcycled again. Everything is
+in tensor by tensor: moec.driver.dense_weights), captured and run through the passes again, which make no
+expert: the build stores the dense weights once (in the dtype they came in) with the routers and each
+expert tensor's recipe, and train.py makes on each rank the experts it holds. Everything is
 written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
@@ -24,7 +26,7 @@ from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
 from moec.codegen import source
-from moec.codegen.program import model_source, weights, write_weights
+from moec.codegen.program import model_source, stored_bytes, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
 from moec.driver.dense_weights import DenseWeights, open_weights
@@ -34,7 +36,7 @@ from moec.driver.model_shape import context_length
 from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
 from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
-from moec.runtime import load_state
+from moec.runtime.weights import RECIPE, WEIGHTS, load_build
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
 BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
@@ -120,8 +122,11 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
                   hardware) -> dict:
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
+    dtypes = {}  # what the build stores each dense tensor as: the dtype the checkpoint held it in
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
+        wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
+        dtypes = dense_weights.dtypes_in(_unwrapped(meta_model), wrapped)
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     _check_against_model(gm, o)
@@ -139,11 +144,13 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)
         return report
-    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())
-    real = nbytes <= o.max_weights_gb * 2**30
-    report["weights_written"], report["weights_bytes"] = real, nbytes
+    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())  # the whole MoE model's
+    stored = stored_bytes(gm, dtypes)  # what the build holds: the dense weights, routers, no experts
+    real = stored <= o.max_weights_gb * 2**30
+    moe_fits = nbytes <= o.max_weights_gb * 2**30  # then compile-time checks make the whole MoE model
+    report["weights_written"], report["weights_bytes"], report["moe_weights_bytes"] = real, stored, nbytes
     if dense_weights is not None and not real:
-        raise MoecError(f"the MoE model's weights would take {nbytes / 2**30:,.1f} GiB, over --max-weights-gb "
+        raise MoecError(f"the dense weights would take {stored / 2**30:,.1f} GiB, over --max-weights-gb "
                         f"{o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
     dense = None
     if real:
@@ -152,21 +159,23 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         if dense_weights is not None:
             dense_weights.load_into(_unwrapped(dense))
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
-        write_weights(gm, tmp / "model.safetensors")
-        log(f"weights: {nbytes / 2**20:.1f} MiB -> model.safetensors")
+        write_weights(gm, tmp, dtypes)
+        log(f"weights: {stored / 2**20:,.1f} MiB of dense weights and routers -> {WEIGHTS}, each rank makes its "
+            f"experts ({nbytes / 2**20:,.1f} MiB in all) by {RECIPE}")
     else:
-        log(f"weights: {nbytes / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
+        log(f"weights: {stored / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
     if o.pp > 1:
         report["stage_bounds"] = write_stages(gm, o, shape, tmp, _title(model, o), log)
-        if real:
+        if real and moe_fits:
             report["stages_rel_error"] = err = check_stages(tmp, gm, example_inputs(mod, dense, BATCH, SEQ))
             if not err <= STAGE_TOLERANCE:
                 raise MoecError(f"the pipeline stages differ from model.py by {err:.2e} (relative); rerun with "
                                 f"--debug and report it")
             log(f"pipeline: the stages run in a row give model.py's logits (max relative error {err:.1e})")
     if o.verify and not o.dense:
-        report["verify_max_rel_error"], report["step0_rel_error"] = _verify(model, o, mod, dense, gm if real else None, tmp, log)
+        report["verify_max_rel_error"], report["step0_rel_error"] = _verify(
+            model, o, mod, dense if moe_fits else None, gm if real and moe_fits else None, tmp, log)
     config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
@@ -217,14 +226,12 @@ def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:
                                                      _user_code(gm, mod, directory)))
 
 
-def _load_program(directory: Path, gm) -> torch.nn.Module:
-    """directory/model.py's Model holding gm's weights."""
-    spec = importlib.util.spec_from_file_location(f"moec_emitted_{id(gm)}", directory / "model.py")
+def _load_program(directory: Path) -> torch.nn.Module:
+    """directory/model.py's Model holding directory's weights, its experts upcycled as train.py does."""
+    spec = importlib.util.spec_from_file_location(f"moec_emitted_{id(directory)}", directory / "model.py")
     program = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(program)
-    built = program.Model()
-    load_state(built, weights(gm))
-    return built
+    return load_build(program.Model, directory)
 
 
 def _user_code(gm, mod, tmp: Path) -> tuple[str, str] | None:
@@ -288,11 +295,12 @@ def _verify(model: str, o: Options, mod, dense, upcycled, tmp: Path, log) -> tup
         def error(options: Options, name: str) -> float:
             """Of the model.py these options emit, holding weights upcycled from dense."""
             if upcycled is not None and options == one_process:
-                program = _load_program(tmp, upcycled)
+                program = _load_program(tmp)
             else:
                 gm, _ = run_pipeline(capture(dense, inputs), passes_for(options))
                 _emit(gm, model, options, mod, Path(scratch) / name)
-                program = _load_program(Path(scratch) / name, gm)
+                write_weights(gm, Path(scratch) / name)
+                program = _load_program(Path(scratch) / name)
             got = program.eval()(*inputs)["logits"]
             return ((got - ref).abs().max() / ref.abs().max()).item()
 

@@ -18,6 +18,9 @@ from moec.runtime.weights import check_state
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 FORMATS = ("give a .safetensors file or a torch.save'd state dict of tensors (a checkpoint holding one under "
            "'model' will do), or a Hugging Face checkpoint directory or its model.safetensors.index.json")
 
@@ -25,10 +28,12 @@ FORMATS = ("give a .safetensors file or a torch.save'd state dict of tensors (a 
 class DenseWeights:
     """Tensors by name, in one or more files, read only when loaded into a model."""
 
-    def __init__(self, label: str, shards: dict[str, list[str]], shapes: dict[str, tuple], state: dict | None):
+    def __init__(self, label: str, shards: dict[str, list[str]], shapes: dict[str, tuple], state: dict | None,
+                 dtypes: dict[str, torch.dtype]):
         self.label = label  # how errors name the weights: "--weights PATH" or the checkpoint directory
         self.shards = shards  # safetensors file -> the names it holds
         self.shapes = shapes
+        self.dtypes = dtypes  # what each tensor is stored as, which a build stores it as too
         self.state = state  # a torch state dict's tensors (memory-mapped), instead of shards
 
     def check(self, model: torch.nn.Module) -> dict:
@@ -42,6 +47,11 @@ class DenseWeights:
             raise MoecError(f"{self.label}: {e}") from None
         return names
 
+    def dtypes_in(self, model: torch.nn.Module, prefix: str = "") -> dict:
+        """{prefix + the model's name for a tensor: the floating dtype these weights hold it in}."""
+        return {prefix + own: self.dtypes[name] for name, own in self.check(model).items()
+                if name in self.dtypes and self.dtypes[name].is_floating_point}
+
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy every tensor into the model's tensor of that name, shard by shard."""
         names = self.check(model)
@@ -52,12 +62,12 @@ class DenseWeights:
                     if names.get(name) in own:  # not a buffer the model computes itself
                         own[names[name]].copy_(t)
                 return
-            from safetensors import safe_open
+            from moec.base.safetensors_io import Reader
             for file, held in self.shards.items():
-                with safe_open(file, framework="pt") as f:
-                    for name in held:
-                        if names.get(name) in own:
-                            own[names[name]].copy_(f.get_tensor(name))
+                f = Reader(file)
+                for name in held:
+                    if names.get(name) in own:
+                        own[names[name]].copy_(f.get(name))
 
 
 def _model_names(model: torch.nn.Module, names) -> dict:
@@ -130,11 +140,12 @@ def _safetensors(files: dict[str, list[str] | None], label: str) -> DenseWeights
     """files: each file and the names the index says it holds (None: whatever it holds)."""
     from safetensors import safe_open
 
-    shards, shapes = {}, {}
+    shards, shapes, dtypes = {}, {}, {}
     for file, listed in files.items():
         try:
             with safe_open(file, framework="pt") as f:
                 held = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+                dtypes.update((n, SAFETENSORS_DTYPES.get(f.get_slice(n).get_dtype())) for n in f.keys())
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             what = "it" if listed is None else f"shard {Path(file).name}"
@@ -145,7 +156,7 @@ def _safetensors(files: dict[str, list[str] | None], label: str) -> DenseWeights
             raise MoecError(f"{label}: the index puts {absent} in {Path(file).name}, which does not hold it")
         shards[file] = names
         shapes.update((n, held[n]) for n in names)
-    return DenseWeights(label, shards, shapes, None)
+    return DenseWeights(label, shards, shapes, None, {n: d for n, d in dtypes.items() if d is not None})
 
 
 def _torch_state(path: Path, head: bytes, label: str) -> DenseWeights:
@@ -168,4 +179,5 @@ def _torch_state(path: Path, head: bytes, label: str) -> DenseWeights:
     odd = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if odd is not None:
         raise MoecError(f"{label}: {odd!r} is not a tensor but {type(state[odd]).__name__}; {FORMATS}")
-    return DenseWeights(label, {}, {n: tuple(t.shape) for n, t in state.items()}, state)
+    return DenseWeights(label, {}, {n: tuple(t.shape) for n, t in state.items()}, state,
+                        {n: t.dtype for n, t in state.items()})

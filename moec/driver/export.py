@@ -30,6 +30,7 @@ import moec
 from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
+from moec.driver.dense_weights import SAFETENSORS_DTYPES
 from moec.driver.export_formats import Format, check_expressible, choose, config
 from moec.driver.inputs import is_build
 
@@ -78,10 +79,10 @@ def locate(source: Path, step: int | None) -> tuple[Path, Path]:
     if is_build(source):
         if step is not None:
             raise MoecError(f"--step picks a checkpoint of a run; {source} is a build: give its run dir")
-        weights = source / "model.safetensors"
-        if not weights.is_file():
-            raise MoecError(f"{source} has no model.safetensors (compiled over --max-weights-gb): export a run")
-        return source, weights
+        from moec.runtime.weights import WEIGHTS
+        if not (source / WEIGHTS).is_file():
+            raise MoecError(f"{source} has no {WEIGHTS} (compiled over --max-weights-gb): export a run")
+        return source, source
     if (source / "manifest.json").is_file():  # a checkpoint: RUN/checkpoints/step_N
         return _build_of(source.parent.parent), source
     if not (source / "run.json").is_file():
@@ -121,14 +122,11 @@ class Lazy(NamedTuple):
     read: Callable[..., torch.Tensor]
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _open(weights: Path, stack: ExitStack) -> dict:
     """The source's tensors by name, as Lazy ones: a safetensors file is read one tensor (or one expert's
-    slice) at a time, a checkpoint as a whole."""
+    slice) at a time, a checkpoint as a whole, a build's experts made from their dense sources one at a time."""
+    if is_build(weights):
+        return _open_build(weights, stack)
     if weights.is_dir():
         from moec.runtime.training.checkpoint import read_weights
         state = read_weights(weights)
@@ -141,6 +139,27 @@ def _open(weights: Path, stack: ExitStack) -> dict:
         piece = f.get_slice(name)
         tensors[name] = Lazy(tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()],
                              lambda n=name, i=None: f.get_tensor(n) if i is None else f.get_slice(n)[i])
+    return tensors
+
+
+def _open_build(build: Path, stack: ExitStack) -> dict:
+    from moec.runtime.upcycle import expert_shape, make, make_expert
+    from moec.runtime.weights import RECIPE, WEIGHTS
+
+    stored = _open(build / WEIGHTS, stack)
+    written = json.loads((build / RECIPE).read_text())
+    tensors = {n: t for n, t in stored.items() if n not in set(written["sources"])}
+    for name, entry in written["experts"].items():
+        if entry["source"] not in stored:
+            raise MoecError(f"{build / RECIPE}: {name} is made from {entry['source']}, which {WEIGHTS} lacks; "
+                            f"compile the build again")
+        source = stored[entry["source"]]
+
+        def read(entry=entry, source=source, i=None):
+            if i is None:
+                return make(entry, source.read(), dtype=source.dtype)
+            return make_expert(entry, source.read(), i).to(source.dtype)
+        tensors[name] = Lazy(expert_shape(entry, source.shape), source.dtype, read)
     return tensors
 
 

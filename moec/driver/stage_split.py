@@ -8,13 +8,13 @@ import torch
 
 from moec.base.errors import MoecError
 from moec.base.options import Options
-from moec.codegen.program import top_graph, weights
+from moec.codegen.program import top_graph
 from moec.codegen.stages import stages_source
 from moec.cost_model.pipeline import layer_flops, split, stages_per_rank
 from moec.cost_model.shape import ModelShape
-from moec.runtime import load_state
 from moec.runtime.kernels.generated import import_file
 from moec.runtime.training import pipeline
+from moec.runtime.weights import load_build
 
 STAGE_TOLERANCE = 1e-6  # the stages run model.py's operations in its order: equal up to rounding at most
 
@@ -48,8 +48,7 @@ def check_stages(directory: Path, gm: torch.fx.GraphModule, inputs: tuple) -> fl
             sys.modules.pop("model", None)
         else:
             sys.modules["model"] = saved
-    model = program.Model()
-    load_state(model, weights(gm))
+    model = load_build(program.Model, directory)
     model.eval()
     with torch.no_grad():
         ref = model(*inputs)["logits"]

@@ -16,4 +16,5 @@ from moec.runtime.training.resume import resume  # noqa: F401
 from moec.runtime.training.rundir import RunDir  # noqa: F401
 from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401
 from moec.runtime.training.schedule import scheduler as warmup_cosine_scheduler  # noqa: F401
-from moec.runtime.weights import declare, load_state, load_weights  # noqa: F401
+from moec.runtime.distributed.setup import local_experts  # noqa: F401
+from moec.runtime.weights import declare, load_build, load_state, load_weights  # noqa: F401

@@ -1,4 +1,5 @@
-"""A compiled model's parameters from its declaration table, and its weights."""
+"""A compiled model's parameters from its declaration table, and its weights: a build's (the dense tensors and
+the upcycling recipe, made into this rank's experts at load time) or a run's (final.safetensors)."""
 import json
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def _owner(module, path):
     return module
 
 
-def require_weights(path) -> None:
-    """That the weights file exists; train.py asks before it allocates the model, since a build compiled
+WEIGHTS, RECIPE = "weights.safetensors", "upcycle.json"  # in a build dir
+
+
+def require_weights(build) -> None:
+    """That the build has weights; train.py asks before it allocates the model, since a build compiled
     without weights is most often one too large to allocate here."""
-    path = Path(path)
+    path = Path(build) / WEIGHTS
     if path.is_file():
         return
     why = "`moec compile` writes no weights above --max-weights-gb (default 4)"
@@ -61,11 +65,63 @@ def require_weights(path) -> None:
                     f"machine with the memory for them")
 
 
+def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch.nn.Module:
+    """model_cls (the build's model.py's Model) holding the build's weights on device: every tensor but the
+    experts as the build stores it, and of each expert tensor only the experts of EP rank j of ep, made from
+    its dense source by the build's recipe (moec.runtime.upcycle), one at a time."""
+    from moec.base.safetensors_io import Reader
+    from moec.runtime.distributed.params import expert_slice, is_expert
+    from moec.runtime import upcycle
+
+    build = Path(build)
+    require_weights(build)
+    written = json.loads((build / RECIPE).read_text())
+    recipe, only_sources = written["experts"], set(written["sources"])
+    model = model_cls(device="meta")
+    f = Reader(build / WEIGHTS)
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    fake = {n: torch.empty(f.shape(n), device="meta") for n in f.keys() if n not in only_sources}
+    check_state(model, fake | {n: own[n] for n in recipe if n in own})
+    missing = next((e["source"] for e in recipe.values() if e["source"] not in f.keys()), None)
+    if missing is not None:
+        raise RuntimeError(f"weights do not match the model: {RECIPE} makes experts from {missing}, which "
+                           f"{WEIGHTS} lacks")
+
+    def tensor(name, old):
+        if name not in recipe:
+            return f.get(name).to(device=device, dtype=old.dtype)
+        local = expert_slice(old.shape[0], ep, j) if is_expert(name) else None  # shared experts: whole
+        source = f.get(recipe[name]["source"]).to(device)
+        return upcycle.make(recipe[name], source, local and range(local.start, local.stop), old.dtype)
+
+    _replace_tensors(model, tensor, lambda name: name in recipe or name in f.keys())
+    return model
+
+
+def _replace_tensors(model: torch.nn.Module, make, stored) -> None:
+    """Give every parameter and buffer the tensor make(name, old) returns; tied names share one, made under
+    the name stored(name) says the weights hold it by."""
+    names, tensors = {}, []
+    for path, module in model.named_modules():
+        for table in (module._parameters, module._buffers):
+            for leaf, old in table.items():
+                if old is not None:
+                    names.setdefault(id(old), []).append(f"{path}.{leaf}" if path else leaf)
+                    tensors.append((table, leaf, old, table is module._parameters))
+    made = {}
+    for table, leaf, old, is_param in tensors:
+        if id(old) not in made:
+            aliases = names[id(old)]
+            t = make(next((n for n in aliases if stored(n)), aliases[0]), old)
+            made[id(old)] = torch.nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
+        table[leaf] = made[id(old)]
+
+
 def load_weights(model: torch.nn.Module, path) -> None:
-    """Load a safetensors file written by `moec compile` or a training checkpoint export."""
+    """Load a safetensors file holding the whole model: a run's final.safetensors or a training checkpoint
+    export."""
     from safetensors.torch import load_file
 
-    require_weights(path)
     load_state(model, load_file(str(path)))
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
-from moec.runtime import load_weights
+from moec.runtime import load_build
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_head=2, n_embd=32, vocab_size=64, block_size=32)
@@ -28,9 +28,7 @@ def _load(build: Path) -> torch.nn.Module:
     spec = importlib.util.spec_from_file_location(f"program_{build.name}", build / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    model = module.Model()
-    load_weights(model, build / "model.safetensors")
-    return model
+    return load_build(module.Model, build)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +55,11 @@ def test_one_class_per_block_built_for_every_layer(depths):
 
 def test_loads_the_same_weights_under_the_users_names(depths):
     model = _load(depths[2])
-    saved = load_file(str(depths[2] / "model.safetensors"))
-    assert set(model.state_dict()) == set(saved)
-    assert "h.1.attn.c_attn.weight" in saved and "h.1.mlp.moe.experts.w1" in saved
+    saved = load_file(str(depths[2] / "weights.safetensors"))
+    recipe = json.loads((depths[2] / "upcycle.json").read_text())
+    experts = recipe["experts"]
+    assert set(model.state_dict()) == set(saved) - set(recipe["sources"]) | set(experts)
+    assert "h.1.attn.c_attn.weight" in saved and "h.1.mlp.moe.experts.w1" in experts
 
 
 def test_imports_are_used_literals_named_and_tensor_lines_shaped(depths):

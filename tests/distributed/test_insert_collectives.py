@@ -6,6 +6,7 @@ from moec.base.errors import MoecError
 from moec.driver.capture import build, capture, example_inputs, load_module
 from moec.base.options import Options
 from moec.driver.pipeline import passes_for, readable, run_pipeline
+from moec.runtime.upcycle import upcycle_graph
 from tests.distributed.builds import ROOT, TINY
 
 ops = torch.ops.moec
@@ -22,7 +23,7 @@ def tiny():
 def _compile(tiny, experts=8, **parallel):
     model, inputs = tiny
     options = Options(experts=experts, topk=2, **parallel).validate()
-    return run_pipeline(capture(model, inputs), passes_for(options))[0]
+    return upcycle_graph(run_pipeline(capture(model, inputs), passes_for(options))[0])  # the experts, as loaded
 
 
 def test_dispatch_before_and_combine_after_every_experts_node(tiny):

@@ -21,18 +21,18 @@ import moec.runtime.distributed as md
 from moec.base.options import Options
 from moec.runtime.distributed import checkpoint, groups
 from moec.runtime.distributed.zero import make_optimizer
-from moec.runtime import load_weights
+from moec.runtime import load_build, local_experts
 
 BATCH, SEQ = 8, 12  # the global batch: every world size splits these rows
 
 
-def load_build(build: str):
+def load_model(build: str, device: str = "cpu"):
     spec = importlib.util.spec_from_file_location(f"build_{Path(build).name}", Path(build) / "model.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.Model()
-    load_weights(model, Path(build) / "model.safetensors")
-    return model, Options.from_json(json.loads((Path(build) / "config.json").read_text())["options"])
+    options = Options.from_json(json.loads((Path(build) / "config.json").read_text())["options"])
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    return load_build(mod.Model, build, device, *local_experts(options, world, rank)), options
 
 
 def batch(step: int, vocab: int, rank: int, world: int):
@@ -46,8 +46,8 @@ def train(build: str, steps: int, start: int = 0, save: str | None = None, resum
           device: str = "cpu", zero: bool = False) -> list[float]:
     """Per-step loss of the global batch (mean over ranks of each rank's loss) for steps start..steps-1;
     resume: a DCP checkpoint to start from; save: where to write one after the last step."""
-    model, options = load_build(build)
-    model, mesh, grad_sync = md.setup(model.to(device), options)
+    model, options = load_model(build, device)
+    model, mesh, grad_sync = md.setup(model, options)
     opt = (make_optimizer(model, torch.optim.AdamW, lr=3e-3, weight_decay=0.01) if zero
            else torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01))
     if resume:

@@ -18,8 +18,7 @@ def _model_class(build):
 
 def test_no_graph_breaks(moe_build):
     import moec.runtime as rt
-    model = _model_class(moe_build)()
-    rt.load_weights(model, moe_build / "model.safetensors")
+    model = rt.load_build(_model_class(moe_build), moe_build)
     tokens = torch.randint(0, 256, (2, 16))
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(tokens)

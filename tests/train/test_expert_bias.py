@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
-from moec.runtime import TokenData, load_tokens, load_weights
+from moec.runtime import TokenData, load_build, load_tokens
 from moec.runtime.distributed.checkpoint import load_state
 from moec.runtime.training.balance import ExpertBias
 from tests.train.conftest import ROOT, TINY, run_train
@@ -44,9 +44,7 @@ def _model(build):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(build))
-    model = module.Model()
-    load_weights(model, build / "model.safetensors")
-    return model
+    return load_build(module.Model, build)
 
 
 def _fit(model, data, sequences: int, world: int) -> None:
@@ -101,7 +99,7 @@ def test_the_step_counts_every_micro_batch_and_every_rank_once():
 
 
 def test_grad_accum_moves_the_bias_by_the_whole_step(bias_build, tmp_path):
-    compiled = load_file(str(bias_build / "model.safetensors"))
+    compiled = load_file(str(bias_build / "weights.safetensors"))
     assert all(compiled[n].abs().sum() > 0 for n in BIAS)  # calibrated at compile time
     r = run_train(bias_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0, run_dir=tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -129,7 +127,7 @@ def test_a_resumed_run_continues_from_the_saved_bias(bias_build, tmp_path):
     for r in (whole, part, resumed):
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(str(tmp_path / "whole" / "final.safetensors")), load_file(str(tmp_path / "part" / "final.safetensors"))
-    compiled = load_file(str(bias_build / "model.safetensors"))
+    compiled = load_file(str(bias_build / "weights.safetensors"))
     for name in BIAS:
         assert torch.equal(a[name], b[name]) and not torch.equal(a[name], compiled[name])
 

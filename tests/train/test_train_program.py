@@ -112,7 +112,7 @@ def test_build_without_weights_is_one_line_exit_2(tmp_path):
     build = tmp_path / "no-weights"
     compile_model(str(ROOT / "examples" / "gpt.py"), str(build),
                   Options(overrides=TINY, dense=True, verify=False, max_weights_gb=1e-6), log=lambda *a: None)
-    assert not (build / "model.safetensors").exists()
+    assert not (build / "weights.safetensors").exists()
     r = run_train(build, "--steps", 2, run_dir=tmp_path / "run")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--max-weights-gb" in r.stderr, r.stderr

@@ -6,8 +6,9 @@ checkpoints.
 What a training loop does with an EP build (`moec compile --ep N`):
 
     dist.init_process_group("nccl" or "gloo")            # under torchrun
-    model = Model(device); moec.runtime.load_weights(model, "model.safetensors")  # all E experts
-    model, mesh, grad_sync = moec.runtime.distributed.setup(model, options)  # Options.from_json(config.json's "options")
+    options = Options.from_json(config.json's "options")
+    model = moec.runtime.load_build(Model, BUILD, device, *local_experts(options, world, rank))  # E/EP experts
+    model, mesh, grad_sync = moec.runtime.distributed.setup(model, options)
     optimizer = moec.runtime.distributed.zero.make_optimizer(model, torch.optim.AdamW, lr=...)  # or any optimizer
     for each step: loss = mean over this rank's tokens; loss.backward(); grad_sync(); optimizer.step()
     moec.runtime.distributed.checkpoint.save(path, model, optimizer, mesh) / .load(...)  # any EP on resume
@@ -17,4 +18,4 @@ expert-data-parallel group, the rest over all ranks). On one process setup
 returns the model as it is and grad_sync does nothing.
 """
 from moec.runtime.distributed import ops, overlap, rbd  # noqa: F401  registers the EP ops (dispatch, combine, ...)
-from moec.runtime.distributed.setup import setup  # noqa: F401
+from moec.runtime.distributed.setup import local_experts, setup  # noqa: F401
