@@ -54,7 +54,7 @@ def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back
     assert sorted(list(c.sizes) for c in chunks) == [[3, 16, 32]] * 2  # each rank's heads of q, k and v
     weights = read_weights(step4)
     assert {n: t.shape for n, t in weights.items()} == \
-        {n: t.shape for n, t in load_file(build / "model.safetensors").items()}
+        {n: t.shape for n, t in load_file(build / "weights.safetensors").items()}
     _train(build, moved, 1, 6, "--resume")
     got = _train(build, moved, 2, 8, "--resume")
     _same(one, got, list(range(1, 9)))
