@@ -197,7 +197,7 @@ def gate_stats_kernel(cnt_part_ptr, prob_part_ptr, z_part_ptr, counts_ptr, probs
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)  # [P]
         at = p[:, None] * $GP * $SP + c[None, :]
-        ok = (p[:, None] < P) & (c[None, :] < $GP * $SP)
+        ok = p[:, None] < P  # BLOCK_C divides the padded expert count: every column is a real slot
         cnt += tl.sum(tl.load(cnt_part_ptr + at, mask=ok, other=0), 0)
         prob += tl.sum(tl.load(prob_part_ptr + at, mask=ok, other=0.0), 0)
         z += tl.load(z_part_ptr + p, mask=p < P, other=0.0)

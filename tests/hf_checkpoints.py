@@ -1,13 +1,13 @@
 """Tiny Hugging Face checkpoints as `save_pretrained` writes them (config.json, several safetensors shards
 and their index), and the emitted model.py of a build loaded with given weights: shared by the tests of
 checkpoints in and out."""
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
 import moec.runtime
+from moec.runtime.kernels.generated import import_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -27,9 +27,7 @@ def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
 
 def load_program(build: Path, weights: Path | None = None) -> torch.nn.Module:
     """The build's model.py holding weights (default: the build's own, its experts upcycled), in eval mode."""
-    spec = importlib.util.spec_from_file_location(f"built_{build.name}_{id(weights)}", build / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_file(f"built_{build.name}_{id(weights)}", build / "model.py")
     if weights is None:
         return moec.runtime.load_build(mod.Model, build).eval()
     model = mod.Model()

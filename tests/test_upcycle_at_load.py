@@ -1,6 +1,5 @@
 """Upcycling at load time: a build stores the dense weights once with a recipe, and each rank makes only the
 experts it holds, the same ones whatever the EP size."""
-import importlib.util
 import json
 
 import pytest
@@ -9,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moec.runtime import load_build
+from moec.runtime.kernels.generated import import_file
 from moec.runtime.upcycle import dropped_units, entry, make_expert, make_experts
 from tests.hf_checkpoints import EXAMPLES
 from tests.invoke import run
@@ -16,9 +16,7 @@ from tests.invoke import run
 
 def _dense_checkpoint(path):
     """The tiny llama's weights in bf16, as a dense checkpoint often comes."""
-    spec = importlib.util.spec_from_file_location("llama_for_upcycle", EXAMPLES / "llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_file("llama_for_upcycle", EXAMPLES / "llama.py")
     torch.manual_seed(3)
     state = {n: t.to(torch.bfloat16).contiguous() for n, t in mod.build_model().state_dict().items()}
     save_file(state, str(path))
@@ -38,10 +36,7 @@ def noisy_build(tmp_path_factory):
 
 
 def _model_class(build):
-    spec = importlib.util.spec_from_file_location(f"upcycled_{build.name}", build / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.Model
+    return import_file(f"upcycled_{build.name}", build / "model.py").Model
 
 
 def _experts(model, group="experts"):

@@ -10,7 +10,6 @@ expert tensor's recipe, and train.py makes on each rank the experts it holds. Ev
 written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from moec.driver.model_shape import context_length
 from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
 from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
+from moec.runtime.kernels.generated import import_file
 from moec.runtime.weights import RECIPE, WEIGHTS, load_build
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
@@ -228,9 +228,7 @@ def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:
 
 def _load_program(directory: Path) -> torch.nn.Module:
     """directory/model.py's Model holding directory's weights, its experts upcycled as train.py does."""
-    spec = importlib.util.spec_from_file_location(f"moec_emitted_{id(directory)}", directory / "model.py")
-    program = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(program)
+    program = import_file(f"moec_emitted_{id(directory)}", directory / "model.py")
     return load_build(program.Model, directory)
 
 

@@ -2,7 +2,6 @@
 (config.json's options) to the model and returns the `Parallel` the loop
 drives (its optimizer, gradient accumulation and clipping)."""
 import contextlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch.distributed as dist
 
 from moec.base.errors import MoecError
 from moec.runtime.distributed import groups
+from moec.runtime.kernels.generated import import_file
 from moec.runtime.training.loop import Env
 
 
@@ -128,10 +128,7 @@ def _stages(model: torch.nn.Module):
     path = Path(sys.modules[type(model).__module__].__file__).with_name("stages.py")
     if not path.is_file():
         raise MoecError(f"{path.parent} has no stages.py: recompile the build with this moec")
-    spec = importlib.util.spec_from_file_location("stages", path)
-    stages = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stages)
-    return stages
+    return import_file(f"moec_stages_{id(model)}", path)
 
 
 def _shared(share: torch.nn.Module, full: torch.nn.Module) -> dict:
