@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from moec.base.errors import MoecError
 from moec.driver.cli import main
-from moec.runtime.training.progress import MetricsFile, read_metrics
+from moec.runtime.training.progress import MetricsFile, Progress, read_metrics
 
 
 def _record(step: int, kind: str = "train") -> dict:
@@ -95,3 +95,14 @@ def test_plot_of_a_damaged_file_is_one_line_exit_2(tmp_path):
     _write(tmp_path / "metrics.jsonl", [_record(1)], tail="garbage\n" + json.dumps(_record(2)) + "\n")
     out = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert out.exit_code == 2 and "metrics.jsonl:2" in out.output
+
+
+def test_the_bar_leaves_out_of_its_rate_the_steps_the_metrics_line_leaves_out():
+    # the warm-up step, and on a GPU the step run under the profiler, are slower than the run: the bar's
+    # tokens/s must be the metrics line's, which counts neither
+    stream = io.StringIO()
+    bar = Progress(total=4, start=0, every=4, stream=stream)
+    for step, rate in enumerate((1.0, 200.0, 1.0, 100.0)):
+        bar.update(step, 0.5, None if rate == 1.0 else rate)
+    shown = stream.getvalue().split(" tok/s")[0].rsplit(" ", 1)[1]
+    assert shown == f"{2 / (1 / 200 + 1 / 100):,.0f}"

@@ -130,6 +130,9 @@ class Pipeline:
         layers), the same on every rank of the pipeline."""
         clear_records()
         losses = []
+        # a batch is a view of longer rows; torch 2.11's stages refuse inputs whose strides differ from the
+        # contiguous example the stage was built with
+        inputs = inputs.contiguous()
         self.schedule.step(*((inputs,) if self.first else ()), target=targets if self.last else None,
                            losses=losses if self.last else None)
         return self._gather(losses)

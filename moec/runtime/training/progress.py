@@ -3,7 +3,8 @@
 On a terminal the bar redraws in place every step; otherwise (a log file, a
 batch job) it prints one line every `every` steps so logs stay readable. Its
 tokens/s is the metrics line's: tokens over seconds of the steps since the last
-metrics line, the first step of the process (warm-up) left out.
+metrics line, the first step of the process (warm-up) and the step whose
+kernels are counted (under the profiler) left out.
 """
 import json
 import sys
@@ -27,15 +28,16 @@ class Progress:
         self.window_steps, self.window_seconds_per_token = 0, 0.0
         self.loss = None
 
-    def update(self, step: int, loss: float | None, tokens_per_s: float) -> None:
-        """Called after step `step` (0-based) finished in tokens / tokens_per_s seconds; loss None between
-        the steps that read it (the bar shows the last one read)."""
+    def update(self, step: int, loss: float | None, tokens_per_s: float | None) -> None:
+        """Called after step `step` (0-based) finished in tokens / tokens_per_s seconds, tokens_per_s None for
+        a step the rates leave out; loss None between the steps that read it (the bar shows the last one
+        read)."""
         if not self.enabled:
             return
         self.loss = self.loss if loss is None else loss
         if self.t0 is None:  # the first step compiles and warms up: time from its end
             self.t0, self.first = time.perf_counter(), step + 1
-        else:
+        elif tokens_per_s is not None:
             self.window_steps += 1
             self.window_seconds_per_token += 1 / tokens_per_s
         done = step + 1

@@ -100,13 +100,15 @@ class RunLog:
         self.window_time, self.window_steps = 0.0, 0
         self._prev = time.perf_counter()
 
-    def _clock(self, step: int) -> float:
-        """Seconds of this step; the first step of a process (warm-up, compilation) is left out of rates."""
+    def _clock(self, step: int) -> float | None:
+        """Seconds of this step, None for a step left out of rates: the first of a process (warm-up,
+        compilation) and the profiled one (the profiler's overhead is not the run's)."""
         now = time.perf_counter()
         dt, self._prev = now - self._prev, now
-        if step > self.first and step != self.profile_step:  # the profiler's overhead is not the run's
-            self.window_time += dt
-            self.window_steps += 1
+        if step == self.first or step == self.profile_step:
+            return None
+        self.window_time += dt
+        self.window_steps += 1
         return dt
 
     def begin(self, step: int) -> None:
@@ -147,7 +149,7 @@ class RunLog:
             self._end_profile()
         dt = self._clock(step)
         lm_value = lm.item() if self.due(step) else None
-        self.bar.update(step - 1, lm_value, self.tokens_per_step / dt)
+        self.bar.update(step - 1, lm_value, self.tokens_per_step / dt if dt else None)
         if step % self.every:
             return
         counts = out.get("expert_counts", [])
