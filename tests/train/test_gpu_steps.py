@@ -48,3 +48,29 @@ def test_permute_casts_the_tokens_under_autocast():
         torch.testing.assert_close(y, x.detach().repeat_interleave(2, 0).bfloat16())
         (g,) = torch.autograd.grad(y.float().sum(), x)
         assert g.dtype == torch.float32 and (g == 2).all()
+
+
+def test_the_experts_reuse_one_bf16_copy_of_their_weights_until_the_optimizer_steps(monkeypatch):
+    from moec.runtime.ops import weight_copies
+    monkeypatch.setattr(weight_copies, "_keeping", False)  # restored after the test
+    w1, w2 = (torch.nn.Parameter(torch.randn(2, *s, device="cuda") / 4) for s in ((32, 16), (16, 32)))
+    x = torch.randn(8, 16, device="cuda")
+    offsets = torch.tensor([0, 4, 8], device="cuda", dtype=torch.int32)
+    opt = torch.optim.SGD([w1, w2], lr=0.1)
+    weight_copies.keep_until_step(opt)
+
+    def micro_batch():
+        with torch.autocast("cuda", torch.bfloat16):
+            y = torch.ops.moec.experts(x, offsets, w1, None, None, None, w2, None, "relu")
+        y.float().square().sum().backward()
+        return y
+
+    outs = [micro_batch() for _ in range(2)]
+    kept = weight_copies.cast(w1, torch.bfloat16)
+    assert outs[0].dtype == torch.bfloat16 and torch.equal(outs[0], outs[1])
+    grad = w1.grad.clone()
+    opt.zero_grad()
+    micro_batch()
+    torch.testing.assert_close(2 * w1.grad, grad, rtol=0, atol=0)  # both micro-batches' gradients arrived
+    opt.step()
+    assert weight_copies.cast(w1, torch.bfloat16) is not kept  # the step's new weights are cast afresh

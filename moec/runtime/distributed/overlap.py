@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moec.runtime.distributed import exchange, groups
+from moec.runtime.ops import weight_copies
 from moec.runtime.ops.experts import experts_backward, experts_forward
 
 
@@ -139,4 +140,4 @@ def _backward(ctx, g_out, _g_rows, _g_counts):
 
 ep_experts.register_autograd(_backward, setup_context=_setup)
 # Under CUDA autocast the expert GEMMs run in bf16, as moec::experts does.
-torch.library.register_autocast("moec::ep_experts", "cuda", torch.bfloat16)
+weight_copies.register_autocast("moec::ep_experts", "cuda", torch.bfloat16)

@@ -39,7 +39,7 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from moec.base.errors import MoecError
-from moec.runtime.ops import elementwise
+from moec.runtime.ops import elementwise, weight_copies
 
 BACKENDS = ("reference", "grouped_mm", "triton")
 
@@ -409,9 +409,9 @@ def _experts_fake(x, offsets, w1, b1, w3, b3, w2, b2, activation, recompute=Fals
 _lib.impl("experts", _experts_plain, "CompositeExplicitAutograd")
 _lib.impl("experts", _experts_autograd, "Autograd")
 torch.library.register_fake("moec::experts", _experts_fake, lib=_lib)
-# Under CUDA autocast the expert GEMMs run in bf16 like every other linear
-# (autocast does not reach inside custom ops on its own).
-torch.library.register_autocast("moec::experts", "cuda", torch.bfloat16, lib=_lib)
+# Under CUDA autocast the expert GEMMs run in bf16 like every other linear (autocast does not reach inside
+# custom ops on its own), with the weights' bf16 copies kept between micro-batches (weight_copies).
+weight_copies.register_autocast("moec::experts", "cuda", torch.bfloat16)
 
 
 def experts(x: Tensor, offsets: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor],

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from moec.base.errors import MoecError
 from moec.runtime.distributed import groups
 from moec.runtime.kernels.generated import import_file
+from moec.runtime.ops import weight_copies
 from moec.runtime.training.loop import Env
 
 
@@ -31,8 +32,10 @@ def wrap(model: torch.nn.Module, env: Env, fsdp: bool = False) -> torch.nn.Modul
 class Parallel:
     """How a training loop drives the model it got from parallelize()."""
 
-    def __init__(self, model, env: Env, mesh=None, grad_sync=None, zero: bool = False, pipeline=None):
+    def __init__(self, model, env: Env, mesh=None, grad_sync=None, zero: bool = False, pipeline=None,
+                 fsdp: bool = False):
         self.model, self.mesh, self.grad_sync, self.zero, self.pipeline = model, mesh, grad_sync, zero, pipeline
+        self.fsdp = fsdp and env.world > 1
         # which share of the data this rank reads: the stages of a pipeline, and the ranks of a TP group, read the same
         data = groups.get("data") if mesh is not None else None
         self.data_rank = env.rank if data is None else dist.get_rank(data)
@@ -49,8 +52,12 @@ class Parallel:
         (ZeRO-1: replicated parameters' over all ranks, experts' over the ranks holding the same experts)."""
         if self.zero:
             from moec.runtime.distributed.zero import make_optimizer
-            return make_optimizer(self.model, optimizer_class, param_groups, **defaults)
-        return optimizer_class(param_groups, **defaults)
+            optimizer = make_optimizer(self.model, optimizer_class, param_groups, **defaults)
+        else:
+            optimizer = optimizer_class(param_groups, **defaults)
+        if not self.fsdp:  # the experts' bf16 copies last from one optimizer step to the next
+            weight_copies.keep_until_step(optimizer)
+        return optimizer
 
     def accumulating(self, more_to_come: bool):
         """Context of one micro-batch's backward: DDP skips its gradient all-reduce while more
@@ -120,7 +127,7 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     if env.world > 1 and (ep > 1 or tp > 1):
         model, mesh, grad_sync = setup(model, options, tp_plan)
         return Parallel(model, env, mesh, grad_sync, zero)
-    return Parallel(wrap(model, env, fsdp), env, zero=zero)
+    return Parallel(wrap(model, env, fsdp), env, zero=zero, fsdp=fsdp)
 
 
 def _stages(model: torch.nn.Module):
