@@ -41,7 +41,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per rank per micro-batch")
+    p.add_argument("--batch-size", type=int, default={batch_size}, help="sequences per rank per micro-batch")
     p.add_argument("--grad-accum", type=int, default={grad_accum},
                    help="micro-batches per optimizer step (a pipeline's: at least its ranks)")
     p.add_argument("--seq-len", type=int, default={seq_len}, help="tokens per sequence, at most the model's context")
@@ -231,5 +231,8 @@ def write_train_program(build_dir: Path, config: dict) -> None:
     title = f"{kind} built from {config['model']}"
     context = config["result"].get("context")
     seq_len = min(SEQ_LEN, context) if context else SEQ_LEN
-    grad_accum = o.get("pp", 1)  # the fewest micro-batches a pipeline runs
-    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len, grad_accum=grad_accum))
+    # the plan's micro-batches where a planner chose them, else the fewest a pipeline runs
+    grad_accum = o.get("micro_batches") or o.get("pp", 1)
+    batch_size = o.get("micro_batch") or 16
+    (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len, grad_accum=grad_accum,
+                                                              batch_size=batch_size))

@@ -2,11 +2,14 @@
 training program cannot carry out is refused at compile time, and train.py refuses a world that does not
 fit the plan."""
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 from moec.base.errors import MoecError
-from moec.base.options import Options
+from moec.base.options import PLAN_FIELDS, Options
 from moec.runtime.training.parallel import check_world
 from tests.test_cli import EXAMPLES, run
 
@@ -38,7 +41,7 @@ def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_p
 @pytest.mark.parametrize("record,extra,message", [
     ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 1, "recompute": False}}, [], "--tp 2 with --zero 1"),
     ({"ep": 2}, ["--ep", "2"], "gives the parallel plan: drop --ep"),
-    ([1, 2], [], "expected plan.json, or an object of ep, dp, tp, pp, zero, recompute"),
+    ([1, 2], [], "expected plan.json, or an object of ep, dp, tp, pp, zero, recompute, micro_batch, micro_batches"),
     ({"ep": 3}, [], "--ep 3 does not divide the 4 routed experts"),
 ])
 def test_a_plan_file_is_checked_like_flags(tmp_path, record, extra, message):
@@ -52,13 +55,18 @@ def test_a_plan_file_is_checked_like_flags(tmp_path, record, extra, message):
 
 def test_a_plan_file_becomes_the_builds_plan(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps({"chosen": {"ep": 2, "dp": 2, "tp": 1, "pp": 1, "zero": 1,
-                                                               "recompute": False, "gpus": 4}}))
+                                                               "recompute": False, "gpus": 4, "micro_batch": 3,
+                                                               "micro_batches": 5}}))
     out = tmp_path / "out"
     r = run("compile", EXAMPLES / "gpt.py", "-o", out, *TINY, "--experts", "4", "--no-verify",
             "--plan", tmp_path / "plan.json")
     assert r.exit_code == 0, r.output
     options = Options.from_json(json.loads((out / "config.json").read_text())["options"])
     assert (options.ep, options.dp, options.tp, options.pp, options.zero) == (2, 2, 1, 1, 1)
+    # the micro-batches the plan was costed for are the training program's
+    usage = subprocess.run([sys.executable, out / "train.py", "--help"], capture_output=True, text=True).stdout
+    assert re.search(r"--batch-size BATCH_SIZE\s+sequences per rank per micro-batch \(default: 3\)", usage), usage
+    assert re.search(r"--grad-accum GRAD_ACCUM\s+micro-batches .*\(default: 5\)", usage, re.S), usage
 
 
 def test_a_planned_build_reads_its_plan_back(tmp_path):
@@ -70,8 +78,7 @@ def test_a_planned_build_reads_its_plan_back(tmp_path):
     assert r.exit_code == 0, r.output
     chosen = json.loads((out / "plan.json").read_text())["chosen"]
     options = Options.from_json(json.loads((out / "config.json").read_text())["options"])
-    assert {k: getattr(options, k) for k in ("ep", "dp", "tp", "pp", "zero", "recompute")} == \
-        {k: chosen[k] for k in ("ep", "dp", "tp", "pp", "zero", "recompute")}
+    assert {k: getattr(options, k) for k in PLAN_FIELDS} == {k: chosen[k] for k in PLAN_FIELDS}
     assert not list(options.runtime_problems())
 
 

@@ -20,7 +20,8 @@ EP_VARIANTS = ("flat", "hierarchical", "rbd")
 # torch.distributed.pipelining's schedules by the names --pp-schedule takes; interleaved-1f1b and zero-bubble
 # run two stages per rank; dualpipev is refused (runtime_problems)
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zero-bubble", "dualpipev")
-PLAN_FIELDS = ("ep", "dp", "tp", "pp", "zero", "recompute")  # what a planner's plan (plan.json's "chosen") sets
+# what a planner's plan (plan.json's "chosen") sets
+PLAN_FIELDS = ("ep", "dp", "tp", "pp", "zero", "recompute", "micro_batch", "micro_batches")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Options:
     tp: int = 1  # tensor-parallel degree
     dp: int = 0  # data-parallel replicas of the EP x PP x TP grid; 0: as many as the world holds (a plan fixes it)
     recompute: bool = False  # recompute every layer's activations in backward
+    # the micro-batch the plan was costed for: train.py's default --batch-size and --grad-accum (0: its own)
+    micro_batch: int = 0  # sequences per rank per micro-batch
+    micro_batches: int = 0  # micro-batches per optimizer step (a pipeline's: at least its stages)
     ep_variant: str = "flat"
     node_size: int = 0  # ranks per node, for the hierarchical and rbd variants
     ep_chunks: int = 1  # > 1: overlap one chunk of experts' all-to-all with another's compute

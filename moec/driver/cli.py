@@ -167,7 +167,8 @@ def compile_cmd(model, out, sets, pyramid, hash_layers, no_triton, no_verify, st
 
 def _read_plan(path: str, given: Options) -> dict:
     """plan.json's chosen plan (the file `moec plan -o` and `moec compile --gpus` write), or a JSON object of
-    plan fields (ep, dp, tp, pp, zero, recompute; the ones left out keep their defaults)."""
+    plan fields (ep, dp, tp, pp, zero, recompute, micro_batch, micro_batches; the ones left out keep their
+    defaults)."""
     default = Options()
     flags = [f"--{k}" for k in ("gpus", *PLAN_FIELDS) if getattr(given, k) != getattr(default, k)]
     if flags:
