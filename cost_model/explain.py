@@ -5,8 +5,8 @@ import sympy as sp
 from moec.cost_model import comm, memory, params, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware
-from moec.cost_model.pipeline import bubble, layer_flops, split
-from moec.cost_model.planner import Plan, values_for
+from moec.cost_model.pipeline import bubble, cut
+from moec.cost_model.planner import Plan, gib, values_for
 from moec.base.options import Options
 from moec.cost_model.shape import ModelShape
 
@@ -66,19 +66,18 @@ def explain(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, latex: bo
             shown = f"{value:.1%}" if name == "MFU" else _fmt(value, unit)
             out += [f"  {name}", _indent(_show(expr, latex)), f"    = {shown}"]
     if plan.pp > 1:
-        out += ["", *_pipeline(plan, shape, moe)]
+        out += ["", *_pipeline(plan, shape, moe, values, hw)]
     return "\n".join(out)
 
 
-def _pipeline(plan: Plan, shape: ModelShape, moe: Options) -> list[str]:
-    """The stage split `moec compile` would write (one stage per rank, 1F1B) and the bubble the time model
-    counts."""
-    costs, head = layer_flops(shape, moe)
-    bounds = split(costs, plan.pp, last=head)
-    shares = [sum(costs[a:b]) + (head if b == len(costs) else 0) for a, b in zip(bounds, bounds[1:])]
+def _pipeline(plan: Plan, shape: ModelShape, moe: Options, values: dict, hw: Hardware) -> list[str]:
+    """The stage split `moec compile` would write (one stage per rank, 1F1B), each stage's predicted memory,
+    and the bubble the time model counts."""
+    bounds, shares, held = cut(shape, moe, plan.pp, values, hw.memory_bytes)
     return [f"Pipeline ({plan.pp} stages, 1F1B, {plan.micro_batches} micro-batches):",
-            "  stages (layers, share of the forward FLOPs; the last carries the head): " +
-            ", ".join(f"{a}-{b - 1} {x / sum(shares):.0%}" for a, b, x in zip(bounds, bounds[1:], shares)),
+            "  stages (layers, share of the forward FLOPs, peak GiB; the last carries the head, the first keeps "
+            "the most micro-batches in flight): " +
+            ", ".join(f"{a}-{b - 1} {x:.0%} {gib(m)}" for a, b, x, m in zip(bounds, bounds[1:], shares, held)),
             f"  bubble: (PP - 1) / (M + PP - 1) = {bubble(plan.pp, plan.micro_batches, '1f1b'):.1%} of each "
             f"rank's step idle"]
 

@@ -8,9 +8,11 @@ pipeline goes at the pace of its slowest stage.
 """
 from dataclasses import replace
 
+import sympy as sp
+
 from moec.base.errors import MoecError
 from moec.base.options import Options
-from moec.cost_model import params
+from moec.cost_model import memory, params
 from moec.cost_model import symbols as s
 from moec.cost_model.shape import ModelShape, model_values, moe_layer_flags
 
@@ -22,10 +24,11 @@ def stages_per_rank(schedule: str) -> int:
     return STAGES_PER_RANK.get(schedule, 1)
 
 
-def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0, fits=None) -> list[int]:
     """The layer each stage starts at (and len(costs) at the end): contiguous runs of at least one layer
     whose largest total, the first stage's plus `first` and the last's plus `last`, is the least possible.
-    costs: each layer's predicted time (any unit)."""
+    costs: each layer's predicted time (any unit). fits(s, a, b): whether stage s may hold layers [a, b)
+    (its memory); no split where every stage fits is a MoecError."""
     n = len(costs)
     if not 1 <= stages <= n:
         raise MoecError(f"{stages} pipeline stages need at least {stages} layers, and the model has {n}; "
@@ -35,6 +38,8 @@ def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0
         prefix.append(prefix[-1] + c)
 
     def weight(s: int, a: int, b: int) -> float:
+        if fits is not None and not fits(s, a, b):
+            return float("inf")
         return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == stages - 1 else 0.0)
 
     # best[s][b]: the least largest stage over layers [0, b) cut into s + 1 stages; cut[s][b] where the last starts
@@ -49,6 +54,9 @@ def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0
                 w = max(best[s - 1][a], weight(s, a, b))
                 if w < best[s][b]:
                     best[s][b], cut[s][b] = w, a
+    if best[stages - 1][n] == float("inf"):
+        raise MoecError(f"no cut of the {n} layers into {stages} pipeline stages fits each stage's memory: "
+                        f"use more stages, more GPUs (to shard experts and optimizer state), or a smaller micro-batch")
     bounds, b = [n], n
     for s in range(stages - 1, 0, -1):
         b = cut[s][b]
@@ -70,9 +78,71 @@ def layer_flops(shape: ModelShape, moe: Options) -> tuple[list[float], float]:
     return costs, float((2 * s.V * s.D).subs(values))
 
 
+def cut(shape: ModelShape, moe: Options, stages: int, values: dict | None = None, capacity: float = 0.0):
+    """The stage split `moec compile` writes and `moec plan --explain` shows: (the layer each stage starts at,
+    then the layer count; each stage's share of the forward FLOPs; each stage's predicted peak bytes, None
+    without a plan's values). The fastest split whose stages each fit `capacity` bytes, when given."""
+    costs, head = layer_flops(shape, moe)
+    held = stage_memory(shape, moe, values, stages) if values is not None else None
+    fits = (lambda i, a, b: held(i, a, b) <= capacity) if held is not None and capacity else None
+    bounds = split(costs, stages, last=head, fits=fits)
+    spans = list(zip(bounds, bounds[1:]))
+    flops = [sum(costs[a:b]) + (head if b == len(costs) else 0.0) for a, b in spans]
+    return bounds, [x / sum(flops) for x in flops], held and [held(i, a, b) for i, (a, b) in enumerate(spans)]
+
+
 def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
     """The share of a step a rank idles in the pipeline's fill and drain: (p - 1) / (v m + p - 1) for p ranks
     running v stages each over m micro-batches (1F1B, and its interleaved form with v = 2); the zero-bubble
     schedules fill most of it with weight-gradient work, which this does not count."""
     v = stages_per_rank(schedule)
     return (ranks - 1) / (v * micro_batches + ranks - 1)
+
+
+def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
+    """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by
+    memory.py's terms for those layers alone: fp32 weights and Adam state (routed experts over EP, ZeRO's
+    sharding), then the larger of the gradients and what backward starts with (the bf16 weight copies, the
+    activations of the micro-batches in flight, an MoE layer's all-to-all buffers, on the last stage the
+    logits). Under 1F1B the stage on
+    pipeline rank r has min(PP - r, M) micro-batches in flight. The first stage holds the embedding, the last
+    the head (tied embeddings: a copy on each, one when there is one stage). values: the plan's symbol values (planner.values_for)."""
+    v = {**model_values(shape, replace(moe, dense=False, first_dense=0) if moe.dense else moe), **values,
+         s.PP: 1}  # memory.py's terms for one stage's layers alone
+    p_d, p_x = sp.symbols("p_d p_x")  # the stage's parameters outside the routed experts, and in them
+
+    def per_stage(expr):  # expr as a function of (p_d, p_x), every other symbol the plan's value
+        expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: p_d, memory.P_x: p_x}))
+        return sp.lambdify((p_d, p_x), expr.xreplace(v))
+
+    def ev(expr) -> float:
+        return float(per_stage(expr)(0, 0))
+
+    ranks, micro_batches, recompute = int(values[s.PP]), int(values[s.M]), bool(values.get(s.R, 0))
+    flags = [False] * shape.layers if moe.dense else moe_layer_flags(shape, moe)
+    dense_params = {False: ev(params.attention + params.ffn_dense),
+                    True: ev(params.attention + s.N_s * params.expert + params.router)}
+    expert_params = {False: 0.0, True: ev(s.E * s.G * params.expert)}
+    acts = {False: ev(memory.tokens_local * (memory.act_attention + memory.act_ffn)),
+            True: ev(memory.tokens_local * (memory.act_attention + memory.act_moe))}
+    layer_input = ev(memory.tokens_local * s.b * s.D)
+    embedding, logits, tied = ev(s.V * s.D), ev(memory.logits), int(v[s.t])
+    all_to_all = ev(memory.all_to_all_buffers)
+    held, gradients = per_stage(memory.parameters + memory.optimizer), per_stage(memory.gradients)
+    copies = per_stage(memory.weight_copies)
+
+    def bytes_(stage: int, a: int, b: int) -> float:
+        layers = flags[a:b]
+        ends = (stage == 0) + (stage == stages - 1)
+        sizes = (sum(dense_params[f] for f in layers) + embedding * (ends if stages > 1 else 2 - tied),
+                 sum(expert_params[f] for f in layers))
+        in_flight = min(ranks - stage % ranks, micro_batches)
+        if recompute:  # each layer's input kept, one layer rebuilt at a time
+            activations = in_flight * len(layers) * layer_input + max(acts[f] for f in layers)
+        else:
+            activations = in_flight * sum(acts[f] for f in layers)
+        transient = copies(*sizes) + activations + (logits if stage == stages - 1 else 0.0) \
+            + (all_to_all if any(layers) else 0.0)
+        return float(held(*sizes) + max(gradients(*sizes), transient))
+
+    return bytes_

@@ -166,7 +166,10 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         log(f"weights: {stored / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
     _emit(gm, model, o, mod, tmp)
     if o.pp > 1:
-        report["stage_bounds"] = write_stages(gm, o, shape, tmp, _title(model, o), log)
+        from moec.cost_model.planner import values_for
+        planned = {} if plan is None else dict(values=values_for(plan, shape, o, hardware),
+                                               capacity=hardware.memory_bytes)
+        report["stage_bounds"] = write_stages(gm, o, shape, tmp, _title(model, o), log, **planned)
         if real and moe_fits:
             report["stages_rel_error"] = err = check_stages(tmp, gm, example_inputs(mod, dense, BATCH, SEQ))
             if not err <= STAGE_TOLERANCE:

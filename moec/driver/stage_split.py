@@ -1,5 +1,5 @@
-"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline's split of its layer_flops,
-the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
+"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline.cut: by predicted time, and for
+a planned build within each stage's GPU memory; the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
 model.py's logits."""
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.codegen.program import top_graph
 from moec.codegen.stages import stages_source
-from moec.cost_model.pipeline import layer_flops, split, stages_per_rank
+from moec.cost_model.pipeline import cut, stages_per_rank
 from moec.cost_model.shape import ModelShape
 from moec.runtime.kernels.generated import import_file
 from moec.runtime.training import pipeline
@@ -19,21 +19,21 @@ from moec.runtime.weights import load_build
 STAGE_TOLERANCE = 1e-6  # the stages run model.py's operations in its order: equal up to rounding at most
 
 
-def write_stages(gm: torch.fx.GraphModule, o: Options, shape: ModelShape, directory: Path, title: str,
-                 log) -> list[int]:
-    """stages.py for the graph; the layer each stage starts at, then the layer count."""
-    costs, head = layer_flops(shape, o)
+def write_stages(gm: torch.fx.GraphModule, o: Options, shape: ModelShape, directory: Path, title: str, log,
+                 values: dict | None = None, capacity: float = 0.0) -> list[int]:
+    """stages.py for the graph; the layer each stage starts at, then the layer count. values, capacity: a
+    planned build's plan and GPU memory, which every stage must fit."""
     loop = top_graph(gm).runs
-    if len(loop) != 1 or len(loop[0].blocks) != len(costs):
+    if len(loop) != 1 or len(loop[0].blocks) != shape.layers:
         raise MoecError(f"--pp cuts the model's loop of layers into stages, and model.py has "
-                        f"{len(loop)} loops for the model's {len(costs)} FFN layers; pipeline parallelism needs one "
+                        f"{len(loop)} loops for the model's {shape.layers} FFN layers; pipeline parallelism needs one "
                         f"loop of them")
-    bounds = split(costs, o.pp * stages_per_rank(o.pp_schedule), last=head)
+    bounds, shares, held = cut(shape, o, o.pp * stages_per_rank(o.pp_schedule), values, capacity)
     (directory / "stages.py").write_text(stages_source(gm, bounds, title))
-    shares = [sum(costs[a:b]) + (head if b == len(costs) else 0) for a, b in zip(bounds, bounds[1:])]
     log(f"pipeline: {len(shares)} stages over {o.pp} ranks ({o.pp_schedule}), layers "
         f"{' | '.join(f'{a}-{b - 1}' for a, b in zip(bounds, bounds[1:]))}, "
-        f"FLOPs shares {' '.join(f'{x / sum(shares):.0%}' for x in shares)} -> stages.py")
+        f"FLOPs shares {' '.join(f'{x:.0%}' for x in shares)}"
+        + (f", predicted peak GiB {' '.join(f'{m / 2**30:.1f}' for m in held)}" if held else "") + " -> stages.py")
     return bounds
 
 
