@@ -54,7 +54,7 @@ def parse_args():
     p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help="token id type of a .bin")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="tail of the data held out for validation; 0: no validation")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="steps between validations, and one at the end (0: only that one)")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100,
@@ -76,7 +76,7 @@ def parse_args():
     p.add_argument("--bias-fit", type=int, default=40, metavar="FORWARDS",
                    help="forwards a fresh run spends fitting the expert selection biases to a batch of its own data "
                         "before step 1 (not under a pipeline); 0: keep the compiled biases")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds dropout and the order of the batches")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to train: a GPU when there is one (auto), or the one named")
     p.add_argument("--debug-nan-at-step", type=int, default=None,
