@@ -54,7 +54,8 @@ def parse_args():
     p.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"], help="token id type of a .bin")
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="tail of the data held out for validation; 0: no validation")
-    p.add_argument("--eval-every", type=int, default=50, help="steps between validations, and one at the end (0: only that one)")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="steps between validations, and one at the end (0: only that one)")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per validation")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100,

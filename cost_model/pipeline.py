@@ -100,13 +100,13 @@ def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
 
 
 def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
-    """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by
-    memory.py's terms for those layers alone: fp32 weights and Adam state (routed experts over EP, ZeRO's
-    sharding), then the larger of the gradients and what backward starts with (the bf16 weight copies, the
-    activations of the micro-batches in flight, an MoE layer's all-to-all buffers, on the last stage the
-    logits). Under 1F1B the stage on
+    """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by memory.py's terms
+    for those layers alone: fp32 weights and Adam state (routed experts over EP, ZeRO's sharding), then the
+    larger of the gradients and what backward starts with (the bf16 weight copies, the activations of the micro-
+    batches in flight, an MoE layer's all-to-all buffers, on the last stage the logits). Under 1F1B the stage on
     pipeline rank r has min(PP - r, M) micro-batches in flight. The first stage holds the embedding, the last
-    the head (tied embeddings: a copy on each, one when there is one stage). values: the plan's symbol values (planner.values_for)."""
+    the head (tied embeddings: a copy on each, one when there is one stage). values: the plan's symbol values
+    (planner.values_for)."""
     v = {**model_values(shape, replace(moe, dense=False, first_dense=0) if moe.dense else moe), **values,
          s.PP: 1}  # memory.py's terms for one stage's layers alone
     p_d, p_x = sp.symbols("p_d p_x")  # the stage's parameters outside the routed experts, and in them

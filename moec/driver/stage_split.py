@@ -1,6 +1,6 @@
-"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline.cut: by predicted time, and for
-a planned build within each stage's GPU memory; the cut `moec plan --explain` shows), stages.py, and the check that the stages run one after another compute
-model.py's logits."""
+"""A --pp build's stages: where the layers are cut (moec.cost_model.pipeline.cut: by predicted time, and for a
+planned build within each stage's GPU memory; the cut `moec plan --explain` shows), stages.py, and the check
+that the stages run one after another compute model.py's logits."""
 import sys
 from pathlib import Path
 

@@ -1,10 +1,11 @@
 """bf16 copies of the expert weights, made once per optimizer step rather than once per micro-batch.
 
-Under autocast the expert GEMMs take bf16 weights. Casting the fp32 weights at every call reads every
-expert weight and writes half of it again, each micro-batch (on the training-speed bench of BENCHMARKS.md
-these casts and their gradients' casts back took 4.3 ms of a 102 ms step). With `keep_until_step(optimizer)` the first micro-batch's copy of a weight is kept
-and reused until the optimizer next steps. The copy's autograd node, a dtype cast, saves no tensors, so each
-micro-batch's backward passes through it into the fp32 weight's .grad as a fresh cast would.
+Under autocast the expert GEMMs take bf16 weights. Casting the fp32 weights at every call reads every expert
+weight and writes half of it again, each micro-batch (on the training-speed bench of BENCHMARKS.md these casts
+and their gradients' casts back took 4.3 ms of a 102 ms step). With `keep_until_step(optimizer)` the first
+micro-batch's copy of a weight is kept and reused until the optimizer next steps. The copy's autograd node, a
+dtype cast, saves no tensors, so each micro-batch's backward passes through it into the fp32 weight's .grad as a
+fresh cast would.
 
 Copies are kept only for parameters that require grad, only with gradients on (a copy made
 without them would carry no gradient back), and never while torch.compile traces (the compiled graph casts
