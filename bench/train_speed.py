@@ -3,8 +3,9 @@
 the same active parameters (its FFN as wide as two experts), both run as the
 user would run them (`python BUILD/train.py`), once per --grad-accum value
 (micro-batches per optimizer step: the optimizer's pass over the weights is
-paid once per step), then a torch.profiler breakdown by op of one
-micro-batch step of each.
+paid once per step) and per --modes (eager, torch.compile, CUDA graphs), with
+each run's peak memory beside the cost model's prediction, then a
+torch.profiler breakdown by op of one micro-batch step of each.
 
     python bench/train_speed.py --out build/speed
 
@@ -41,18 +42,34 @@ def compile_builds(out: Path, args) -> dict:
     return builds
 
 
-def measure(build: Path, args, accum: int) -> dict:
-    run = build / "runs" / f"speed_accum{accum}"
+MODES = {"eager": [], "compile": ["--compile"], "cuda-graphs": ["--cuda-graphs"]}  # train.py's flags for each
+
+
+def measure(build: Path, args, accum: int, mode: str) -> dict:
+    run = build / "runs" / f"speed_{mode}_accum{accum}"
     sh(sys.executable, build / "train.py", "--steps", args.steps, "--batch-size", args.batch_size, "--grad-accum",
        accum, "--seq-len", args.seq_len, "--log-every", args.log_every, "--eval-every", 0, "--eval-batches", 1,
-       "--ckpt-every", -1, "--warmup", 5, "--run-dir", run)
+       "--ckpt-every", -1, "--warmup", 5, "--run-dir", run, *MODES[mode])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if r["kind"] == "train"][1:]  # the first window holds the warm-up steps
     result = json.loads((build / "config.json").read_text())["result"]
+    peak = max(r["peak_memory_gib"] or 0.0 for r in records if r["kind"] == "train") * 2**30
     return {"params": result["params"], "active": result["active_params"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
             "mfu": sum(r["mfu"] for r in steady) / len(steady) if steady[0]["mfu"] is not None else None,
-            "loss": steady[-1]["lm_loss"]}
+            "loss": steady[-1]["lm_loss"], "peak_bytes": peak}
+
+
+def predicted_peak(args, name: str, accum: int) -> float:
+    """The cost model's peak bytes for the build on one GPU (the formulas `moec plan` ranks plans by)."""
+    from moec.base.options import Options
+    from moec.cost_model import single_gpu_prediction
+    from moec.driver.model_shape import shape_from_model
+    width = 2 * args.ffn_dim if name == "dense" else args.ffn_dim
+    shape = shape_from_model(str(ROOT / "examples" / "llama.py"), args.config, args.seq_len,
+                             overrides={"n_layers": args.layers, "ffn_dim": width})
+    moe = Options(dense=True) if name == "dense" else Options(experts=8, topk=2)
+    return single_gpu_prediction(shape, moe, args.hardware, args.batch_size, micro_batches=accum).peak_memory_bytes
 
 
 def profile(build: Path, args) -> str:
@@ -101,22 +118,34 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--grad-accum", type=int, nargs="+", default=[1, 4],
                    help="micro-batches per optimizer step, one pair of runs each")
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=list(MODES),
+                   help="how train.py runs the step: as it is, under torch.compile, or replayed from CUDA graphs")
+    p.add_argument("--hardware", default="dgx_h100", help="the cost model's profile for the predicted peak memory")
     p.add_argument("--profile-rows", type=int, default=20)
     args = p.parse_args()
     builds = compile_builds(Path(args.out), args)
-    rows = {(name, a): measure(path, args, a) for a in args.grad_accum for name, path in builds.items()}
+    rows = {(name, mode, a): measure(path, args, a, mode)
+            for a in args.grad_accum for mode in args.modes for name, path in builds.items()}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n{device}; llama --config {args.config} n_layers={args.layers}; micro-batch {args.batch_size} x "
-          f"{args.seq_len} tokens; bf16 autocast; {args.steps} steps, the first {args.log_every} left out\n")
-    print("| model | params | active params | grad accum | tokens/s | MFU |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for (name, a), r in rows.items():
+    print(f"\n{device}; torch {torch.__version__}; llama --config {args.config} n_layers={args.layers}; micro-batch "
+          f"{args.batch_size} x {args.seq_len} tokens; bf16 autocast; {args.steps} steps, the first {args.log_every} "
+          f"left out; peak memory is the run's, predicted is the cost model's ({args.hardware})\n")
+    print("| model | mode | params | active params | grad accum | tokens/s | MFU | peak GiB | predicted GiB | "
+          "peak bytes / param | peak bytes / token |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, mode, a), r in rows.items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"| {name} | {r['params'] / 1e9:.2f} B | {r['active'] / 1e9:.2f} B | {a} | {r['tokens_per_s']:,.0f} | "
-              f"{mfu} |")
+        print(f"| {name} | {mode} | {r['params'] / 1e9:.2f} B | {r['active'] / 1e9:.2f} B | {a} | "
+              f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_bytes'] / 2**30:.1f} | "
+              f"{predicted_peak(args, name, a) / 2**30:.1f} | {r['peak_bytes'] / r['params']:.1f} | "
+              f"{r['peak_bytes'] / (args.batch_size * args.seq_len):,.0f} |")
     for a in args.grad_accum:
-        ratio = rows[("moe", a)]["tokens_per_s"] / rows[("dense", a)]["tokens_per_s"]
-        print(f"\nMoE / dense tokens/s at grad accum {a}: {ratio:.2f}")
+        for mode in args.modes:
+            ratio = rows[("moe", mode, a)]["tokens_per_s"] / rows[("dense", mode, a)]["tokens_per_s"]
+            print(f"\nMoE / dense tokens/s at grad accum {a}, {mode}: {ratio:.2f}")
+        for name in builds:
+            fastest = max(args.modes, key=lambda m: rows[(name, m, a)]["tokens_per_s"])
+            print(f"{name}, grad accum {a}: fastest {fastest}")
     if torch.cuda.is_available():
         backend = importlib.import_module("moec.runtime.ops.experts").select_backend(
             torch.empty(1, device="cuda", dtype=torch.bfloat16))

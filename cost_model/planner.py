@@ -180,10 +180,11 @@ def best_plan(shape: ModelShape, moe_options: Options, gpus: int, hardware, glob
 
 
 def single_gpu_prediction(shape: ModelShape, moe: Options, hardware, micro_batch: int,
-                          recompute_experts: bool = False) -> Plan:
+                          recompute_experts: bool = False, micro_batches: int = 1) -> Plan:
     """The prediction for the emitted training program on one GPU: what bench/planner.py checks."""
     hw = hardware if isinstance(hardware, Hardware) else load_hardware(hardware)
-    plan = Plan(1, 1, 1, 1, 0, False, micro_batch, 1, 1, hw.name, shape.name, recompute_experts=recompute_experts)
+    plan = Plan(1, 1, 1, 1, 0, False, micro_batch, micro_batches, 1, hw.name, shape.name,
+                recompute_experts=recompute_experts)
     layout = Layout(hw, 1, moe.routed_topk, moe.max_nodes_per_token)
     return predict(plan, shape, moe, hw, layout.costs(1, 1, 1, 1))
 
