@@ -107,3 +107,22 @@ def test_a_slice_of_experts_is_the_same_whichever_slice_it_is_made_in():
     whole = make_experts(e, w, range(8))
     assert torch.equal(torch.cat([make_experts(e, w, range(j * 2, j * 2 + 2)) for j in range(4)]), whole)
     assert not torch.equal(whole[0], whole[1])  # noise of its own per fine expert
+
+
+def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_model_in_memory(tmp_path):
+    """With --weights the dense model is never made: the graph stays on the meta device, calibration reads each
+    weight when its node runs, and each tensor goes from the checkpoint into the build alone. Given the
+    weights the model file's own initialisation makes (seed 0, as compile seeds it), the build is the one
+    compiled from that model in memory, routers (calibrated, with their balancing biases) and recipe alike."""
+    mod = import_file("llama_streamed", EXAMPLES / "llama.py")
+    torch.manual_seed(0)
+    save_file({n: t.contiguous() for n, t in mod.build_model().state_dict().items()}, str(tmp_path / "d.safetensors"))
+    options = ["--experts", "4", "--topk", "2", "--granularity", "2", "--drop-upcycle", "0.25", "--no-verify"]
+    for given in ([], ["--weights", tmp_path / "d.safetensors"]):
+        r = run("compile", EXAMPLES / "llama.py", *options, *given, "-o", tmp_path / f"b{len(given)}")
+        assert r.exit_code == 0, r.output
+    for name in ("weights.safetensors", "upcycle.json"):
+        assert (tmp_path / "b0" / name).read_bytes() == (tmp_path / "b2" / name).read_bytes(), name
+    with safe_open(str(tmp_path / "b2" / "weights.safetensors"), framework="pt") as f:
+        bias = f.get_tensor("layers.0.feed_forward.moe.router.bias")
+    assert bias.abs().sum() > 0  # balanced on calibration tokens run through the streamed weights

@@ -28,7 +28,7 @@ from moec.codegen import source
 from moec.codegen.program import model_source, stored_bytes, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
-from moec.driver.dense_weights import DenseWeights, open_weights
+from moec.driver.dense_weights import DenseWeights, Streamed, open_weights
 from moec.driver.hf_dir import is_hf_dir
 from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, is_build
 from moec.driver.model_shape import context_length
@@ -123,11 +123,19 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
     dtypes = {}  # what the build stores each dense tensor as: the dtype the checkpoint held it in
+    streamed = None
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
+        if dense_weights.nbytes() > o.max_weights_gb * 2**30:
+            raise MoecError(f"the dense weights take {dense_weights.nbytes() / 2**30:,.1f} GiB, over "
+                            f"--max-weights-gb {o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
         wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
         dtypes = dense_weights.dtypes_in(_unwrapped(meta_model), wrapped)
+        shell = build(mod, o.entry, o.config, o.overrides, "shell")
+        streamed = Streamed(dense_weights, _unwrapped(meta_model), shell, wrapped)
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
+    if streamed is not None:  # the passes read the weights from the checkpoint as they need them
+        gm.meta["dense_values"] = streamed.value
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     _check_against_model(gm, o)
     context = context_length(gm, meta_model)
@@ -153,13 +161,20 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         raise MoecError(f"the dense weights would take {stored / 2**30:,.1f} GiB, over --max-weights-gb "
                         f"{o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
     dense = None
-    if real:
+    if real and streamed is not None:
+        # the graph stays on meta: each tensor goes from the checkpoint (or the passes) into the build alone
+        initial = gm.meta.get("initial_values", {})
+        write_weights(gm, tmp, dtypes, lambda name: initial[name] if name in initial else streamed.stored(name))
+        if moe_fits and (o.verify and not o.dense or o.pp > 1):  # the checks below run the model, as small
+            torch.manual_seed(o.seed)
+            dense = build(mod, o.entry, o.config, o.overrides, "cpu")
+            dense_weights.load_into(_unwrapped(dense))
+    elif real:
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        if dense_weights is not None:
-            dense_weights.load_into(_unwrapped(dense))
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp, dtypes)
+    if real:
         log(f"weights: {stored / 2**20:,.1f} MiB of dense weights and routers -> {WEIGHTS}, each rank makes its "
             f"experts ({nbytes / 2**20:,.1f} MiB in all) by {RECIPE}")
     else:
