@@ -7,7 +7,7 @@ train.py's load (moec.runtime.load_build) for EP rank 0 at each --ep, each in a 
 the kernel's accounting of that child). Sizes only (the meta device; the build's recipe gives every expert
 tensor's shape): --meta-config to each of --meta-experts.
 
-    python bench/upcycle_memory.py --config 1b --experts 64 --ep 64,32
+    python bench/upcycle_memory.py --config 1b --experts 64,8 --topk 8,2 --ep 64,32/8
 """
 import argparse
 import json
@@ -63,7 +63,7 @@ def real(config: str, experts: int, topk: int, eps: list[int], work: Path) -> li
     dense = work / "dense.safetensors"
     if not dense.exists():
         child(["-c", SAVE_DENSE, LLAMA, config, dense])
-    build = work / "build"
+    build = work / f"build{experts}"
     seconds, rss, out = child(["-m", "moec.driver.cli", "compile", LLAMA, "--config", config, "--experts", experts,
                                "--topk", topk, "--weights", dense, "--force", "-o", build])
     result = json.loads((build / "config.json").read_text())["result"]
@@ -122,9 +122,10 @@ def meta(config: str, experts: int, topk: int, eps: list[int]) -> list[str]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="1b")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--ep", default="64,32", help="EP sizes whose rank 0 start-up is measured")
+    p.add_argument("--experts", default="64", help="expert counts, each compiled from the one checkpoint")
+    p.add_argument("--topk", default="8", help="a top-k for each expert count")
+    p.add_argument("--ep", default="64,32", help="EP sizes whose rank 0 start-up is measured, a list for each "
+                                                  "expert count, the lists split by /")
     p.add_argument("--meta-config", default="7b")
     p.add_argument("--meta-experts", default="8,64")
     p.add_argument("--meta-ep", default="1,8,64")
@@ -132,8 +133,9 @@ def main():
     a = p.parse_args()
     rows = ["| model | weights | what | time | memory / size |", "| --- | --- | --- | --- | --- |"]
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
-        if a.config:
-            rows += real(a.config, a.experts, a.topk, [int(e) for e in a.ep.split(",")], Path(a.work or tmp))
+        for experts, topk, eps in zip(a.experts.split(","), a.topk.split(","), a.ep.split("/")):
+            if a.config:
+                rows += real(a.config, int(experts), int(topk), [int(e) for e in eps.split(",")], Path(a.work or tmp))
     for experts in (int(e) for e in a.meta_experts.split(",") if e and a.meta_config):
         rows += meta(a.meta_config, experts, 2 if experts <= 8 else 8, [int(e) for e in a.meta_ep.split(",")])
     print(textwrap.dedent("\n".join(rows)))

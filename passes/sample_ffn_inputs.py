@@ -29,7 +29,7 @@ class _Seen(Exception):
 class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm, wanted: dict, values=None):
         super().__init__(gm)
-        self.wanted, self.seen, self.values = wanted, {}, values
+        self.wanted, self.seen, self.values, self.names = wanted, {}, values, {}  # names: meta tensor -> its attr
 
     def run_node(self, n):
         value = super().run_node(n)
@@ -42,8 +42,17 @@ class _Recorder(torch.fx.Interpreter):
     def fetch_attr(self, target: str):
         value = super().fetch_attr(target)
         if self.values is not None and isinstance(value, torch.Tensor) and value.is_meta:
-            return self.values(target)
+            self.names[id(value)] = target
         return value
+
+    def call_function(self, target, args, kwargs):
+        if self.values is not None:
+            # an exported graph reads every weight at its start: each is read here, by the node that uses
+            # it, and dropped after it
+            read = lambda a: self.values(self.names[id(a)]) if isinstance(a, torch.Tensor) and a.is_meta \
+                and id(a) in self.names else a  # noqa: E731
+            args, kwargs = torch.fx.node.map_aggregate(args, read), torch.fx.node.map_aggregate(kwargs, read)
+        return super().call_function(target, args, kwargs)
 
 
 class SampleFFNInputs(Pass):

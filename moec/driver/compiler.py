@@ -59,6 +59,8 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
         open_weights(model, label=model) if is_hf_dir(model) else None
     hardware = _hardware(options)
     mod = load_module(model)
+    # the outermost directory this compile makes on the way to out: a failed compile leaves none behind
+    made = next((p for p in reversed(out.parents) if not os.path.lexists(p)), None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # a short name: out.name may already be as long as a name can be
@@ -73,10 +75,24 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
         _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(out.parent, made)
         raise
     _replace(out, tmp)
     log(f"wrote {out}/")
     return report
+
+
+def _remove_made(directory: Path, made: Path | None) -> None:
+    """Remove directory and its parents up to made (the ones a compile made), while they are empty."""
+    if made is None:
+        return
+    for d in (directory, *directory.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == made:
+            return
 
 
 def _replace(out: Path, tmp: Path) -> None:

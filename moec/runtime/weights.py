@@ -141,7 +141,7 @@ def check_state(model: torch.nn.Module, state: dict) -> None:
         parts = ([listed(missing, "missing (the model has, the weights lack)")] if missing else []) + \
                 ([listed(unexpected, "unexpected (the weights hold, the model lacks)")] if unexpected else [])
         raise RuntimeError(f"weights do not match the model: {'; '.join(parts)}")
-    wrong = [n for n, t in state.items() if n in own and t.shape != own[n].shape]
+    wrong = [n for n in own if n in state and state[n].shape != own[n].shape]  # the first in the model's order
     if wrong:
         n = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
