@@ -12,8 +12,9 @@ Memory: a safetensors source is read one tensor (an expert's slice alone) at a t
 it, one shard of at most SHARD_BYTES at a time; a checkpoint is read whole.
 
 Two rewrites keep the function exact: --router-weights scaled multiplies each expert's gate weight by E/K,
-which the experts' down projections take instead; a shared expert's sigmoid gate is zero (sigmoid 0 = 1/2)
-and its down projection doubled.
+which the experts' down projections take instead (deepseek_v3: its routed_scaling_factor); a shared
+expert's sigmoid gate (qwen2_moe) is zero (sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3
+keeps moec's selection bias, as its router's e_score_correction_bias.
 """
 import json
 import math
@@ -31,7 +32,7 @@ from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
 from moec.driver.dense_weights import SAFETENSORS_DTYPES
-from moec.driver.export_formats import Format, check_expressible, choose, config
+from moec.driver.export_formats import DEEPSEEK_V3, Format, check_expressible, choose, config
 from moec.driver.inputs import is_build
 
 RECORD = "moec_export.json"  # what an export wrote, so that --force replaces only that
@@ -39,7 +40,7 @@ SHARD_BYTES = 5 * 2**30
 PREFIX = "model."  # a transformers model's tensors in a build: LogitsOnly's child "model"
 MOE = re.compile(r"^model\.model\.layers\.(\d+)\.mlp\.moe\.(.+)$")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def export(source: str, format_name: str, out: str, force: bool = False, drop_bias: bool = False,
@@ -233,7 +234,10 @@ def map_tensors(fmt: Format, o: Options, hf_config: dict, source: dict, drop_bia
     _check_complete(dense, persistent, out, layers)
     dense_layers = [i for i in range(hf_config["num_hidden_layers"]) if i not in layers]
     if dense_layers and not fmt.dense_layers:
-        raise MoecError(f"layer {dense_layers[0]} is dense: every layer of {fmt.name} is an MoE layer")
+        first = dense_layers == list(range(len(dense_layers)))
+        if not (fmt.first_dense and first):
+            raise MoecError(f"layer {dense_layers[0]} is dense: every layer of {fmt.name} "
+                            f"{'after the first dense ones ' if fmt.first_dense else ''}is an MoE layer")
     dtype = str(next(iter(out.values())).dtype).removeprefix("torch.")
     return out, config(fmt, o, hf_config, widths, dense_layers, dtype)
 
@@ -249,7 +253,11 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     block = fmt.moe_block.format(i)
     out[f"{block}.{fmt.router}"] = take("router.weight")
     bias_name = f"model.model.layers.{i}.mlp.moe.router.bias"
-    if bias_name in left:
+    if fmt.selection_bias is not None:  # moec's is the format's; without one (--expert-bias-rate 0), zero
+        E = out[f"{block}.{fmt.router}"].shape[0]
+        out[f"{block}.{fmt.selection_bias}"] = left.pop(bias_name) if bias_name in left else \
+            Lazy((E,), torch.float32, lambda: torch.zeros(E))
+    elif bias_name in left:
         bias = left.pop(bias_name).read()
         if bias.any() and not drop_bias:
             raise MoecError(f"{bias_name} is not zero: {fmt.name} chooses experts without a selection bias; "
@@ -265,7 +273,8 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     if E != o.experts * o.granularity:
         raise MoecError(f"layer {i} has {E} experts, not the {o.experts * o.granularity} of the build's options: "
                         f"{fmt.name} has one expert count for every layer")
-    scale = o.experts / o.topk if o.router_weights == "scaled" else 1.0
+    # the format's gate weights renormalised: E/K, which the scaled weights have, goes into the down projections
+    scale = o.experts / o.topk if o.router_weights == "scaled" and fmt is not DEEPSEEK_V3 else 1.0
     gate, up, down = fmt.expert
     for e in range(E):  # each expert's slice read on its own, when written
         out[f"{block}.{gate.format(e)}"] = Lazy((F, D), w1.dtype, lambda e=e: w1.read(i=e))
@@ -278,8 +287,11 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
             (zeros(0, D), zeros(0, D), zeros(D, 0))
         shared = f"{block}.{fmt.shared}"
         out[f"{shared}.gate_proj.weight"], out[f"{shared}.up_proj.weight"] = s1, s3
-        out[f"{shared}.down_proj.weight"] = Lazy(s2.shape, s2.dtype, lambda: s2.read() * 2)  # the gate halves it
-        out[f"{block}.{fmt.shared_gate}"] = Lazy((1, D), w1.dtype, lambda: torch.zeros(1, D, dtype=w1.dtype))
+        if fmt.shared_gate is None:
+            out[f"{shared}.down_proj.weight"] = s2
+        else:
+            out[f"{shared}.down_proj.weight"] = Lazy(s2.shape, s2.dtype, lambda: s2.read() * 2)  # the gate halves it
+            out[f"{block}.{fmt.shared_gate}"] = Lazy((1, D), w1.dtype, lambda: torch.zeros(1, D, dtype=w1.dtype))
         widths["shared"] = s1.shape[0]
     return widths
 
