@@ -12,8 +12,7 @@ Memory: a safetensors source is read one tensor (an expert's slice alone) at a t
 it, one shard of at most SHARD_BYTES at a time; a checkpoint is read whole.
 
 Two rewrites keep the function exact: --router-weights scaled multiplies each expert's gate weight by E/K,
-which the experts' down projections take instead (deepseek_v3: its routed_scaling_factor); a shared
-expert's sigmoid gate (qwen2_moe) is zero (sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3
+which the experts' down projections take instead; a shared expert's sigmoid gate (qwen2_moe) is zero (sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3
 keeps moec's selection bias, as its router's e_score_correction_bias.
 """
 import json
@@ -32,7 +31,7 @@ from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
 from moec.driver.dense_weights import SAFETENSORS_DTYPES
-from moec.driver.export_formats import DEEPSEEK_V3, Format, check_expressible, choose, config
+from moec.driver.export_formats import Format, check_expressible, choose, config
 from moec.driver.inputs import is_build
 
 RECORD = "moec_export.json"  # what an export wrote, so that --force replaces only that
@@ -273,8 +272,7 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     if E != o.experts * o.granularity:
         raise MoecError(f"layer {i} has {E} experts, not the {o.experts * o.granularity} of the build's options: "
                         f"{fmt.name} has one expert count for every layer")
-    # the format's gate weights renormalised: E/K, which the scaled weights have, goes into the down projections
-    scale = o.experts / o.topk if o.router_weights == "scaled" and fmt is not DEEPSEEK_V3 else 1.0
+    scale = o.experts / o.topk if o.router_weights == "scaled" else 1.0
     gate, up, down = fmt.expert
     for e in range(E):  # each expert's slice read on its own, when written
         out[f"{block}.{gate.format(e)}"] = Lazy((F, D), w1.dtype, lambda e=e: w1.read(i=e))

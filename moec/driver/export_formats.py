@@ -38,7 +38,7 @@ QWEN3_MOE = Format("qwen3_moe", ("qwen3",), "model.layers.{}.mlp", "gate.weight"
 # multi-head latent attention: only a dense DeepSeek-V3 (first_k_dense_replace = every layer) extends to it;
 # one group of experts (n_group = topk_group = 1): moec routes without group limits
 DEEPSEEK_V3 = Format("deepseek_v3", ("deepseek_v3",), "model.layers.{}.mlp", "gate.weight", QWEN_EXPERT,
-                     "shared_experts", None, False, True, scores="sigmoid", first_dense=True,
+                     "shared_experts", None, False, False, scores="sigmoid", first_dense=True,
                      selection_bias="gate.e_score_correction_bias")
 FORMATS = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 
@@ -53,9 +53,9 @@ NOWHERE = (
 )
 # what only some formats write: (the option, is it set, can this format)
 SOME = (
-    ("--shared-experts", lambda o: o.shared_experts > 0, lambda f: f.shared is not None),
     ("--router sigmoid", lambda o: o.router == "sigmoid", lambda f: f.scores == "sigmoid"),
     ("--router softmax (the default)", lambda o: o.router == "softmax", lambda f: f.scores == "softmax"),
+    ("--shared-experts", lambda o: o.shared_experts > 0, lambda f: f.shared is not None),
     ("--first-dense (dense layers before the MoE layers)", lambda o: o.first_dense > 0,
      lambda f: f.dense_layers if f.first_dense is None else f.first_dense),
     ("--moe-every (dense layers between MoE layers)", lambda o: o.moe_every > 1, lambda f: f.dense_layers),
@@ -102,11 +102,11 @@ def config(fmt: Format, o: Options, hf_config: dict, widths: dict, dense_layers:
     moe = dict(num_experts_per_tok=topk, router_aux_loss_coef=o.aux_loss, output_router_logits=False)
     if fmt is MIXTRAL:
         moe.update(num_local_experts=experts, intermediate_size=widths["expert"], router_jitter_noise=0.0)
-    elif fmt is DEEPSEEK_V3:  # the router's weights scaled by E/K (--router-weights scaled) as the format scales
+    elif fmt is DEEPSEEK_V3:  # sigmoid scores renormalised: --router-weights scaled is for a softmax router
         moe = dict(num_experts_per_tok=topk, n_routed_experts=experts, moe_intermediate_size=widths["expert"],
-                   n_shared_experts=(widths["shared"] or 0) // widths["expert"], first_k_dense_replace=len(dense_layers),
-                   n_group=1, topk_group=1, norm_topk_prob=o.router_weights == "renorm",
-                   routed_scaling_factor=o.experts / o.topk if o.router_weights == "scaled" else 1.0)
+                   n_shared_experts=(widths["shared"] or 0) // widths["expert"],
+                   first_k_dense_replace=len(dense_layers), n_group=1, topk_group=1, norm_topk_prob=True,
+                   routed_scaling_factor=1.0)
     else:
         moe.update(num_experts=experts, moe_intermediate_size=widths["expert"], decoder_sparse_step=1,
                    mlp_only_layers=dense_layers, norm_topk_prob=o.router_weights == "renorm")
