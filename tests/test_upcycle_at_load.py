@@ -7,6 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moec.driver import compiler
+from moec.driver.capture import build
 from moec.runtime import load_build
 from moec.runtime.kernels.generated import import_file
 from moec.runtime.upcycle import dropped_units, entry, make_expert, make_experts
@@ -109,7 +111,7 @@ def test_a_slice_of_experts_is_the_same_whichever_slice_it_is_made_in():
     assert not torch.equal(whole[0], whole[1])  # noise of its own per fine expert
 
 
-def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_model_in_memory(tmp_path):
+def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_model_in_memory(tmp_path, monkeypatch):
     """With --weights the dense model is never made: the graph stays on the meta device, calibration reads each
     weight when its node runs, and each tensor goes from the checkpoint into the build alone. Given the
     weights the model file's own initialisation makes (seed 0, as compile seeds it), the build is the one
@@ -118,9 +120,13 @@ def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_mode
     torch.manual_seed(0)
     save_file({n: t.contiguous() for n, t in mod.build_model().state_dict().items()}, str(tmp_path / "d.safetensors"))
     options = ["--experts", "4", "--topk", "2", "--granularity", "2", "--drop-upcycle", "0.25", "--no-verify"]
+    built = []  # the devices the compile builds the model on
+    monkeypatch.setattr(compiler, "build", lambda *a: built.append(a[-1]) or build(*a))
     for given in ([], ["--weights", tmp_path / "d.safetensors"]):
+        built.clear()
         r = run("compile", EXAMPLES / "llama.py", *options, *given, "-o", tmp_path / f"b{len(given)}")
         assert r.exit_code == 0, r.output
+    assert "cpu" not in built and "meta" in built  # the streamed compile never made the dense weights
     for name in ("weights.safetensors", "upcycle.json"):
         assert (tmp_path / "b0" / name).read_bytes() == (tmp_path / "b2" / name).read_bytes(), name
     with safe_open(str(tmp_path / "b2" / "weights.safetensors"), framework="pt") as f:
