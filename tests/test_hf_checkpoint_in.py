@@ -89,7 +89,8 @@ def _widen(d):
 
 DAMAGE = [
     (_drop_shard, "that model.safetensors.index.json lists (for model."),
-    (_widen, "weights do not match the model: model.layers.0.mlp.gate_proj.weight is (352, 128), the model's (360, 128) (and 5 more)"),
+    (_widen, "weights do not match the model: model.layers.0.mlp.gate_proj.weight is (352, 128), the model's "
+             "(360, 128) (and 5 more)"),
     (_forget("model.norm.weight"), "missing (the model has, the weights lack) model.norm.weight"),
     (_extra, "unexpected (the weights hold, the model lacks) model.layers.0.mlp.extra.weight"),
     (_misplace("model.norm.weight"), "the index puts model.norm.weight in model-0"),

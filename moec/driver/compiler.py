@@ -25,7 +25,7 @@ from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
 from moec.codegen import source
-from moec.codegen.program import model_source, stored_bytes, write_weights
+from moec.codegen.program import model_source, stored_bytes, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
 from moec.driver.dense_weights import DenseWeights, Streamed, open_weights
@@ -36,7 +36,7 @@ from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
 from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
 from moec.runtime.kernels.generated import import_file
-from moec.runtime.weights import RECIPE, WEIGHTS, load_build
+from moec.runtime.weights import RECIPE, REFERENCES, WEIGHTS, load_build, sha256
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
 BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
@@ -57,6 +57,11 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
                         f"compiled from (its trained weights: --weights RUN_DIR/final.safetensors)")
     dense = open_weights(options.weights) if options.weights else \
         open_weights(model, label=model) if is_hf_dir(model) else None
+    if options.reference_weights and (dense is None or dense.state is not None):
+        raise MoecError("--reference-weights: the build names the dense checkpoint's safetensors files; give them "
+                        "(--weights, or a Hugging Face directory as the model)" if dense is None else
+                        f"--reference-weights: {dense.label} is a torch state dict; it references safetensors "
+                        f"files only")
     hardware = _hardware(options)
     mod = load_module(model)
     # the outermost directory this compile makes on the way to out: a failed compile leaves none behind
@@ -180,7 +185,10 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     if real and streamed is not None:
         # the graph stays on meta: each tensor goes from the checkpoint (or the passes) into the build alone
         initial = gm.meta.get("initial_values", {})
-        write_weights(gm, tmp, dtypes, lambda name: initial[name] if name in initial else streamed.stored(name))
+        referenced = _reference(streamed, [n for n in weights(gm) if n in dtypes], tmp, log) \
+            if o.reference_weights else {}
+        write_weights(gm, tmp, dtypes, lambda name: initial[name] if name in initial else streamed.stored(name),
+                      referenced)
         if moe_fits and (o.verify and not o.dense or o.pp > 1):  # the checks below run the model, as small
             torch.manual_seed(o.seed)
             dense = build(mod, o.entry, o.config, o.overrides, "cpu")
@@ -210,6 +218,18 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
+
+
+def _reference(streamed: Streamed, names: list, tmp: Path, log) -> dict:
+    """Write tmp/dense.json: where each of names (tensors the build stores as the checkpoint holds them) is
+    (file, name there), and each such file's size and SHA-256; {name: (file, name there)}."""
+    referenced = {n: streamed.where(n) for n in names}
+    files = sorted({file for file, _ in referenced.values()})
+    record = {"files": {f: {"bytes": os.path.getsize(f), "sha256": sha256(f)} for f in files},
+              "tensors": referenced}
+    (tmp / REFERENCES).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    log(f"weights: {len(referenced)} dense tensors referenced in {len(files)} file(s), not copied")
+    return referenced
 
 
 def _hardware(o: Options):

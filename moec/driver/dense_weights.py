@@ -106,6 +106,11 @@ class Streamed:
         self.buffers = {n: b for n, b in shell.named_buffers() if not b.is_meta}
         self.dtypes = {n: t.dtype for n, t in shell.state_dict(keep_vars=True).items()}
 
+    def where(self, name: str) -> tuple[str, str]:
+        """(the absolute path of the safetensors file that holds name's tensor, its name there)."""
+        held = self.source[name]
+        return str(Path(self.weights._file_of[held]).resolve()), held
+
     def stored(self, name: str) -> torch.Tensor:
         """name's tensor in the dtype the weights hold it in."""
         if name in self.source:

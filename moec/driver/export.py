@@ -12,8 +12,9 @@ Memory: a safetensors source is read one tensor (an expert's slice alone) at a t
 it, one shard of at most SHARD_BYTES at a time; a checkpoint is read whole.
 
 Two rewrites keep the function exact: --router-weights scaled multiplies each expert's gate weight by E/K,
-which the experts' down projections take instead; a shared expert's sigmoid gate (qwen2_moe) is zero (sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3
-keeps moec's selection bias, as its router's e_score_correction_bias.
+which the experts' down projections take instead; a shared expert's sigmoid gate (qwen2_moe) is zero
+(sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3 keeps moec's selection bias, as its
+router's e_score_correction_bias.
 """
 import json
 import math
@@ -144,9 +145,11 @@ def _open(weights: Path, stack: ExitStack) -> dict:
 
 def _open_build(build: Path, stack: ExitStack) -> dict:
     from moec.runtime.upcycle import expert_shape, make, make_expert
-    from moec.runtime.weights import RECIPE, WEIGHTS
+    from moec.runtime.weights import RECIPE, WEIGHTS, BuildTensors
 
-    stored = _open(build / WEIGHTS, stack)
+    files = BuildTensors(build)  # its weights.safetensors, and the dense checkpoint where it references that
+    stored = {n: Lazy(files.shape(n), files.dtype(n),
+                      lambda n=n, i=None: files.get(n) if i is None else files.get(n)[i]) for n in files.keys()}
     written = json.loads((build / RECIPE).read_text())
     tensors = {n: t for n, t in stored.items() if n not in set(written["sources"])}
     for name, entry in written["experts"].items():
