@@ -199,7 +199,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp, dtypes)
     if real:
-        log(f"weights: {stored / 2**20:,.1f} MiB of dense weights and routers -> {WEIGHTS}, each rank makes its "
+        what = "routers (the dense weights: in the checkpoint)" if o.reference_weights else "dense weights and routers"
+        log(f"weights: {(tmp / WEIGHTS).stat().st_size / 2**20:,.1f} MiB of {what} -> {WEIGHTS}, each rank makes its "
             f"experts ({nbytes / 2**20:,.1f} MiB in all) by {RECIPE}")
     else:
         log(f"weights: {stored / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
