@@ -1,13 +1,16 @@
 """`moec compile`: model.py -> build dir (model.py, weights.safetensors, upcycle.json, config.json, ir/, kernels/).
 
 The graph is captured and transformed on the meta device first (no weights:
-a 70B model compiles in seconds). When the dense weights fit the
---max-weights-gb budget they are made for real: the dense model is built on
-the CPU (its weights from --weights or the Hugging Face checkpoint directory, copied
-in tensor by tensor: moec.driver.dense_weights), captured and run through the passes again, which make no
-expert: the build stores the dense weights once (in the dtype they came in) with the routers and each
-expert tensor's recipe, and train.py makes on each rank the experts it holds. Everything is
-written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
+a 70B model compiles in seconds). The passes make no expert: the build stores the dense weights once (in
+the dtype they came in) with the routers and each expert tensor's recipe, and train.py makes on each rank
+the experts it holds. Dense weights from --weights or a Hugging Face checkpoint directory are streamed: the
+graph stays on the meta device, the passes read a weight from its shard when they need its value
+(calibration, the recipe's statistics), and each tensor goes from its shard into the build alone, so no
+copy of the model is held (moec.driver.dense_weights); with --reference-weights the build names the
+checkpoint's files instead of copying them. Without such weights the dense model the model file
+initialises is built on the CPU (when it fits --max-weights-gb), captured and run through the passes
+again. Everything is written to a temporary directory that replaces the build dir only at the end, keeping
+its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
 import json

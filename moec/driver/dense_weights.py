@@ -3,8 +3,9 @@ state dict (loaded with weights_only, memory-mapped), a Hugging Face checkpoint 
 model.safetensors, or shards listed by model.safetensors.index.json), or such an index itself.
 
 Names and shapes come from the files' headers, so a mismatch with the model is found before anything is
-read or the model is captured; `load_into` then copies one tensor at a time from one shard at a time
-into the model's own parameters, so no dense state dict is ever held beside the model.
+read or the model is captured; `Streamed` then gives a graph captured on the meta device each tensor when
+asked, read alone from its shard (`load_into` copies them into a model built for real, one at a time),
+so no dense state dict is ever held.
 """
 import json
 import math
