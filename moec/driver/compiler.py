@@ -150,13 +150,14 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     streamed = None
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
-        if dense_weights.nbytes() > o.max_weights_gb * 2**30:
+        if dense_weights.nbytes() > o.max_weights_gb * 2**30 and stop_after is None:
             raise MoecError(f"the dense weights take {dense_weights.nbytes() / 2**30:,.1f} GiB, over "
                             f"--max-weights-gb {o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
         wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
         dtypes = dense_weights.dtypes_in(_unwrapped(meta_model), wrapped)
-        shell = build(mod, o.entry, o.config, o.overrides, "shell")
-        streamed = Streamed(dense_weights, _unwrapped(meta_model), shell, wrapped)
+        if stop_after is None:  # which writes no weights: the passes see none either
+            shell = build(mod, o.entry, o.config, o.overrides, "shell")
+            streamed = Streamed(dense_weights, _unwrapped(meta_model), shell, wrapped)
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     if streamed is not None:  # the passes read the weights from the checkpoint as they need them
         gm.meta["dense_values"] = streamed.value
