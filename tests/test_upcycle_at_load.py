@@ -136,8 +136,8 @@ def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_mode
 
 def test_a_build_may_reference_the_dense_checkpoint_by_its_sha256(tmp_path, noisy_build):
     """--reference-weights: the build holds the routers and a record of the checkpoint's file (path, size,
-    SHA-256) instead of copies of its tensors, and loads the same model from it; a changed or moved
-    checkpoint is one line at load."""
+    SHA-256) instead of copies of its tensors (so --max-weights-gb, which bounds the copies, does not refuse a
+    checkpoint over it), and loads the same model from it; a changed or moved checkpoint is one line at load."""
     import shutil
 
     from moec.base.errors import MoecError
@@ -148,7 +148,7 @@ def test_a_build_may_reference_the_dense_checkpoint_by_its_sha256(tmp_path, nois
     build = tmp_path / "build"
     r = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "--granularity", "2",
             "--shared-experts", "2", "--upcycle-noise", "0.05", "--drop-upcycle", "0.25",
-            "--weights", mine, "--reference-weights", "--no-verify", "-o", build)
+            "--weights", mine, "--reference-weights", "--max-weights-gb", "0.001", "--no-verify", "-o", build)
     assert r.exit_code == 0, r.output
     with safe_open(str(build / "weights.safetensors"), framework="pt") as f:
         assert not set(f.keys()) & set(dense) and any(".router." in n for n in f.keys())

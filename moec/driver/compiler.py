@@ -150,7 +150,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     streamed = None
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
-        if dense_weights.nbytes() > o.max_weights_gb * 2**30 and stop_after is None:
+        if dense_weights.nbytes() > o.max_weights_gb * 2**30 and stop_after is None and not o.reference_weights:
             raise MoecError(f"the dense weights take {dense_weights.nbytes() / 2**30:,.1f} GiB, over "
                             f"--max-weights-gb {o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
         wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
@@ -179,7 +179,8 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         return report
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())  # the whole MoE model's
     stored = stored_bytes(gm, dtypes)  # what the build holds: the dense weights, routers, no experts
-    real = stored <= o.max_weights_gb * 2**30
+    # a build that references the checkpoint writes the routers alone, whatever the dense weights' size
+    real = stored <= o.max_weights_gb * 2**30 or streamed is not None and o.reference_weights
     moe_fits = nbytes <= o.max_weights_gb * 2**30  # then compile-time checks make the whole MoE model
     report["weights_written"], report["weights_bytes"], report["moe_weights_bytes"] = real, stored, nbytes
     if dense_weights is not None and not real:
