@@ -7,7 +7,7 @@ train.py's load (moec.runtime.load_build) for EP rank 0 at each --ep, each in a 
 the kernel's accounting of that child). Sizes only (the meta device; the build's recipe gives every expert
 tensor's shape): --meta-config to each of --meta-experts.
 
-    python bench/upcycle_memory.py --config 1b --experts 64 --ep 64,32
+    python bench/upcycle_memory.py --config 1b --experts 64,8 --topk 8,2 --ep 64,32/8
 """
 import argparse
 import json
@@ -30,6 +30,21 @@ spec = importlib.util.spec_from_file_location("llama", sys.argv[1]); mod = impor
 spec.loader.exec_module(mod)
 model = mod.build_model(sys.argv[2])
 save_file({n: t.to(torch.bfloat16).contiguous() for n, t in model.state_dict().items()}, sys.argv[3])
+"""
+
+# a checkpoint too large to build in fp32 here: random bf16 tensors of the model's shapes (the values do not
+# change the memory), written one at a time from the model declared on the meta device
+SAVE_DENSE_STREAMED = """
+import importlib.util, sys, torch
+from moec.base import safetensors_io
+spec = importlib.util.spec_from_file_location("llama", sys.argv[1]); mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+with torch.device("meta"):
+    model = mod.build_model(sys.argv[2])
+state = model.state_dict()
+def fetch(name):
+    return (torch.randn(state[name].shape) * 0.02).to(torch.bfloat16)
+safetensors_io.save(state, sys.argv[3], {n: torch.bfloat16 for n in state}, fetch)
 """
 
 LOAD_RANK = """
@@ -63,7 +78,7 @@ def real(config: str, experts: int, topk: int, eps: list[int], work: Path) -> li
     dense = work / "dense.safetensors"
     if not dense.exists():
         child(["-c", SAVE_DENSE, LLAMA, config, dense])
-    build = work / "build"
+    build = work / f"build{experts}"
     seconds, rss, out = child(["-m", "moec.driver.cli", "compile", LLAMA, "--config", config, "--experts", experts,
                                "--topk", topk, "--weights", dense, "--force", "-o", build])
     result = json.loads((build / "config.json").read_text())["result"]
@@ -82,6 +97,23 @@ def real(config: str, experts: int, topk: int, eps: list[int], work: Path) -> li
                     f"{rss:.2f} GiB (non-expert {held['rest'] / GIB:.2f} + its experts {held['experts'] / GIB:.2f} + "
                     f"runtime {base:.2f} = {bound:.2f} GiB) |")
     return rows
+
+
+def big(config: str, experts: int, topk: int, work: Path) -> list[str]:
+    """The compile of a checkpoint too large for its dense model to be built here in fp32 (no rank start-up:
+    a rank holds the dense model in fp32 and its experts)."""
+    dense = work / f"dense-{config}.safetensors"
+    if not dense.exists():
+        child(["-c", SAVE_DENSE_STREAMED, LLAMA, config, dense])
+    build = work / f"build-{config}-{experts}"
+    seconds, rss, out = child(["-m", "moec.driver.cli", "compile", LLAMA, "--config", config, "--experts", experts,
+                               "--topk", topk, "--weights", dense, "--max-weights-gb", "64", "--force", "-o", build])
+    result = json.loads((build / "config.json").read_text())["result"]
+    dense_bytes, size = dense.stat().st_size, sum(p.stat().st_size for p in build.rglob("*") if p.is_file())
+    return [f"| {config} -> {experts} experts, top-{topk} | {result['moe_weights_bytes'] / 1e9:,.1f} GB MoE "
+            f"(fp32), dense checkpoint {dense_bytes / 1e9:.2f} GB (bf16, random) | compile | {seconds:.0f} s | "
+            f"{rss:.2f} GiB ({rss * GIB / dense_bytes:.2f}x the dense checkpoint) |",
+            f"| | | build dir | | {size / 1e9:.2f} GB ({size / dense_bytes:.3f}x the dense checkpoint) |"]
 
 
 def meta(config: str, experts: int, topk: int, eps: list[int]) -> list[str]:
@@ -122,9 +154,13 @@ def meta(config: str, experts: int, topk: int, eps: list[int]) -> list[str]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="1b")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--ep", default="64,32", help="EP sizes whose rank 0 start-up is measured")
+    p.add_argument("--experts", default="64", help="expert counts, each compiled from the one checkpoint")
+    p.add_argument("--topk", default="8", help="a top-k for each expert count")
+    p.add_argument("--ep", default="64,32", help="EP sizes whose rank 0 start-up is measured, a list for each "
+                                                  "expert count, the lists split by /")
+    p.add_argument("--big-config", default="", help="a config compiled from a checkpoint written without "
+                                                     "building its model (e.g. 7b), to --big-experts")
+    p.add_argument("--big-experts", default="8")
     p.add_argument("--meta-config", default="7b")
     p.add_argument("--meta-experts", default="8,64")
     p.add_argument("--meta-ep", default="1,8,64")
@@ -132,8 +168,11 @@ def main():
     a = p.parse_args()
     rows = ["| model | weights | what | time | memory / size |", "| --- | --- | --- | --- | --- |"]
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
-        if a.config:
-            rows += real(a.config, a.experts, a.topk, [int(e) for e in a.ep.split(",")], Path(a.work or tmp))
+        for experts, topk, eps in zip(a.experts.split(","), a.topk.split(","), a.ep.split("/")):
+            if a.config and experts:
+                rows += real(a.config, int(experts), int(topk), [int(e) for e in eps.split(",")], Path(a.work or tmp))
+        for experts in (int(e) for e in a.big_experts.split(",") if e and a.big_config):
+            rows += big(a.big_config, experts, 2 if experts <= 8 else 8, Path(a.work or tmp))
     for experts in (int(e) for e in a.meta_experts.split(",") if e and a.meta_config):
         rows += meta(a.meta_config, experts, 2 if experts <= 8 else 8, [int(e) for e in a.meta_ep.split(",")])
     print(textwrap.dedent("\n".join(rows)))

@@ -465,16 +465,20 @@ def weights(gm: torch.nn.Module) -> dict:
     return stored | {n: t.detach() for n, t in gm.meta.get("upcycle_sources", {}).items() if n not in stored}
 
 
-def write_weights(gm: torch.nn.Module, directory: Path, dtypes: dict | None = None) -> None:
-    """directory/weights.safetensors (weights(gm), a tensor in dtypes[name] where given: the dtype the dense
-    checkpoint held it in) and directory/upcycle.json (each expert tensor's recipe)."""
+def write_weights(gm: torch.nn.Module, directory: Path, dtypes: dict | None = None, fetch=None,
+                  referenced=frozenset()) -> None:
+    """directory/weights.safetensors (weights(gm) but the referenced ones, which the build reads from the
+    dense checkpoint; a tensor in dtypes[name] where given: the dtype the dense checkpoint held it in;
+    fetch: name -> the value of one gm holds on the meta device, read as it is written) and
+    directory/upcycle.json (each expert tensor's recipe)."""
     import json
 
     from moec.base import safetensors_io
     from moec.runtime.weights import RECIPE, WEIGHTS
 
     state = weights(gm)
-    safetensors_io.save(state, Path(directory) / WEIGHTS, dtypes)
+    safetensors_io.save({n: t for n, t in state.items() if n not in referenced}, Path(directory) / WEIGHTS, dtypes,
+                        fetch)
     params, buffers, _ = _tables(gm)
     recipe = {"experts": gm.meta.get("upcycle", {}), "sources": sorted(set(state) - set(params) - set(buffers))}
     (Path(directory) / RECIPE).write_text(json.dumps(recipe, indent=1, sort_keys=True) + "\n")

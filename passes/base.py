@@ -23,6 +23,10 @@ FACTS = {
     "ffn_inputs": "{FFN module: [N, D] float32 rows of its input on calibration tokens} (empty without weights)",
     "moe_layers": "module paths of the FFNs ffn_to_moe turned into MoE layers",
     "kernels": "{module name: source} of the generated Triton kernels the graph calls",
+    "dense_values": "for a graph on the meta device whose dense weights are in a checkpoint: a function from a "
+                    "tensor's name to its float32 value, read when asked (a whole model's weights are never held)",
+    "initial_values": "{name: value} of the tensors passes made (routers, their biases, hash tables) in a graph "
+                      "on the meta device that has dense_values",
 }
 PROVENANCE = ("nn_module_stack", "stack_trace")
 

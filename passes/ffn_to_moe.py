@@ -30,6 +30,9 @@ each one's recipe (its dense
 source, segment, scale, seeds; moec.runtime.upcycle) and
 gm.meta["upcycle_sources"] the dense tensors, which a build stores once and
 train.py upcycles on each rank for the experts that rank holds.
+On the meta device with gm.meta["dense_values"] (a checkpoint read when asked), the routers and the
+recipe's statistics are made as with real weights: the graph holds meta placeholders and
+gm.meta["initial_values"] the values.
 --hash-layers: those MoE layers have no router; a buffer router.table
 [vocab, K*M] gives each token id K blocks (balanced over the calibration
 text's token frequencies) at weight 1/K. --routing expert-choice: each expert
@@ -73,6 +76,15 @@ def _token_ids(g) -> torch.fx.Node:
     return ids[0]
 
 
+def _value(gm, ref) -> torch.Tensor:
+    """The dense tensor ref names, read through gm.meta["dense_values"] where the graph holds it on meta."""
+    w = ref.fetch(gm)
+    if w.is_meta and "dense_values" in gm.meta:
+        w = gm.meta["dense_values"](ref.name)
+        w = (w.t() if ref.transposed else w)[ref.start:ref.stop]
+    return w
+
+
 class FFNToMoE(Pass):
     name = "ffn_to_moe"
     requires = ("ffns",)
@@ -91,19 +103,20 @@ class FFNToMoE(Pass):
 
     def _weights(self, gm, ffn, E, gen, seed: int, prefix: str, hashed: bool):
         o, M, S = self.o, self.o.granularity, self.o.shared_experts
-        fetch = lambda ref: None if ref is None else ref.fetch(gm)
-        W1, B1, W3, B3, W2, B2 = (fetch(r) for r in (ffn.w1, ffn.b1, ffn.w3, ffn.b3, ffn.w2, ffn.b2))
+        W1 = ffn.w1.fetch(gm)
+        real = not W1.is_meta or "dense_values" in gm.meta
+        device = W1.device if not W1.is_meta or not real else torch.device("cpu")
         u = S // M if S % M == 0 else 0
         x = gm.meta.get("ffn_inputs", {}).get(ffn.module)
-        rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if not (W1.is_meta or hashed) else None
+        rows = router_rows(E, W1.shape[1], gen, o.router_init, x) if real and not hashed else None
         if hashed:  # no router: a fixed table of K whole blocks per token id
-            frequency = None if W1.is_meta else self._frequency()
-            w = {"router.table": hash_table(self._vocab, E, o.topk, M, gen, W1.device, frequency)}
+            frequency = self._frequency() if real else None
+            w = {"router.table": hash_table(self._vocab, E, o.topk, M, gen, device, frequency)}
         else:
             w = {"router.weight": W1.new_empty(E * M, W1.shape[1]) if rows is None
-                 else rows.to(W1).repeat_interleave(M, 0)}
+                 else rows.to(device, W1.dtype).repeat_interleave(M, 0)}
         if o.expert_bias_rate > 0 and o.routing == "topk" and not hashed:  # the layers a router's top-k routes
-            w["router.bias"] = W1.new_zeros(E * M, dtype=torch.float32)
+            w["router.bias"] = torch.zeros(E * M, dtype=torch.float32, device=device)
             if rows is not None and x is not None:
                 # the selection score of a fine expert: its block's softmax share split M ways, or the sigmoid
                 per_fine = M if o.router == "softmax" else 1
@@ -127,7 +140,7 @@ class FFNToMoE(Pass):
                 out[name] = None
                 continue
             source = get_param(gm, ref.name)
-            dense = ref.fetch(gm)  # [F, D], [F], [D, F] or [D]
+            dense = _value(gm, ref)  # [F, D], [F], [D, F] or [D]
             F = dense.shape[-1] if role == "w2" else dense.shape[0]
             if segments is None:
                 scale = M / (1 + u) if role == "w2" else 1 / (1 + u) if role == "b2" else 1.0
@@ -147,7 +160,7 @@ class FFNToMoE(Pass):
                 round(o.drop_upcycle * F) if routed else 0, mean, std,
                 o.upcycle_noise * std * scale if noisy else 0.0, segments)
             gm.meta.setdefault("upcycle_sources", {})[ref.name] = source
-            out[name] = source.new_zeros((), dtype=dense.dtype).expand(shape)
+            out[name] = source.new_zeros((), dtype=source.dtype).expand(shape)
         return out
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -176,6 +189,9 @@ class FFNToMoE(Pass):
             prefixes.append(prefix if "router.bias" in weights else None)
             for name, t in weights.items():
                 made_at_load = name.startswith(("experts.", "shared."))
+                if not made_at_load and t.device != get_param(gm, ffn.w1.name).device:  # made for a meta graph
+                    gm.meta.setdefault("initial_values", {})[f"{prefix}.{name}"] = t
+                    t = t.to("meta")
                 set_param(gm, f"{prefix}.{name}", t if made_at_load else t.detach().clone(), buffer=name in BUFFERS)
             with g.inserting_before(ffn.out), inherit_provenance(g, ffn.out, ffn.module):
                 stats.append(self._rewrite(g, ffn, prefix, set(weights), E, token_ids if hashed else None))

@@ -3,9 +3,11 @@
 Matches: gm.meta["ffns"]. Rewrites nothing. Records gm.meta["ffn_inputs"]: {module: [N, D] float32 rows
 of that FFN's input} for the windows of WINDOWS tokens of the calibration text (the embedded text unless
 --calibration-data) the model takes first, which ffn_to_moe's data-aware router initialisations read. A build without weights at
-compile time (meta tensors: the first pipeline run of every build, and builds over --max-weights-gb, which
-write no weights for a router to start from) records nothing; one whose graph does not take token ids says
-so on the console.
+compile time (meta tensors: the first pipeline run of a build from a model file's own initialisation, and
+builds over --max-weights-gb, which write no weights for a router to start from) records nothing; one whose
+graph does not take token ids says so on the console. A graph on the meta device with gm.meta["dense_values"]
+runs on the CPU with each weight read when its node runs and dropped after its last use, and stops at the
+last FFN input (never computing the logits), so that a model's weights are never all held.
 """
 import torch
 import torch.fx
@@ -20,16 +22,37 @@ from moec.runtime.training.data import load_tokens
 WINDOWS = ((16, 128), (32, 32))
 
 
+class _Seen(Exception):
+    """Every wanted input is recorded: what the graph computes after them is not needed."""
+
+
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, wanted: dict):
+    def __init__(self, gm, wanted: dict, values=None):
         super().__init__(gm)
-        self.wanted, self.seen = wanted, {}
+        self.wanted, self.seen, self.values, self.names = wanted, {}, values, {}  # names: meta tensor -> its attr
 
     def run_node(self, n):
         value = super().run_node(n)
         if n in self.wanted:
             self.seen[self.wanted[n]] = value.detach().reshape(-1, value.shape[-1]).float()
+            if len(self.seen) == len(self.wanted):
+                raise _Seen
         return value
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if self.values is not None and isinstance(value, torch.Tensor) and value.is_meta:
+            self.names[id(value)] = target
+        return value
+
+    def call_function(self, target, args, kwargs):
+        if self.values is not None:
+            # an exported graph reads every weight at its start: each is read here, by the node that uses
+            # it, and dropped after it
+            read = lambda a: self.values(self.names[id(a)]) if isinstance(a, torch.Tensor) and a.is_meta \
+                and id(a) in self.names else a  # noqa: E731
+            args, kwargs = torch.fx.node.map_aggregate(args, read), torch.fx.node.map_aggregate(kwargs, read)
+        return super().call_function(target, args, kwargs)
 
 
 class SampleFFNInputs(Pass):
@@ -44,6 +67,7 @@ class SampleFFNInputs(Pass):
         g = torch.Generator().manual_seed(self.o.seed)
         starts = torch.randint(0, max(len(stream) - seq_len, 1), (seqs,), generator=g)
         device = next(gm.parameters()).device
+        device = torch.device("cpu") if device.type == "meta" else device
         return torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(device, gm.meta["inputs"][0][1])
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -51,7 +75,7 @@ class SampleFFNInputs(Pass):
         inputs = gm.meta.get("inputs", [])
         if len(inputs) != 1 or inputs[0][1] not in (torch.int64, torch.int32):
             self.skipped = "the graph does not take token ids alone"
-        elif not any(t.is_meta for t in gm.parameters()):
+        elif "dense_values" in gm.meta or not any(t.is_meta for t in gm.parameters()):
             gm.meta["ffn_inputs"] = self._sample(gm)
         return PassResult(gm, False)
 
@@ -62,10 +86,13 @@ class SampleFFNInputs(Pass):
         gm.train(False)  # dropout off: the inputs the deterministic model sees
         try:
             for seqs, seq_len in WINDOWS:
-                recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]})
+                recorder = _Recorder(gm, {f.x: f.module for f in gm.meta["ffns"]}, gm.meta.get("dense_values"))
                 try:
                     with torch.no_grad():
-                        recorder.run(self._tokens(gm, stream, seqs, seq_len))
+                        try:
+                            recorder.run(self._tokens(gm, stream, seqs, seq_len))
+                        except _Seen:
+                            pass
                     self.skipped = None
                     return recorder.seen
                 except Exception as e:  # e.g. a context shorter than the windows: the build goes on

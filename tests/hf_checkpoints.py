@@ -14,11 +14,20 @@ sys.path.insert(0, str(EXAMPLES))
 from hf_models import FAMILIES  # noqa: E402
 
 
+# a dense DeepSeek-V3 (every layer's MLP dense: first_k_dense_replace = its depth), which moec upcycles and
+# exports to deepseek_v3 (multi-head latent attention, which no other format has)
+DENSE_DEEPSEEK_V3 = ("DeepseekV3Config", dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=16, first_k_dense_replace=2, max_position_embeddings=256))
+
+
 def save_tiny(family: str, directory: Path, seed: int = 0) -> Path:
-    """A random tiny model of the family (examples/hf_models.py's config) saved in shards of 200 KB."""
+    """A random tiny model of the family (examples/hf_models.py's config, or the dense DeepSeek-V3 above)
+    saved in shards of 200 KB."""
     import transformers
 
-    cls, kwargs = FAMILIES[family]
+    cls, kwargs = DENSE_DEEPSEEK_V3 if family == "deepseek_v3" else FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, cls)(**{k: v for k, v in kwargs.items() if v is not None})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size="200KB")

@@ -81,8 +81,16 @@ def _extra(d):
     _edit_index(d, lambda m: m.update({"model.layers.0.mlp.extra.weight": "extra.safetensors"}))
 
 
+def _widen(d):
+    config = json.loads((d / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(config))
+
+
 DAMAGE = [
     (_drop_shard, "that model.safetensors.index.json lists (for model."),
+    (_widen, "weights do not match the model: model.layers.0.mlp.gate_proj.weight is (352, 128), the model's "
+             "(360, 128) (and 5 more)"),
     (_forget("model.norm.weight"), "missing (the model has, the weights lack) model.norm.weight"),
     (_extra, "unexpected (the weights hold, the model lacks) model.layers.0.mlp.extra.weight"),
     (_misplace("model.norm.weight"), "the index puts model.norm.weight in model-0"),
@@ -96,9 +104,9 @@ def test_a_damaged_directory_is_one_line_naming_what_is_wrong(tmp_path, llama_di
     directory = tmp_path / "llama"
     shutil.copytree(llama_dir, directory)
     damage(directory)
-    line = one_line(run("compile", directory, "-o", tmp_path / "out", "--experts", "4", "--no-verify"))
+    line = one_line(run("compile", directory, "-o", tmp_path / "new" / "out", "--experts", "4", "--no-verify"))
     assert line.startswith(f"error: {directory}: ") and message in line, line
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "new").exists()  # nor the directory made on the way to the output
 
 
 def test_config_and_a_build_given_as_the_model_are_refused(tmp_path, llama_dir):

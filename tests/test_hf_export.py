@@ -82,7 +82,7 @@ def test_qwen2_with_shared_experts_a_dense_layer_fine_experts_and_scaled_weights
     assert_same_logits(build, tmp_path / "run" / "final.safetensors", export)
     for other in ("mixtral", "qwen3_moe"):
         line = one_line(run("export", build, "--format", other, "-o", tmp_path / other))
-        assert line == f"error: --shared-experts: {other} cannot express it; formats that can: qwen2_moe"
+        assert line == f"error: --shared-experts: {other} cannot express it; formats that can: qwen2_moe, deepseek_v3"
 
 
 # transformers initialises the width-0 shared expert of a qwen2_moe export without shared experts, and says
@@ -143,16 +143,18 @@ def _with_options(tmp_path, build, **options):
     return copy
 
 
-NONE = "no export format expresses it (mixtral, qwen2_moe, qwen3_moe cannot)"
+NONE = "no export format expresses it (mixtral, qwen2_moe, qwen3_moe, deepseek_v3 cannot)"
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(router="sigmoid"), "--router sigmoid (the formats score experts with a softmax): " + NONE),
+    (dict(router="sigmoid"), "--router sigmoid: mixtral cannot express it; formats that can: deepseek_v3"),
     (dict(pyramid=[8, 1]), "--pyramid (one expert count for every layer): " + NONE),
     (dict(hash_layers=[0]), "--hash-layers: " + NONE),
     (dict(capacity_factor=1.25), "--capacity-factor (the formats drop no tokens): " + NONE),
-    (dict(first_dense=1), "--first-dense / --moe-every (dense layers between MoE layers): mixtral cannot express "
-                          "it; formats that can: qwen2_moe, qwen3_moe"),
+    (dict(first_dense=1), "--first-dense (dense layers before the MoE layers): mixtral cannot express it; formats "
+                          "that can: qwen2_moe, qwen3_moe, deepseek_v3"),
+    (dict(moe_every=2), "--moe-every (dense layers between MoE layers): mixtral cannot express it; formats that "
+                        "can: qwen2_moe, qwen3_moe"),
     (dict(router_weights="scaled"), "--router-weights scaled: mixtral cannot express it; formats that can: "
                                     "qwen2_moe, qwen3_moe"),
 ])
@@ -160,6 +162,36 @@ def test_an_inexpressible_option_is_one_line_naming_the_formats_that_can(tmp_pat
     line = one_line(run("export", _with_options(tmp_path, llama_build, **options), "--format", "mixtral",
                         "-o", tmp_path / "e"))
     assert line == f"error: {message}"
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_dense_deepseek_v3_upcycled_with_sigmoid_routing_exports_to_deepseek_v3(tmp_path, llama_build):
+    """Its selection bias (calibrated: not zero) becomes e_score_correction_bias; noisy experts make the
+    routing decide the logits."""
+    from safetensors import safe_open
+
+    build = compile_dir(tmp_path, "deepseek_v3", "--router", "sigmoid", "--shared-experts", "1", "--first-dense",
+                        "1", "--granularity", "2", "--upcycle-noise", "0.5", "--no-verify")
+    export = tmp_path / "export"
+    assert run("export", build, "--format", "deepseek_v3", "-o", export).exit_code == 0
+    config = json.loads((export / "config.json").read_text())
+    assert {k: config[k] for k in ("first_k_dense_replace", "n_routed_experts", "num_experts_per_tok",
+                                   "n_shared_experts", "moe_intermediate_size", "norm_topk_prob",
+                                   "routed_scaling_factor", "n_group", "topk_group")} == dict(
+        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=4, n_shared_experts=1,
+        moe_intermediate_size=64, norm_topk_prob=True, routed_scaling_factor=1.0, n_group=1, topk_group=1)
+    with safe_open(str(export / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").abs().sum() > 0
+    assert_same_logits(build, None, export)
+    line = one_line(run("export", build, "--format", "mixtral", "-o", tmp_path / "e"))
+    assert line == "error: --router sigmoid: mixtral cannot express it; formats that can: deepseek_v3"
+    line = one_line(run("export", _with_options(tmp_path, build, moe_every=2), "--format", "deepseek_v3",
+                        "-o", tmp_path / "e"))
+    assert line == ("error: --moe-every (dense layers between MoE layers): deepseek_v3 cannot express it; "
+                    "formats that can: qwen2_moe, qwen3_moe")
+    line = one_line(run("export", llama_build, "--format", "deepseek_v3", "-o", tmp_path / "e"))
+    assert line == ("error: --router softmax (the default): deepseek_v3 cannot express it; formats that can: "
+                    "mixtral, qwen2_moe, qwen3_moe")
     assert not (tmp_path / "e").exists()
 
 

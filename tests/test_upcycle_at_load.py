@@ -7,11 +7,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moec.driver import compiler
+from moec.driver.capture import build
 from moec.runtime import load_build
 from moec.runtime.kernels.generated import import_file
 from moec.runtime.upcycle import dropped_units, entry, make_expert, make_experts
 from tests.hf_checkpoints import EXAMPLES
-from tests.invoke import run
+from tests.invoke import one_line, run
 
 
 def _dense_checkpoint(path):
@@ -107,3 +109,62 @@ def test_a_slice_of_experts_is_the_same_whichever_slice_it_is_made_in():
     whole = make_experts(e, w, range(8))
     assert torch.equal(torch.cat([make_experts(e, w, range(j * 2, j * 2 + 2)) for j in range(4)]), whole)
     assert not torch.equal(whole[0], whole[1])  # noise of its own per fine expert
+
+
+def test_a_checkpoint_streamed_into_the_build_gives_the_build_made_from_the_model_in_memory(tmp_path, monkeypatch):
+    """With --weights the dense model is never made: the graph stays on the meta device, calibration reads each
+    weight when its node runs, and each tensor goes from the checkpoint into the build alone. Given the
+    weights the model file's own initialisation makes (seed 0, as compile seeds it), the build is the one
+    compiled from that model in memory, routers (calibrated, with their balancing biases) and recipe alike."""
+    mod = import_file("llama_streamed", EXAMPLES / "llama.py")
+    torch.manual_seed(0)
+    save_file({n: t.contiguous() for n, t in mod.build_model().state_dict().items()}, str(tmp_path / "d.safetensors"))
+    options = ["--experts", "4", "--topk", "2", "--granularity", "2", "--drop-upcycle", "0.25", "--no-verify"]
+    built = []  # the devices the compile builds the model on
+    monkeypatch.setattr(compiler, "build", lambda *a: built.append(a[-1]) or build(*a))
+    for given in ([], ["--weights", tmp_path / "d.safetensors"]):
+        built.clear()
+        r = run("compile", EXAMPLES / "llama.py", *options, *given, "-o", tmp_path / f"b{len(given)}")
+        assert r.exit_code == 0, r.output
+    assert "cpu" not in built and "meta" in built  # the streamed compile never made the dense weights
+    for name in ("weights.safetensors", "upcycle.json"):
+        assert (tmp_path / "b0" / name).read_bytes() == (tmp_path / "b2" / name).read_bytes(), name
+    with safe_open(str(tmp_path / "b2" / "weights.safetensors"), framework="pt") as f:
+        bias = f.get_tensor("layers.0.feed_forward.moe.router.bias")
+    assert bias.abs().sum() > 0  # balanced on calibration tokens run through the streamed weights
+
+
+def test_a_build_may_reference_the_dense_checkpoint_by_its_sha256(tmp_path, noisy_build):
+    """--reference-weights: the build holds the routers and a record of the checkpoint's file (path, size,
+    SHA-256) instead of copies of its tensors (so --max-weights-gb, which bounds the copies, does not refuse a
+    checkpoint over it), and loads the same model from it; a changed or moved checkpoint is one line at load."""
+    import shutil
+
+    from moec.base.errors import MoecError
+
+    copied, checkpoint, dense = noisy_build
+    mine = tmp_path / "dense.safetensors"
+    shutil.copyfile(checkpoint, mine)
+    build = tmp_path / "build"
+    r = run("compile", EXAMPLES / "llama.py", "--experts", "4", "--topk", "2", "--granularity", "2",
+            "--shared-experts", "2", "--upcycle-noise", "0.05", "--drop-upcycle", "0.25",
+            "--weights", mine, "--reference-weights", "--max-weights-gb", "0.001", "--no-verify", "-o", build)
+    assert r.exit_code == 0, r.output
+    with safe_open(str(build / "weights.safetensors"), framework="pt") as f:
+        assert not set(f.keys()) & set(dense) and any(".router." in n for n in f.keys())
+    record = json.loads((build / "dense.json").read_text())
+    assert list(record["files"]) == [str(mine.resolve())] and set(record["tensors"]) == set(dense)
+    Model = _model_class(build)
+    want = load_build(_model_class(copied), copied).state_dict()
+    got = load_build(Model, build).state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    raw = bytearray(mine.read_bytes())
+    raw[-1] ^= 1
+    mine.write_bytes(bytes(raw))
+    with pytest.raises(MoecError, match="which has changed since the compile"):
+        load_build(Model, build)
+    mine.unlink()
+    with pytest.raises(MoecError, match="which does not exist; put the checkpoint back"):
+        load_build(Model, build)
+    line = one_line(run("compile", EXAMPLES / "llama.py", "--reference-weights", "-o", tmp_path / "b2"))
+    assert "--reference-weights: the build names the dense checkpoint's safetensors files" in line

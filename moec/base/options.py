@@ -79,6 +79,7 @@ class Options:
     triton: bool = True  # lower routing to generated Triton kernels
     verify: bool = True
     max_weights_gb: float = 4.0
+    reference_weights: bool = False  # the build names the dense checkpoint's files (and their SHA-256), not copies
 
     def validate(self) -> "Options":
         """self, or a MoecError naming the first option that is wrong and how to fix it."""

@@ -12,8 +12,9 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def save(tensors: dict[str, torch.Tensor], path: Path, dtypes: dict | None = None) -> None:
-    """Write tensors (each cast to dtypes[name] where given, as it is written) to path."""
+def save(tensors: dict[str, torch.Tensor], path: Path, dtypes: dict | None = None, fetch=None) -> None:
+    """Write tensors (each cast to dtypes[name] where given, as it is written) to path. fetch: name -> the
+    value of a tensor that tensors holds on the meta device (for its shape), called as it is written."""
     dtypes = dtypes or {}
     names = sorted(tensors)
     header, offset = {}, 0
@@ -28,7 +29,10 @@ def save(tensors: dict[str, torch.Tensor], path: Path, dtypes: dict | None = Non
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for n in names:
-            t = tensors[n].detach().to(dtypes.get(n, tensors[n].dtype)).contiguous().reshape(-1)
+            t = fetch(n) if tensors[n].is_meta and fetch is not None else tensors[n]
+            if tuple(t.shape) != tuple(tensors[n].shape):
+                raise ValueError(f"{n} is {tuple(t.shape)}, written as {tuple(tensors[n].shape)}")
+            t = t.detach().to(dtypes.get(n, tensors[n].dtype)).contiguous().reshape(-1)
             f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
 
 

@@ -8,6 +8,7 @@ export's reason, with the user's line, and symbolic_trace's.
 After capture the graph takes the token ids and returns {"logits": ...};
 device arguments baked in at trace time follow the input's device instead.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -57,6 +58,25 @@ def _user_line(exc: BaseException, path: Path) -> str:
     return str(frames[-1].lineno) if frames else "?"
 
 
+class _ParamsOnMeta:
+    """Within it, a parameter a module registers goes to the meta device and its buffers stay where they are
+    made: a model's own tables (rotary frequencies, masks) without memory for its weights (the CPU memory
+    a parameter is first made in is never written, and is freed at once)."""
+
+    def __enter__(self):
+        self.register = register = torch.nn.Module.register_parameter
+
+        def on_meta(module, name, param):
+            if param is not None and not param.is_meta:
+                param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+            register(module, name, param)
+
+        torch.nn.Module.register_parameter = on_meta
+
+    def __exit__(self, *exc):
+        torch.nn.Module.register_parameter = self.register
+
+
 def build(mod, entry: str, config: str | None, overrides: dict, device: str) -> torch.nn.Module:
     factory = getattr(mod, entry, None)
     if not callable(factory):
@@ -68,7 +88,8 @@ def build(mod, entry: str, config: str | None, overrides: dict, device: str) -> 
         if configs is not None and config not in configs:
             raise MoecError(f"unknown --config '{config}'; this model defines: {', '.join(configs)}")
         kwargs["config"] = config
-    with torch.device(device):
+    shell = device == "shell"  # parameters on meta, buffers on the CPU
+    with torch.device("cpu" if shell else device), _ParamsOnMeta() if shell else contextlib.nullcontext():
         try:
             model = factory(**kwargs)
         except TypeError as e:

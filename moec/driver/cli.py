@@ -126,6 +126,9 @@ def _pyramid(value):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-weights-gb", default=4.0, show_default=True,
               help="Write the dense weights (the build's weights.safetensors) only up to this size.")
+@click.option("--reference-weights", is_flag=True,
+              help="Let the build name the dense checkpoint's safetensors files, with their SHA-256, instead of "
+                   "copying their tensors; each rank reads them there and checks the sums.")
 @click.option("--gpus", default=0, help="Let the planner pick the parallel plan for this many GPUs (plan.json).")
 @click.option("--hardware", default=None, help="Hardware profile name or JSON for --gpus [dgx_h100].")
 @click.option("--ep", default=1, show_default=True,

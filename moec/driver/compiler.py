@@ -1,13 +1,16 @@
 """`moec compile`: model.py -> build dir (model.py, weights.safetensors, upcycle.json, config.json, ir/, kernels/).
 
 The graph is captured and transformed on the meta device first (no weights:
-a 70B model compiles in seconds). When the dense weights fit the
---max-weights-gb budget they are made for real: the dense model is built on
-the CPU (its weights from --weights or the Hugging Face checkpoint directory, copied
-in tensor by tensor: moec.driver.dense_weights), captured and run through the passes again, which make no
-expert: the build stores the dense weights once (in the dtype they came in) with the routers and each
-expert tensor's recipe, and train.py makes on each rank the experts it holds. Everything is
-written to a temporary directory that replaces the build dir only at the end, keeping its runs/.
+a 70B model compiles in seconds). The passes make no expert: the build stores the dense weights once (in
+the dtype they came in) with the routers and each expert tensor's recipe, and train.py makes on each rank
+the experts it holds. Dense weights from --weights or a Hugging Face checkpoint directory are streamed: the
+graph stays on the meta device, the passes read a weight from its shard when they need its value
+(calibration, the recipe's statistics), and each tensor goes from its shard into the build alone, so no
+copy of the model is held (moec.driver.dense_weights); with --reference-weights the build names the
+checkpoint's files instead of copying them. Without such weights the dense model the model file
+initialises is built on the CPU (when it fits --max-weights-gb), captured and run through the passes
+again. Everything is written to a temporary directory that replaces the build dir only at the end, keeping
+its runs/.
 What can be checked without the model is checked before the capture; what needs its shapes, right after.
 """
 import json
@@ -25,10 +28,10 @@ from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
 from moec.codegen import source
-from moec.codegen.program import model_source, stored_bytes, write_weights
+from moec.codegen.program import model_source, stored_bytes, weights, write_weights
 from moec.codegen.train_program import write_train_program
 from moec.driver.capture import LogitsOnly, build, capture, example_inputs, load_module, logits_of
-from moec.driver.dense_weights import DenseWeights, open_weights
+from moec.driver.dense_weights import DenseWeights, Streamed, open_weights
 from moec.driver.hf_dir import is_hf_dir
 from moec.driver.inputs import check_build_dir, check_expert_parallel, check_file, is_build
 from moec.driver.model_shape import context_length
@@ -36,7 +39,7 @@ from moec.driver.pipeline import check_stop_after, passes_for, run_pipeline
 from moec.driver.stage_split import STAGE_TOLERANCE, check_stages, write_stages
 from moec.passes.find_ffn import FindFFN
 from moec.runtime.kernels.generated import import_file
-from moec.runtime.weights import RECIPE, WEIGHTS, load_build
+from moec.runtime.weights import RECIPE, REFERENCES, WEIGHTS, load_build, sha256
 
 VERIFY_TOLERANCE = 1e-4  # fp32: the construction is exact up to summation order
 BATCH, SEQ = 2, 16  # the example inputs capture and verification run on
@@ -57,8 +60,15 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
                         f"compiled from (its trained weights: --weights RUN_DIR/final.safetensors)")
     dense = open_weights(options.weights) if options.weights else \
         open_weights(model, label=model) if is_hf_dir(model) else None
+    if options.reference_weights and (dense is None or dense.state is not None):
+        raise MoecError("--reference-weights: the build names the dense checkpoint's safetensors files; give them "
+                        "(--weights, or a Hugging Face directory as the model)" if dense is None else
+                        f"--reference-weights: {dense.label} is a torch state dict; it references safetensors "
+                        f"files only")
     hardware = _hardware(options)
     mod = load_module(model)
+    # the outermost directory this compile makes on the way to out: a failed compile leaves none behind
+    made = next((p for p in reversed(out.parents) if not os.path.lexists(p)), None)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # a short name: out.name may already be as long as a name can be
@@ -73,10 +83,24 @@ def compile_model(model: str, out: str, options: Options, force: bool = False, s
         _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(out.parent, made)
         raise
     _replace(out, tmp)
     log(f"wrote {out}/")
     return report
+
+
+def _remove_made(directory: Path, made: Path | None) -> None:
+    """Remove directory and its parents up to made (the ones a compile made), while they are empty."""
+    if made is None:
+        return
+    for d in (directory, *directory.parents):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == made:
+            return
 
 
 def _replace(out: Path, tmp: Path) -> None:
@@ -123,11 +147,20 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     t0 = time.perf_counter()
     meta_model = build(mod, o.entry, o.config, o.overrides, "meta")
     dtypes = {}  # what the build stores each dense tensor as: the dtype the checkpoint held it in
+    streamed = None
     if dense_weights is not None:
         dense_weights.check(_unwrapped(meta_model))  # names and shapes only: the model is on meta
+        if dense_weights.nbytes() > o.max_weights_gb * 2**30 and stop_after is None and not o.reference_weights:
+            raise MoecError(f"the dense weights take {dense_weights.nbytes() / 2**30:,.1f} GiB, over "
+                            f"--max-weights-gb {o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
         wrapped = "model." if isinstance(meta_model, LogitsOnly) else ""  # the graph's names of the tensors
         dtypes = dense_weights.dtypes_in(_unwrapped(meta_model), wrapped)
+        if stop_after is None:  # which writes no weights: the passes see none either
+            shell = build(mod, o.entry, o.config, o.overrides, "shell")
+            streamed = Streamed(dense_weights, _unwrapped(meta_model), shell, wrapped)
     gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
+    if streamed is not None:  # the passes read the weights from the checkpoint as they need them
+        gm.meta["dense_values"] = streamed.value
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
     _check_against_model(gm, o)
     context = context_length(gm, meta_model)
@@ -146,21 +179,33 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         return report
     nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())  # the whole MoE model's
     stored = stored_bytes(gm, dtypes)  # what the build holds: the dense weights, routers, no experts
-    real = stored <= o.max_weights_gb * 2**30
+    # a build that references the checkpoint writes the routers alone, whatever the dense weights' size
+    real = stored <= o.max_weights_gb * 2**30 or streamed is not None and o.reference_weights
     moe_fits = nbytes <= o.max_weights_gb * 2**30  # then compile-time checks make the whole MoE model
     report["weights_written"], report["weights_bytes"], report["moe_weights_bytes"] = real, stored, nbytes
     if dense_weights is not None and not real:
         raise MoecError(f"the dense weights would take {stored / 2**30:,.1f} GiB, over --max-weights-gb "
                         f"{o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
     dense = None
-    if real:
+    if real and streamed is not None:
+        # the graph stays on meta: each tensor goes from the checkpoint (or the passes) into the build alone
+        initial = gm.meta.get("initial_values", {})
+        referenced = _reference(streamed, [n for n in weights(gm) if n in dtypes], tmp, log) \
+            if o.reference_weights else {}
+        write_weights(gm, tmp, dtypes, lambda name: initial[name] if name in initial else streamed.stored(name),
+                      referenced)
+        if moe_fits and (o.verify and not o.dense or o.pp > 1):  # the checks below run the model, as small
+            torch.manual_seed(o.seed)
+            dense = build(mod, o.entry, o.config, o.overrides, "cpu")
+            dense_weights.load_into(_unwrapped(dense))
+    elif real:
         torch.manual_seed(o.seed)
         dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        if dense_weights is not None:
-            dense_weights.load_into(_unwrapped(dense))
         gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp, dtypes)
-        log(f"weights: {stored / 2**20:,.1f} MiB of dense weights and routers -> {WEIGHTS}, each rank makes its "
+    if real:
+        what = "routers (the dense weights: in the checkpoint)" if o.reference_weights else "dense weights and routers"
+        log(f"weights: {(tmp / WEIGHTS).stat().st_size / 2**20:,.1f} MiB of {what} -> {WEIGHTS}, each rank makes its "
             f"experts ({nbytes / 2**20:,.1f} MiB in all) by {RECIPE}")
     else:
         log(f"weights: {stored / 2**30:,.1f} GiB is over --max-weights-gb {o.max_weights_gb}; none written")
@@ -182,6 +227,18 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
+
+
+def _reference(streamed: Streamed, names: list, tmp: Path, log) -> dict:
+    """Write tmp/dense.json: where each of names (tensors the build stores as the checkpoint holds them) is
+    (file, name there), and each such file's size and SHA-256; {name: (file, name there)}."""
+    referenced = {n: streamed.where(n) for n in names}
+    files = sorted({file for file, _ in referenced.values()})
+    record = {"files": {f: {"bytes": os.path.getsize(f), "sha256": sha256(f)} for f in files},
+              "tensors": referenced}
+    (tmp / REFERENCES).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    log(f"weights: {len(referenced)} dense tensors referenced in {len(files)} file(s), not copied")
+    return referenced
 
 
 def _hardware(o: Options):

@@ -3,10 +3,12 @@ state dict (loaded with weights_only, memory-mapped), a Hugging Face checkpoint 
 model.safetensors, or shards listed by model.safetensors.index.json), or such an index itself.
 
 Names and shapes come from the files' headers, so a mismatch with the model is found before anything is
-read or the model is captured; `load_into` then copies one tensor at a time from one shard at a time
-into the model's own parameters, so no dense state dict is ever held beside the model.
+read or the model is captured; `Streamed` then gives a graph captured on the meta device each tensor when
+asked, read alone from its shard (`load_into` copies them into a model built for real, one at a time),
+so no dense state dict is ever held.
 """
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -35,6 +37,8 @@ class DenseWeights:
         self.shapes = shapes
         self.dtypes = dtypes  # what each tensor is stored as, which a build stores it as too
         self.state = state  # a torch state dict's tensors (memory-mapped), instead of shards
+        self._readers = {}  # shard -> its header, read once
+        self._file_of = {n: file for file, held in shards.items() for n in held}
 
     def check(self, model: torch.nn.Module) -> dict:
         """That these weights are exactly the model's tensors at their shapes: a one-line MoecError naming
@@ -52,6 +56,19 @@ class DenseWeights:
         return {prefix + own: self.dtypes[name] for name, own in self.check(model).items()
                 if name in self.dtypes and self.dtypes[name].is_floating_point}
 
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * self.dtypes[n].itemsize for n, s in self.shapes.items() if n in self.dtypes)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (its dtype), read from its shard alone."""
+        if self.state is not None:
+            return self.state[name]
+        from moec.base.safetensors_io import Reader
+        file = self._file_of[name]
+        if file not in self._readers:
+            self._readers[file] = Reader(file)
+        return self._readers[file].get(name)
+
     def load_into(self, model: torch.nn.Module) -> None:
         """Copy every tensor into the model's tensor of that name, shard by shard."""
         names = self.check(model)
@@ -68,6 +85,46 @@ class DenseWeights:
                 for name in held:
                     if names.get(name) in own:
                         own[names[name]].copy_(f.get(name))
+
+
+class Streamed:
+    """The tensors of a graph captured on the meta device, by the graph's names, as the weights hold them
+    (read when asked, one at a time) or, for buffers the model computes itself (rotary tables), as a build
+    of the model with its parameters on the meta device made them."""
+
+    def __init__(self, weights: DenseWeights, model: torch.nn.Module, shell: torch.nn.Module, prefix: str = ""):
+        """model: the module the weights' names are of (on meta); shell: the graph's module, parameters on
+        meta, buffers real; prefix: what the graph's names add to model's."""
+        self.weights = weights
+        self.source = {prefix + own: name for name, own in weights.check(model).items()}
+        tied: dict[int, list[str]] = {}
+        for n, t in model.state_dict(keep_vars=True).items():
+            tied.setdefault(id(t), []).append(prefix + n)
+        for same in tied.values():  # a tied name the weights lack reads its twin's tensor
+            held = next((n for n in same if n in self.source), None)
+            for n in same if held is not None else ():
+                self.source.setdefault(n, self.source[held])
+        self.buffers = {n: b for n, b in shell.named_buffers() if not b.is_meta}
+        self.dtypes = {n: t.dtype for n, t in shell.state_dict(keep_vars=True).items()}
+
+    def where(self, name: str) -> tuple[str, str]:
+        """(the absolute path of the safetensors file that holds name's tensor, its name there)."""
+        held = self.source[name]
+        return str(Path(self.weights._file_of[held]).resolve()), held
+
+    def stored(self, name: str) -> torch.Tensor:
+        """name's tensor in the dtype the weights hold it in."""
+        if name in self.source:
+            return self.weights.read(self.source[name])
+        if name in self.buffers:
+            return self.buffers[name]
+        raise MoecError(f"{self.weights.label}: the model's {name} is neither in the weights nor computed by "
+                        f"the model; give weights that hold it")
+
+    def value(self, name: str) -> torch.Tensor:
+        """name's tensor in the model's dtype, as the model loaded from the weights holds it."""
+        t = self.stored(name)
+        return t.to(self.dtypes.get(name, t.dtype))
 
 
 def _model_names(model: torch.nn.Module, names) -> dict:

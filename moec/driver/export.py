@@ -12,8 +12,9 @@ Memory: a safetensors source is read one tensor (an expert's slice alone) at a t
 it, one shard of at most SHARD_BYTES at a time; a checkpoint is read whole.
 
 Two rewrites keep the function exact: --router-weights scaled multiplies each expert's gate weight by E/K,
-which the experts' down projections take instead; a shared expert's sigmoid gate is zero (sigmoid 0 = 1/2)
-and its down projection doubled.
+which the experts' down projections take instead; a shared expert's sigmoid gate (qwen2_moe) is zero
+(sigmoid 0 = 1/2) and its down projection doubled. deepseek_v3 keeps moec's selection bias, as its
+router's e_score_correction_bias.
 """
 import json
 import math
@@ -39,7 +40,7 @@ SHARD_BYTES = 5 * 2**30
 PREFIX = "model."  # a transformers model's tensors in a build: LogitsOnly's child "model"
 MOE = re.compile(r"^model\.model\.layers\.(\d+)\.mlp\.moe\.(.+)$")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def export(source: str, format_name: str, out: str, force: bool = False, drop_bias: bool = False,
@@ -144,9 +145,11 @@ def _open(weights: Path, stack: ExitStack) -> dict:
 
 def _open_build(build: Path, stack: ExitStack) -> dict:
     from moec.runtime.upcycle import expert_shape, make, make_expert
-    from moec.runtime.weights import RECIPE, WEIGHTS
+    from moec.runtime.weights import RECIPE, WEIGHTS, BuildTensors
 
-    stored = _open(build / WEIGHTS, stack)
+    files = BuildTensors(build)  # its weights.safetensors, and the dense checkpoint where it references that
+    stored = {n: Lazy(files.shape(n), files.dtype(n),
+                      lambda n=n, i=None: files.get(n) if i is None else files.get(n)[i]) for n in files.keys()}
     written = json.loads((build / RECIPE).read_text())
     tensors = {n: t for n, t in stored.items() if n not in set(written["sources"])}
     for name, entry in written["experts"].items():
@@ -233,7 +236,10 @@ def map_tensors(fmt: Format, o: Options, hf_config: dict, source: dict, drop_bia
     _check_complete(dense, persistent, out, layers)
     dense_layers = [i for i in range(hf_config["num_hidden_layers"]) if i not in layers]
     if dense_layers and not fmt.dense_layers:
-        raise MoecError(f"layer {dense_layers[0]} is dense: every layer of {fmt.name} is an MoE layer")
+        first = dense_layers == list(range(len(dense_layers)))
+        if not (fmt.first_dense and first):
+            raise MoecError(f"layer {dense_layers[0]} is dense: every layer of {fmt.name} "
+                            f"{'after the first dense ones ' if fmt.first_dense else ''}is an MoE layer")
     dtype = str(next(iter(out.values())).dtype).removeprefix("torch.")
     return out, config(fmt, o, hf_config, widths, dense_layers, dtype)
 
@@ -249,7 +255,11 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
     block = fmt.moe_block.format(i)
     out[f"{block}.{fmt.router}"] = take("router.weight")
     bias_name = f"model.model.layers.{i}.mlp.moe.router.bias"
-    if bias_name in left:
+    if fmt.selection_bias is not None:  # moec's is the format's; without one (--expert-bias-rate 0), zero
+        E = out[f"{block}.{fmt.router}"].shape[0]
+        out[f"{block}.{fmt.selection_bias}"] = left.pop(bias_name) if bias_name in left else \
+            Lazy((E,), torch.float32, lambda: torch.zeros(E))
+    elif bias_name in left:
         bias = left.pop(bias_name).read()
         if bias.any() and not drop_bias:
             raise MoecError(f"{bias_name} is not zero: {fmt.name} chooses experts without a selection bias; "
@@ -278,8 +288,11 @@ def _moe_layer(fmt: Format, o: Options, i: int, left: dict, out: dict, drop_bias
             (zeros(0, D), zeros(0, D), zeros(D, 0))
         shared = f"{block}.{fmt.shared}"
         out[f"{shared}.gate_proj.weight"], out[f"{shared}.up_proj.weight"] = s1, s3
-        out[f"{shared}.down_proj.weight"] = Lazy(s2.shape, s2.dtype, lambda: s2.read() * 2)  # the gate halves it
-        out[f"{block}.{fmt.shared_gate}"] = Lazy((1, D), w1.dtype, lambda: torch.zeros(1, D, dtype=w1.dtype))
+        if fmt.shared_gate is None:
+            out[f"{shared}.down_proj.weight"] = s2
+        else:
+            out[f"{shared}.down_proj.weight"] = Lazy(s2.shape, s2.dtype, lambda: s2.read() * 2)  # the gate halves it
+            out[f"{block}.{fmt.shared_gate}"] = Lazy((1, D), w1.dtype, lambda: torch.zeros(1, D, dtype=w1.dtype))
         widths["shared"] = s1.shape[0]
     return widths
 

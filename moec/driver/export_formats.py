@@ -21,8 +21,11 @@ class Format:
     expert: tuple  # expert e's (gate, up, down) weight names under the block, format strings of e
     shared: str | None  # the shared expert's module under the block (its weights named like a dense MLP's)
     shared_gate: str | None  # the shared expert's sigmoid gate weight [1, D] under the block
-    dense_layers: bool  # whether some layers may keep a dense MLP (mlp_only_layers)
+    dense_layers: bool  # whether any layers may keep a dense MLP (mlp_only_layers)
     scaled_weights: bool  # whether gate weights may be left unnormalised (norm_topk_prob=False)
+    scores: str = "softmax"  # how the format's router scores experts
+    first_dense: bool | None = None  # whether the first layers may keep a dense MLP (default: dense_layers)
+    selection_bias: str | None = None  # the router's aux-loss-free selection bias [E], under the block
 
 
 MIXTRAL = Format("mixtral", ("llama", "mistral"), "model.layers.{}.block_sparse_moe", "gate.weight",
@@ -32,11 +35,15 @@ QWEN2_MOE = Format("qwen2_moe", ("qwen2",), "model.layers.{}.mlp", "gate.weight"
                    "shared_expert_gate.weight", True, True)
 QWEN3_MOE = Format("qwen3_moe", ("qwen3",), "model.layers.{}.mlp", "gate.weight", QWEN_EXPERT, None, None, True,
                    True)
-FORMATS = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
+# multi-head latent attention: only a dense DeepSeek-V3 (first_k_dense_replace = every layer) extends to it;
+# one group of experts (n_group = topk_group = 1): moec routes without group limits
+DEEPSEEK_V3 = Format("deepseek_v3", ("deepseek_v3",), "model.layers.{}.mlp", "gate.weight", QWEN_EXPERT,
+                     "shared_experts", None, False, False, scores="sigmoid", first_dense=True,
+                     selection_bias="gate.e_score_correction_bias")
+FORMATS = {f.name: f for f in (MIXTRAL, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 
 # what no format here writes: (the option, is it set)
 NOWHERE = (
-    ("--router sigmoid (the formats score experts with a softmax)", lambda o: o.router == "sigmoid"),
     ("--routing expert-choice", lambda o: o.routing == "expert-choice"),
     ("--hash-layers", lambda o: bool(o.hash_layers)),
     ("--pyramid (one expert count for every layer)", lambda o: o.pyramid is not None),
@@ -46,9 +53,12 @@ NOWHERE = (
 )
 # what only some formats write: (the option, is it set, can this format)
 SOME = (
+    ("--router sigmoid", lambda o: o.router == "sigmoid", lambda f: f.scores == "sigmoid"),
+    ("--router softmax (the default)", lambda o: o.router == "softmax", lambda f: f.scores == "softmax"),
     ("--shared-experts", lambda o: o.shared_experts > 0, lambda f: f.shared is not None),
-    ("--first-dense / --moe-every (dense layers between MoE layers)",
-     lambda o: o.first_dense > 0 or o.moe_every > 1, lambda f: f.dense_layers),
+    ("--first-dense (dense layers before the MoE layers)", lambda o: o.first_dense > 0,
+     lambda f: f.dense_layers if f.first_dense is None else f.first_dense),
+    ("--moe-every (dense layers between MoE layers)", lambda o: o.moe_every > 1, lambda f: f.dense_layers),
     ("--router-weights scaled", lambda o: o.router_weights == "scaled", lambda f: f.scaled_weights),
 )
 
@@ -92,11 +102,16 @@ def config(fmt: Format, o: Options, hf_config: dict, widths: dict, dense_layers:
     moe = dict(num_experts_per_tok=topk, router_aux_loss_coef=o.aux_loss, output_router_logits=False)
     if fmt is MIXTRAL:
         moe.update(num_local_experts=experts, intermediate_size=widths["expert"], router_jitter_noise=0.0)
+    elif fmt is DEEPSEEK_V3:  # sigmoid scores renormalised: --router-weights scaled is for a softmax router
+        moe = dict(num_experts_per_tok=topk, n_routed_experts=experts, moe_intermediate_size=widths["expert"],
+                   n_shared_experts=(widths["shared"] or 0) // widths["expert"],
+                   first_k_dense_replace=len(dense_layers), n_group=1, topk_group=1, norm_topk_prob=True,
+                   routed_scaling_factor=1.0)
     else:
         moe.update(num_experts=experts, moe_intermediate_size=widths["expert"], decoder_sparse_step=1,
                    mlp_only_layers=dense_layers, norm_topk_prob=o.router_weights == "renorm")
         if dense_layers:
             moe["intermediate_size"] = widths["dense"]
-    if fmt.shared is not None:
+    if fmt.shared_gate is not None:
         moe["shared_expert_intermediate_size"] = widths["shared"] or 0
     return {**base, **moe, "model_type": fmt.name, "dtype": dtype, "use_cache": True}

@@ -46,6 +46,60 @@ def _owner(module, path):
 
 
 WEIGHTS, RECIPE = "weights.safetensors", "upcycle.json"  # in a build dir
+REFERENCES = "dense.json"  # in a build compiled with --reference-weights: where its dense tensors are
+
+
+class BuildTensors:
+    """A build's stored tensors by name, read one at a time: its weights.safetensors and, for a build that
+    references the dense checkpoint instead of copying it (--reference-weights), that checkpoint's files,
+    each checked against the size and SHA-256 the compile recorded before any tensor of it is read."""
+
+    def __init__(self, build):
+        from moec.base.safetensors_io import Reader
+
+        build = Path(build)
+        self.files = {WEIGHTS: Reader(build / WEIGHTS)}
+        self.where = {n: (WEIGHTS, n) for n in self.files[WEIGHTS].keys()}  # name -> (file, its name there)
+        if (build / REFERENCES).is_file():
+            references = json.loads((build / REFERENCES).read_text())
+            for file, record in references["files"].items():
+                _check_referenced(build, Path(file), record["bytes"], record["sha256"])
+                self.files[file] = Reader(file)
+            self.where.update((n, tuple(at)) for n, at in references["tensors"].items())
+
+    def keys(self):
+        return self.where.keys()
+
+    def shape(self, name: str) -> tuple:
+        file, stored = self.where[name]
+        return self.files[file].shape(stored)
+
+    def dtype(self, name: str) -> torch.dtype:
+        file, stored = self.where[name]
+        return self.files[file].dtype(stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        file, stored = self.where[name]
+        return self.files[file].get(stored)
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_referenced(build: Path, file: Path, size: int, digest: str) -> None:
+    if not file.is_file():
+        raise MoecError(f"{build} reads its dense weights from {file}, which does not exist; put the checkpoint "
+                        f"back there or compile the build again")
+    if file.stat().st_size != size or sha256(file) != digest:
+        raise MoecError(f"{build} reads its dense weights from {file}, which has changed since the compile (its "
+                        f"SHA-256 differs from the one the build recorded); compile the build again")
 
 
 def require_weights(build) -> None:
@@ -69,7 +123,6 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     """model_cls (the build's model.py's Model) holding the build's weights on device: every tensor but the
     experts as the build stores it, and of each expert tensor only the experts of EP rank j of ep, made from
     its dense source by the build's recipe (moec.runtime.upcycle), one at a time."""
-    from moec.base.safetensors_io import Reader
     from moec.runtime.distributed.params import expert_slice, is_expert
     from moec.runtime import upcycle
 
@@ -78,7 +131,7 @@ def load_build(model_cls, build, device="cpu", ep: int = 1, j: int = 0) -> torch
     written = json.loads((build / RECIPE).read_text())
     recipe, only_sources = written["experts"], set(written["sources"])
     model = model_cls(device="meta")
-    f = Reader(build / WEIGHTS)
+    f = BuildTensors(build)
     own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     fake = {n: torch.empty(f.shape(n), device="meta") for n in f.keys() if n not in only_sources}
     check_state(model, fake | {n: own[n] for n in recipe if n in own})
@@ -141,7 +194,7 @@ def check_state(model: torch.nn.Module, state: dict) -> None:
         parts = ([listed(missing, "missing (the model has, the weights lack)")] if missing else []) + \
                 ([listed(unexpected, "unexpected (the weights hold, the model lacks)")] if unexpected else [])
         raise RuntimeError(f"weights do not match the model: {'; '.join(parts)}")
-    wrong = [n for n, t in state.items() if n in own and t.shape != own[n].shape]
+    wrong = [n for n in own if n in state and state[n].shape != own[n].shape]  # the first in the model's order
     if wrong:
         n = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
