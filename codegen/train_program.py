@@ -146,7 +146,7 @@ def main(args):
 
     if start == 0 and args.bias_fit and pipeline is None and balance.biases:  # a fresh run fits the selection
         batch = data.batch("train", -1, args.batch_size * args.grad_accum,  # biases to its data and length
-                           parallel.data_rank, parallel.data_world)
+                           parallel.data_rank, parallel.data_world, args.grad_accum)
         inputs, targets = (rt.to_device(t.chunk(args.grad_accum)[0], env.device) for t in batch)
         before, after = balance.calibrate(model, loss_of, inputs, targets, args.bias_fit)  # on a batch no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
@@ -157,7 +157,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             lm_sum = loss_sum = 0.0
             batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
-                               parallel.data_world)
+                               parallel.data_world, args.grad_accum)  # micro-batches alike at any DP width
             if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
                 with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                     lm_sum, outs = pipeline.step(*(rt.to_device(t, env.device) for t in batch))
@@ -187,7 +187,7 @@ def main(args):
                 with torch.no_grad():
                     if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
                         batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
-                                              parallel.data_world) for i in range(args.eval_batches))
+                                              parallel.data_world, args.grad_accum) for i in range(args.eval_batches))
                         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                             losses = [pipeline.evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device))
                                       for x, y in batches]
