@@ -1,8 +1,8 @@
 """train.py of builds compiled with --pp 2: under torchrun (gloo, 2 processes) each gives the losses of the
 same build on one process, with 1F1B and with interleaved 1F1B (two stages a rank); on 4 processes, PP2 x
-EP2 gives the losses of EP2 on 2 and PP2 x DP2 those of DDP on 2 (the data a rank reads depends on its
-data-parallel rank, which the stages of a pipeline share); a run resumes from PP2 x EP2 to EP4 to one process
-and back; too few micro-batches for the pipeline is one line."""
+EP2 gives them too and PP2 x DP2 those of DDP on 2 (the stages of a pipeline read their data-parallel rank's
+share of the global batch); a run resumes from PP2 x EP2 to EP4 to one process and back; too few micro-batches for the pipeline
+is one line."""
 import pytest
 
 from moec.base.options import Options
@@ -48,35 +48,55 @@ def _train_records(build, run, nproc, *extra):
     return [x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"]
 
 
-def _same_run(reference: list, got: list) -> None:
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """one_process(build): the train records of build's 10 steps on one process, run once a module."""
+    done = {}
+
+    def run(build):
+        if build not in done:
+            done[build] = _train_records(build, tmp_path_factory.mktemp("one"), 1)
+        return done[build]
+    return run
+
+
+def _same_run(reference: list, got: list, data_ranks: int = 1) -> None:
+    """data_ranks: the pipelines of `got`, against one process's `reference` (else 1). Each rank of a pipeline
+    holds every stage's expert counts and expert_load is their sum over all ranks per rank: 1/data_ranks of
+    one process's on the same batch."""
     assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(1, 11))
     for a, b in zip(reference, got):
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
             assert (key in b) == (key in a) and b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-5), \
                 (a["step"], key)
         for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):  # counts gathered over the stages
+            lb = {**lb, "max": lb["max"] * data_ranks, "mean": lb["mean"] * data_ranks}
             assert lb == pytest.approx(la, rel=1e-9), a["step"]
     assert got[-1]["lm_loss"] < got[0]["lm_loss"]
 
 
 @pytest.mark.parametrize("fixture", ["pp2_build", "pp2_interleaved_build", "pp2_dense_build"])
-def test_pp2_gives_the_single_process_losses(fixture, request, tmp_path):
+def test_pp2_gives_the_single_process_losses(fixture, request, one_process, tmp_path):
     build = request.getfixturevalue(fixture)
     stages = (build / "stages.py").read_text()
     assert "class Stage0(Model):" in stages and "self.h[0:1](" in stages  # a readable program per stage
-    _same_run(_train_records(build, tmp_path / "one", 1), _train_records(build, tmp_path / "pp", 2))
+    _same_run(one_process(build), _train_records(build, tmp_path / "pp", 2))
 
 
-@pytest.mark.parametrize("flat,piped", [("ep2_build", "pp2_ep2_build"), ("", "pp2_build")],
-                         ids=["pp2xep2", "pp2xdp2"])
-def test_pp2_on_four_processes_gives_the_losses_of_its_two_process_plan(flat, piped, request, tmp_path_factory,
-                                                                        tmp_path):
-    """Each pipeline's stages read the data of its data-parallel rank: PP2 x EP2 on 4 processes reads what EP2
-    reads on 2, PP2 x DP2 what DDP reads on 2; the same weights, so the same losses."""
-    flat = request.getfixturevalue(flat) if flat else _build(tmp_path_factory, "gpt-moe", 2)
-    piped = request.getfixturevalue(piped)
-    small = ["--batch-size", 2]
-    _same_run(_train_records(flat, tmp_path / "flat", 2, *small), _train_records(piped, tmp_path / "pp", 4, *small))
+@pytest.mark.parametrize("fixture", ["pp2_ep2_build", "pp2_build"], ids=["pp2xep2", "pp2xdp2"])
+def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture, request, one_process,
+                                                                          tmp_path_factory, tmp_path):
+    """Two pipelines, whose stages read the share of their data-parallel rank, half of each micro-batch of the
+    step's 8 sequences. PP2 x EP2 gives the losses of one process reading all 8: an EP build's balance loss
+    counts the experts' slots over every data-parallel rank. PP2 x DP2, whose balance loss counts each rank's
+    own, gives those of DDP on 2 processes reading the same shares."""
+    build = request.getfixturevalue(fixture)
+    got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 2)
+    if fixture == "pp2_ep2_build":
+        _same_run(one_process(build), got, data_ranks=2)
+    else:
+        ddp = _build(tmp_path_factory, "gpt-moe", 2)
+        _same_run(_train_records(ddp, tmp_path / "ddp", 2, "--batch-size", 2), got)
 
 
 @pytest.mark.parametrize("schedule,layers,more", [("gpipe", 2, dict(first_dense=1)), ("zero-bubble", 4, {})])
