@@ -23,6 +23,7 @@ A run dir holds one run (run.json says whose): a fresh start in a used one is re
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
 """
 import argparse
+import atexit
 import gc
 import math
 import sys
@@ -30,7 +31,10 @@ from pathlib import Path
 
 # The imports make a quarter of a million objects that live as long as the run: collecting garbage among them
 # while they are made frees nothing (0.4 s of a start on CPU), and once frozen no later collection walks them.
+# An exit other than run_main's (--help, a bad flag, a crash) unfreezes them for the interpreter's last
+# collection: left uncollected, Triton's bindings report them as leaks.
 gc.disable()
+atexit.register(gc.unfreeze)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
