@@ -86,6 +86,7 @@ class TokenData:
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch tensor on the device. To a GPU through pinned memory, without blocking: a copy from pageable
     memory makes the host wait for the GPU's queue to drain."""
