@@ -23,18 +23,29 @@ A run dir holds one run (run.json says whose): a fresh start in a used one is re
 Written by `moec compile`; edit freely. Run `python train.py --help` for the options.
 """
 import argparse
+import atexit
+import gc
 import math
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# The imports make a quarter of a million objects that live as long as the run: collecting garbage among them
+# while they are made frees nothing (0.4 s of a start on CPU), and once frozen no later collection walks them.
+# An exit other than run_main's (--help, a bad flag, a crash) unfreezes them for the interpreter's last
+# collection: left uncollected, Triton's bindings report them as leaks.
+gc.disable()
+atexit.register(gc.unfreeze)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # model.py and kernels/ of this build
 
 import moec.runtime as rt  # noqa: E402
 from model import Model  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 
 def parse_args():
@@ -147,7 +158,7 @@ def main(args):
 
     if start == 0 and args.bias_fit and pipeline is None and balance.biases:  # a fresh run fits the selection
         batch = data.batch("train", -1, args.batch_size * args.grad_accum,  # biases to its data and length
-                           parallel.data_rank, parallel.data_world)
+                           parallel.data_rank, parallel.data_world, args.grad_accum)
         inputs, targets = (rt.to_device(t.chunk(args.grad_accum)[0], env.device) for t in batch)
         before, after = balance.calibrate(model, loss_of, inputs, targets, args.bias_fit)  # on a batch no step reads
         log.message(f"expert biases fitted to a batch: worst layer's load max/mean {{before:.2f}} -> {{after:.2f}}")
@@ -158,7 +169,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             lm_sum = loss_sum = 0.0
             batch = data.batch("train", step, args.batch_size * args.grad_accum, parallel.data_rank,
-                               parallel.data_world)
+                               parallel.data_world, args.grad_accum)  # micro-batches alike at any DP width
             if pipeline is not None:  # the schedule runs the micro-batches through the stages, forward and backward
                 with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                     lm_sum, outs = pipeline.step(*(rt.to_device(t, env.device) for t in batch))
@@ -188,7 +199,7 @@ def main(args):
                 with torch.no_grad():
                     if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
                         batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
-                                              parallel.data_world) for i in range(args.eval_batches))
+                                              parallel.data_world, args.grad_accum) for i in range(args.eval_batches))
                         with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                             losses = [pipeline.evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device))
                                       for x, y in batches]

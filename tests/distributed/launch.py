@@ -2,8 +2,9 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from tests.launcher import TORCHRUN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -12,7 +13,7 @@ def torchrun(nproc: int, job: dict, tmp: Path, timeout: int = 240) -> dict:
     job_file, out = tmp / f"job{nproc}.json", tmp / f"out{nproc}.json"
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}",
            str(Path(__file__).with_name("worker.py")), str(out), str(job_file)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]

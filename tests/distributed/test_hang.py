@@ -5,12 +5,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.launcher import TORCHRUN
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 3
@@ -62,8 +63,7 @@ def test_a_stopped_rank_ends_the_run_with_a_line_naming_it(tmp_path, group):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), group, str(tmp_path)]
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script), group, str(tmp_path)]
     t0 = time.monotonic()
     launcher = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []

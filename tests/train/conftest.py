@@ -10,6 +10,7 @@ import pytest
 
 from moec.driver.compiler import compile_model
 from moec.base.options import Options
+from tests.launcher import TORCHRUN
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64)
@@ -36,8 +37,7 @@ def ep2_build(tmp_path_factory) -> Path:
 
 def run_train(build: Path, *args, run_dir: Path, nproc: int = 1, background: bool = False, timeout: int = 120):
     """train.py with FAST and args; nproc > 1: under torchrun, gloo on CPU."""
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                                 if nproc > 1 else [])
+    launch = TORCHRUN + ["--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
     cmd = [*launch, str(build / "train.py"), *FAST, "--run-dir", str(run_dir), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run: bitwise comparisons
     if background:

@@ -50,7 +50,7 @@ def _model(build):
 def _fit(model, data, sequences: int, world: int) -> None:
     """What a fresh train.py does first with --grad-accum 2: fit the biases to the first micro-batch (half of
     `sequences`) of the batch no step reads, on every rank, their counts summed."""
-    batches = [data.batch("train", -1, sequences, rank, world)[0].chunk(2)[0] for rank in range(world)]
+    batches = [data.batch("train", -1, sequences, rank, world, 2)[0].chunk(2)[0] for rank in range(world)]
 
     def loss_of(inputs, targets):  # every rank's forward at once, as the all-reduce would add them up
         outs = [model(b)["expert_counts"] for b in batches]
@@ -70,7 +70,7 @@ def _after_one_step(build, sequences: int, world: int) -> dict:
     counts = None
     with torch.no_grad():
         for rank in range(world):
-            out = model(data.batch("train", 0, sequences, rank, world)[0])["expert_counts"]
+            out = model(data.batch("train", 0, sequences, rank, world, 2)[0])["expert_counts"]
             counts = out if counts is None else [a + b for a, b in zip(counts, out)]
     want = {}
     for name, c in zip(BIAS, counts):

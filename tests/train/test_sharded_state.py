@@ -1,7 +1,7 @@
 """Sharded training state in train.py under torchrun (gloo, 2 processes): --zero (ZeRO-1
 optimizer state) on a DDP build and on an EP=2 build, and --fsdp (FSDP2), each against
 the unsharded run's per-step losses, and each stopped mid-run and resumed against the
-uninterrupted run."""
+uninterrupted run; DDP's checkpoint under EP2 is refused in one line."""
 import shutil
 
 import pytest
@@ -89,6 +89,18 @@ def test_zero_refuses_a_whole_optimizer_state(builds, trained, tmp_path):
     r = _resume_from_step_3(builds["ddp"], trained("ddp"), tmp_path, "--zero")
     assert r.returncode != 0
     assert "holds a whole optimizer state (written without --zero): resume it without --zero" in r.stderr
+
+
+def test_a_whole_state_checkpoint_is_refused_under_ep_in_one_line(builds, trained, tmp_path):
+    """DDP's checkpoint (torch's layout of the whole model and optimizer state) under EP2, a plan change that
+    cannot reshard it: refused before any step, one line a rank."""
+    r = _resume_from_step_3(builds["ep2"], trained("ddp"), tmp_path)
+    message = (f"error: checkpoint {tmp_path / 'checkpoints' / 'step_00000003'} holds the whole state of a run "
+               f"without EP, PP or TP (one process, DDP or FSDP), which a run of this plan cannot reshard: resume "
+               f"it on one process with this build first, whose checkpoints resume under any plan")
+    assert r.returncode != 0
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [message] * 2, r.stderr[-3000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_zero_with_fsdp_is_one_line_exit_2(moe_build, tmp_path):

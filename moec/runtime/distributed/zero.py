@@ -9,7 +9,6 @@ the result. On one process it is the optimizer itself.
 """
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from moec.runtime.distributed import groups
 from moec.runtime.distributed.params import is_expert
@@ -29,7 +28,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     sharded or not, at any world size, resumes from it.
     """
 
-    def __init__(self, param_groups: list[dict], parts: list[ZeroRedundancyOptimizer]):
+    def __init__(self, param_groups: list[dict], parts: list):  # of ZeroRedundancyOptimizer
         self.parts = parts
         super().__init__(param_groups, parts[0].optim.defaults)
 
@@ -62,6 +61,9 @@ def make_optimizer(model: torch.nn.Module, optimizer_class=torch.optim.AdamW, pa
         param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return optimizer_class(param_groups, **defaults)
+    # imported here: torch.distributed.optim takes a fifth of a second of every train.py's start otherwise
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
     experts = {id(p) for n, p in model.named_parameters() if is_expert(n)}
     parts = []
     for expert, group in ((False, groups.get("data")), (True, groups.get("ep_dp"))):

@@ -292,8 +292,9 @@ class Checkpointer:
         except Exception as e:
             return None, f"is damaged ({_reason(e)})"
         if layout != "by_name" and self.mesh is not None:
-            raise MoecError(f"checkpoint {path} was written by one process in the whole-state layout, which an "
-                            f"expert-parallel run cannot reshard: resume it on one process")
+            raise MoecError(f"checkpoint {path} holds the whole state of a run without EP, PP or TP (one process, "
+                            f"DDP or FSDP), which a run of this plan cannot reshard: resume it on one process with "
+                            f"this build first, whose checkpoints resume under any plan")
         if layout != "by_name" and isinstance(optimizer, ShardedOptimizer):
             raise MoecError(f"checkpoint {path} holds a whole optimizer state (written without --zero): "
                             f"resume it without --zero")

@@ -7,10 +7,14 @@ token ids and is memory-mapped; its dtype is given by --data-dtype (uint16
 fits vocabularies up to 65536, uint32 beyond), since a headerless file cannot
 say it itself.
 
-A batch is a pure function of (seed, split, step, rank): resuming at step N
-reads exactly the batches an uninterrupted run would have read, so the data
-position is the step counter and nothing else needs saving. Validation batches
-leave the seed out, so runs of different seeds are measured on the same ones.
+A step's global batch is a pure function of (seed, split, step): resuming at
+step N reads exactly the batches an uninterrupted run would have read, so the
+data position is the step counter and nothing else needs saving. Each
+data-parallel rank reads its share of it, the same share of every micro-batch,
+so the global batch and its micro-batches are the same at any data-parallel
+width: a run resumed under another plan reads what it would have read.
+Validation batches leave the seed out, so runs of different seeds are measured
+on the same ones.
 """
 import gzip
 import hashlib
@@ -65,14 +69,19 @@ class TokenData:
         self.seq_len, self.seed = seq_len, seed
         self.max_token = int(tokens.max()) if len(tokens) else 0
 
-    def batch(self, split: str, step: int, batch_size: int, rank: int = 0, world: int = 1):
-        """(inputs, targets), each [batch_size, seq_len] int64, for this rank at this step."""
+    def batch(self, split: str, step: int, batch_size: int, rank: int = 0, world: int = 1, micro_batches: int = 1):
+        """(inputs, targets), each [batch_size, seq_len] int64: this rank's share of the step's global batch of
+        batch_size * world sequences, as micro_batches equal micro-batches, each of them this rank's share
+        of the global batch's micro-batch."""
+        if batch_size % micro_batches:
+            raise ValueError(f"{batch_size} sequences do not split into {micro_batches} equal micro-batches")
         data = self.splits[split]
         # the held-out batches are the same whatever --seed: runs of different seeds are compared on them
         seed = self.seed if split == "train" else 0
-        key = hashlib.blake2b(f"{seed}/{split}/{step}/{rank}/{world}".encode(), digest_size=8).digest()
+        key = hashlib.blake2b(f"{seed}/{split}/{step}".encode(), digest_size=8).digest()
         g = torch.Generator().manual_seed(int.from_bytes(key, "little"))
-        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=g).tolist()
+        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size * world,), generator=g)
+        starts = starts.view(micro_batches, world, -1)[:, rank].flatten().tolist()  # [micro, rank, row]
         rows = np.stack([np.asarray(data[s:s + self.seq_len + 1], dtype=np.int64) for s in starts])
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]

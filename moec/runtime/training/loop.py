@@ -2,6 +2,7 @@
 setup under torchrun (and naming the ranks a timed-out collective lost),
 signals, RNG state and the final export of the weights. The parallel plan is
 applied by moec.runtime.training.parallel."""
+import atexit
 import datetime
 import os
 import re
@@ -77,26 +78,40 @@ _CLOSED = re.compile(r"Connection (closed|reset) by peer")
 
 def run_main(main, args) -> int:
     """Run train.py's main; a user's mistake (bad --data, ...) prints one line and exits 2.
-    A collective that timed out, or lost a rank, prints one line naming the missing ranks and exits 1."""
+    A collective that timed out, or lost a rank, prints one line naming the missing ranks and exits 1.
+    The process ends here, with main's exit status, once the atexit functions have run: the interpreter's
+    own exit would add about a second a process, its last garbage collection walking every object torch
+    made."""
     try:
-        return main(args)
+        code = main(args)
     except MoecError as e:
         print(f"error: {e}", file=sys.stderr)
         teardown()
-        return 2
+        code = 2
     except Exception as e:
-        timed_out = bool(_TIMED_OUT.search(str(e)))
-        missing = _missing_ranks(*_watch) if _watch and (timed_out or _CLOSED.search(str(e))) else []
-        if not missing:
-            raise  # every rank answered: a bug (say, ranks calling different collectives), not a lost rank
-        me, timeout_s = dist.get_rank(), _watch[1]
-        who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
-        what = (f"waited {timeout_s:g} s for {who}, which did not arrive (stopped, hung or dead)" if timed_out
-                else f"lost its connection to {who} (dead or killed)")
-        print(f"error: rank {me}: a collective {what}; the run is stopped — resume it with --resume",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # no teardown, no interpreter exit: destroying a group whose peer is gone can block
+        _lost_rank(e)
+        raise  # every rank answered: a bug (say, ranks calling different collectives), not a lost rank
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _lost_rank(e: Exception) -> None:
+    """When e is a collective's timeout or a lost connection and some ranks do not answer: one line naming
+    them, and the process ends with status 1."""
+    timed_out = bool(_TIMED_OUT.search(str(e)))
+    missing = _missing_ranks(*_watch) if _watch and (timed_out or _CLOSED.search(str(e))) else []
+    if not missing:
+        return
+    me, timeout_s = dist.get_rank(), _watch[1]
+    who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+    what = (f"waited {timeout_s:g} s for {who}, which did not arrive (stopped, hung or dead)" if timed_out
+            else f"lost its connection to {who} (dead or killed)")
+    print(f"error: rank {me}: a collective {what}; the run is stopped — resume it with --resume",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # no teardown, no interpreter exit: destroying a group whose peer is gone can block
 
 
 def _missing_ranks(group, timeout_s: float) -> list[int]:

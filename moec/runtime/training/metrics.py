@@ -58,12 +58,13 @@ def fake_forward(model_cls, batch: int, seq_len: int, counter=None, ep: int = 1)
             return model(tokens)
 
 
-def attention_flops_per_step(model_cls, batch: int, seq_len: int, ep: int = 1) -> float:
-    """Forward + backward FLOPs of scaled-dot-product attention for one [batch, seq_len] step."""
+def attention_flops_per_step(model_cls, batch: int, seq_len: int, ep: int = 1) -> tuple[float, dict]:
+    """Forward + backward FLOPs of scaled-dot-product attention for one [batch, seq_len] step, and the
+    forward's (fake) outputs, for their shapes: every process starts with this forward, so it runs once."""
     counter = FlopCounterMode(display=False)
-    fake_forward(model_cls, batch, seq_len, counter, ep)
+    out = fake_forward(model_cls, batch, seq_len, counter, ep)
     forward = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "scaled_dot_product" in str(op))
-    return 3.0 * forward
+    return 3.0 * forward, out
 
 
 def step_flops(active_params: int, tokens: int, attention_flops: float, tp: int = 1, split_params: int = 0) -> float:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from moec.base.errors import MoecError
 from moec.base.options import Options
-from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load, fake_forward,
+from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load,
                                    load_summary, split_params, step_flops)
 from moec.runtime.training.progress import MetricsFile, Progress
 
@@ -45,9 +45,9 @@ class BuildInfo:
             raise MoecError(f"--seq-len {seq_len} is longer than the model's context of {context} tokens; "
                             f"pass --seq-len {context} or less")
         options = Options.from_json(config["options"])
-        vocab = fake_forward(model_cls, 1, 1, ep=options.ep)["logits"].shape[-1]
+        attention, out = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
+        vocab = out["logits"].shape[-1]
         active = config["result"]["active_params"]
-        attention = attention_flops_per_step(model_cls, batch, seq_len, options.ep)
         tp_plan = config["result"].get("tp_plan", {})
         split = split_params(model_cls, tp_plan) if options.tp > 1 else 0
         return cls(options, active, vocab, step_flops(active, batch * seq_len, attention, options.tp, split),
