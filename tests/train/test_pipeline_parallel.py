@@ -11,7 +11,7 @@ from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, run_train
 
 # a pipeline keeps the compiled selection biases: so does the run it is compared with
-STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0]
+STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0, "--bias-refit", 0]
 
 
 def _build(tmp_path_factory, name: str, layers: int, **plan):
@@ -107,7 +107,7 @@ def test_what_a_pipeline_does_not_run_is_one_line_before_training(pp2_build, tmp
 def test_a_pp2_run_resumes_on_one_process_and_back(pp2_build, tmp_path):
     """Stopped after 4 steps under PP2, resumed on one process to 6 and under PP2 again to 8: the losses of
     the run that stayed on one process (each checkpoint holds every parameter once, under its name)."""
-    base = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0]
+    base = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--bias-refit", 0]
 
     def run(run_dir, nproc, steps, *more):
         r = run_train(pp2_build, *base, "--steps", steps, *more, run_dir=run_dir, nproc=nproc, timeout=240)

@@ -1,4 +1,4 @@
-"""Aux-loss-free load balancing (DeepSeek-V3): each MoE layer's router.bias
+"""Aux-loss-free balancing (DeepSeek-V3): each MoE layer's router.bias
 is added to the router scores when experts are chosen (never to the gate
 weights), and after each optimizer step it moves by `rate` toward the even
 load: up for the experts that got fewer slots than the mean, down for those
@@ -11,7 +11,15 @@ A fresh run first fits the biases to its own first micro-batch (calibrate): the
 compile-time bias balances the calibration text at its window length, and the
 hidden states the routers see change with the data, the sequence length (a
 token's FFN input depends on how many tokens it attends to) and the device's
-arithmetic; a fixed step a training step takes many steps to cover that gap."""
+arithmetic; a fixed step a training step takes many steps to cover that gap.
+
+Training opens the same gap at every step: the routers and the layers below
+them move the scores faster than a fixed step follows, and a larger fixed
+step overshoots, since a token's candidate scores lie close together. So after
+the rate's step, train.py refits the biases to the step's last micro-batch
+with the updated weights (fit, a few forwards): the next step's tokens then
+meet biases that balanced tokens already trained on, under the weights they
+will be routed by."""
 import torch
 import torch.distributed as dist
 
