@@ -76,7 +76,7 @@ def parse_args():
     p.add_argument("--bias-fit", type=int, default=40, metavar="FORWARDS",
                    help="forwards a fresh run spends fitting the expert selection biases to a batch of its own data "
                         "before step 1 (not under a pipeline); 0: keep the compiled biases")
-    p.add_argument("--bias-refit", type=int, default=4, metavar="FORWARDS",
+    p.add_argument("--bias-refit", type=int, default=8, metavar="FORWARDS",
                    help="forwards each step spends refitting the expert selection biases to its last micro-batch "
                         "with the updated weights (not under a pipeline); 0: only the --expert-bias-rate step")
     p.add_argument("--seed", type=int, default=0)
