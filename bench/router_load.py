@@ -18,18 +18,22 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MOEC = (sys.executable, "-m", "moec.driver.cli")
-VARIANTS = {
-    "defaults": [],
-    "random": ["--router-init", "random", "--expert-bias-rate", "0"],
-    "centered": ["--router-init", "centered", "--expert-bias-rate", "0"],
-    "kmeans": ["--router-init", "kmeans", "--expert-bias-rate", "0"],
-    "centered, bias 1e-3": ["--router-init", "centered", "--expert-bias-rate", "1e-3"],
-    "centered, bias 1e-2": ["--router-init", "centered", "--expert-bias-rate", "1e-2"],
-    "kmeans, bias 1e-2": ["--router-init", "kmeans", "--expert-bias-rate", "1e-2"],
+CENTERED_BIAS = ["--router-init", "centered", "--expert-bias-rate", "1e-3"]
+VARIANTS = {  # label: (compile flags, train.py flags)
+    "defaults": ([], []),
+    "random": (["--router-init", "random", "--expert-bias-rate", "0"], []),
+    "centered": (["--router-init", "centered", "--expert-bias-rate", "0"], []),
+    "kmeans": (["--router-init", "kmeans", "--expert-bias-rate", "0"], []),
+    "centered, bias 1e-3, no refit": (CENTERED_BIAS, ["--bias-refit", "0"]),
+    "centered, bias 1e-3, refit 4": (CENTERED_BIAS, ["--bias-refit", "4"]),
+    "centered, bias 1e-3, refit 8": (CENTERED_BIAS, ["--bias-refit", "8"]),
+    "centered, bias 1e-2, no refit": (["--router-init", "centered", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
+    "kmeans, bias 1e-2, no refit": (["--router-init", "kmeans", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
 }
 SHOWN = (1, 2, 5, 10, 20, 50, 100, 200)
 
@@ -38,11 +42,11 @@ def sh(*cmd):
     subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL)
 
 
-def train(build: Path, run: Path, steps: int, every: int, args):
+def train(build: Path, run: Path, steps: int, every: int, args, flags=()):
     sh(sys.executable, build / "train.py", "--steps", steps, "--batch-size", args.batch_size, "--seq-len",
        args.seq_len, "--grad-accum", args.grad_accum, "--lr", args.lr, "--eval-every", 0, "--log-every", every,
        "--ckpt-every", -1,
-       "--device", args.device, "--run-dir", run)
+       "--device", args.device, "--run-dir", run, *flags)
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -74,12 +78,15 @@ def main():
         sh(*MOEC, "compile", args.model, "--config", args.config, "--dense", *args.flags, "-o", out / "dense")
         train(out / "dense", out / "dense-run", args.base_steps, args.base_steps, args)
         weights = ["--weights", out / "dense-run" / "final.safetensors"]
-    rows = {}
+    rows, seconds = {}, {}
     for i, label in enumerate(args.variants):
         build = out / f"moe-{i}"
+        compile_flags, train_flags = VARIANTS[label]
         sh(*MOEC, "compile", args.model, "--config", args.config, "--experts", args.experts, "--topk", args.topk,
-           *VARIANTS[label], *weights, *args.flags, "-o", build)
-        records = [r for r in train(build, out / f"run-{i}", args.steps, 1, args) if r["kind"] == "train"]
+           *compile_flags, *weights, *args.flags, "-o", build)
+        start = time.perf_counter()
+        records = [r for r in train(build, out / f"run-{i}", args.steps, 1, args, train_flags) if r["kind"] == "train"]
+        seconds[label] = (time.perf_counter() - start) / args.steps  # start-up and the start-of-run fit included
         rows[label] = {r["step"]: max(layer["max"] / layer["mean"] for layer in r["expert_load"]) for r in records}
         if not args.keep:  # a full-depth model's weights are tens of GB a variant: the next needs the disk
             shutil.rmtree(build)
@@ -89,12 +96,13 @@ def main():
     print(f"worst layer's expert load max/mean, {Path(args.model).name} {args.config}, {shape}, upcycled after "
           f"{args.base_steps} dense steps, batch {args.batch_size} x {args.seq_len} x {args.grad_accum} micro-batches, "
           f"lr {args.lr} ({args.device})")
-    print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + f" | worst step | mean | steps over {args.target} |")
-    print("| --- |" + " --- |" * (len(steps) + 3))
+    print(f"| variant | " + " | ".join(f"step {s}" for s in steps) + f" | worst step | mean | steps over {args.target} | s/step |")
+    print("| --- |" + " --- |" * (len(steps) + 4))
     for label, by_step in rows.items():
         worst = list(by_step.values())
         print(f"| {label} | " + " | ".join(f"{by_step[s]:.2f}" for s in steps) + f" | {max(worst):.2f} | "
-              f"{sum(worst) / len(worst):.2f} | {sum(w > args.target for w in worst)} of {len(worst)} |")
+              f"{sum(worst) / len(worst):.2f} | {sum(w > args.target for w in worst)} of {len(worst)} | "
+              f"{seconds[label]:.2f} |")
 
 
 if __name__ == "__main__":

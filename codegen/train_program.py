@@ -88,6 +88,10 @@ def parse_args():
     p.add_argument("--bias-fit", type=int, default=40, metavar="FORWARDS",
                    help="forwards a fresh run spends fitting the expert selection biases to a batch of its own data "
                         "before step 1 (not under a pipeline); 0: keep the compiled biases")
+    p.add_argument("--bias-refit", type=int, default=0, metavar="FORWARDS",
+                   help="forwards each step spends refitting the expert selection biases to its last micro-batch "
+                        "with the updated weights (not under a pipeline; each costs about a third of a "
+                        "micro-batch's forward and backward); 0: only the --expert-bias-rate step")
     p.add_argument("--seed", type=int, default=0, help="seeds dropout and the order of the batches")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to train: a GPU when there is one (auto), or the one named")
@@ -180,7 +184,8 @@ def main(args):
             else:
                 for micro, (inputs, targets) in enumerate(zip(*(t.chunk(args.grad_accum) for t in batch))):
                     # gradients add up over the step's micro-batches
-                    lm, out = loss_of(rt.to_device(inputs, env.device), rt.to_device(targets, env.device))
+                    inputs, targets = rt.to_device(inputs, env.device), rt.to_device(targets, env.device)
+                    lm, out = loss_of(inputs, targets)
                     loss = lm + out.get("aux_loss", 0.0) + out.get("z_loss", 0.0)  # MoE losses, already scaled
                     if step + 1 == args.debug_nan_at_step:
                         loss = loss * float("nan")
@@ -192,6 +197,8 @@ def main(args):
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
             balance.step()  # aux-loss-free balancing: the step's load moves the selection biases
+            if args.bias_refit and pipeline is None and balance.biases:  # the routers and their inputs have moved
+                balance.fit(model, loss_of, inputs, targets, args.bias_refit)  # since: fit to tokens already seen
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):

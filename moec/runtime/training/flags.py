@@ -5,9 +5,11 @@ import torch
 from moec.base.errors import MoecError
 
 AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "log_every": 1, "eval_batches": 1,
-            "keep": 1, "warmup": 0, "eval_every": 0, "ckpt_every": -1, "bias_fit": 0}
+            "keep": 1, "warmup": 0, "eval_every": 0, "ckpt_every": -1, "bias_fit": 0,
+            "bias_refit": 0}
 WHY = {"eval_batches": " (--val-fraction 0 turns validation off)", "keep": " (--ckpt-every -1 writes none)",
-       "ckpt_every": " (0: only at the end, -1: never)", "bias_fit": " (0: keep the compiled biases)"}
+       "ckpt_every": " (0: only at the end, -1: never)", "bias_fit": " (0: keep the compiled biases)",
+       "bias_refit": " (0: no refit)"}
 
 
 def check_flags(args) -> None:
