@@ -168,9 +168,24 @@ def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batc
                         f"({hw.memory_bytes / 2**30:.1f} GiB usable){among}; the leanest needs "
                         f"{least.peak_memory_bytes / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch"
                         f"{' (`moec plan` ranks the others)' if among else ''}")
+    while len(fit) > 1 and not _stages_fit(fit[0], shape, moe, hw):  # what --gpus compiles must cut
+        fit.pop(0)
     for p in fit[:5]:
         p.why = _why(p, fit, len(plans), hw)
     return fit, len(plans)
+
+
+def _stages_fit(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> bool:
+    """Whether the compile can cut the plan's pipeline into stages that each fit a GPU: the peak above is
+    the average stage's, and the first stage keeps the most micro-batches in flight."""
+    if plan.pp == 1:
+        return True
+    from moec.cost_model.pipeline import cut, stages_per_rank
+    try:
+        cut(shape, moe, plan.pp * stages_per_rank(moe.pp_schedule), values_for(plan, shape, moe, hw), hw.memory_bytes)
+    except MoecError:
+        return False
+    return True
 
 
 def best_plan(shape: ModelShape, moe_options: Options, gpus: int, hardware, global_batch: int = 0,

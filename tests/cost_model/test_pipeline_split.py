@@ -85,3 +85,12 @@ def test_the_first_stage_keeps_more_micro_batches_in_flight_and_a_tight_memory_m
     tight = sp.Rational(1, 2) * (held[0] + max(held[1], middle(1, 15, 32)))
     bounds, _, fitted = cut(shape, moe, 2, values, float(tight))
     assert bounds[1] < 16 and max(fitted) <= tight
+
+
+def test_a_plan_whose_stages_cannot_each_fit_a_gpu_is_not_the_planners_choice():
+    from dataclasses import replace
+
+    from moec.cost_model.planner import _stages_fit
+    shape, moe, hw, plan, values = _plan(64, 2)
+    assert _stages_fit(plan, shape, moe, hw)
+    assert not _stages_fit(plan, shape, moe, replace(hw, memory_bytes=plan.peak_memory_bytes / 4))
