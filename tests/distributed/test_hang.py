@@ -42,19 +42,22 @@ def _pid(tmp: Path, rank: int) -> int | None:
     return int(f.read_text()) if f.is_file() and f.read_text() else None
 
 
+def _ps(pid: int, field: str) -> str:
+    """One field of `ps` for the process: "" once it is gone."""
+    ps = subprocess.run(["ps", "-ww", "-o", f"{field}=", "-p", str(pid)], capture_output=True, text=True)
+    return ps.stdout.strip()
+
+
 def _running(pid: int) -> bool:
     """Alive and not a zombie (torchrun reaps its workers only now and then)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
+    return _ps(pid, "stat")[:1] not in ("", "Z")
 
 
 def _kill(pid: int | None, script: Path) -> None:
     try:  # only our own worker: its pid could have been reused by now
-        if pid and str(script) in Path(f"/proc/{pid}/cmdline").read_text():
+        if pid and str(script) in _ps(pid, "args"):
             os.kill(pid, signal.SIGKILL)
-    except (FileNotFoundError, ProcessLookupError):
+    except ProcessLookupError:
         pass
 
 
