@@ -10,6 +10,7 @@ import torch
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+BY_NAME = {name: dtype for dtype, name in DTYPES.items()}  # a header's dtype name -> the torch dtype
 
 
 def save(tensors: dict[str, torch.Tensor], path: Path, dtypes: dict | None = None, fetch=None) -> None:
@@ -46,8 +47,7 @@ class Reader:
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         self.start = 8 + n
-        names = {v: k for k, v in DTYPES.items()}
-        self.entries = {k: (names[v["dtype"]], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
+        self.entries = {k: (BY_NAME[v["dtype"]], tuple(v["shape"]), v["data_offsets"]) for k, v in header.items()}
 
     def keys(self):
         return self.entries.keys()

@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 
 from moec.base.errors import MoecError
+from moec.base.safetensors_io import BY_NAME
 from moec.runtime.weights import check_state
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
 FORMATS = ("give a .safetensors file or a torch.save'd state dict of tensors (a checkpoint holding one under "
            "'model' will do), or a Hugging Face checkpoint directory or its model.safetensors.index.json")
 
@@ -202,7 +200,7 @@ def _safetensors(files: dict[str, list[str] | None], label: str) -> DenseWeights
         try:
             with safe_open(file, framework="pt") as f:
                 held = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
-                dtypes.update((n, SAFETENSORS_DTYPES.get(f.get_slice(n).get_dtype())) for n in f.keys())
+                dtypes.update((n, BY_NAME.get(f.get_slice(n).get_dtype())) for n in f.keys())
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             what = "it" if listed is None else f"shard {Path(file).name}"

@@ -31,7 +31,7 @@ import moec
 from moec.base.errors import MoecError
 from moec.base.files import umask
 from moec.base.options import Options
-from moec.driver.dense_weights import SAFETENSORS_DTYPES
+from moec.base.safetensors_io import BY_NAME
 from moec.driver.export_formats import Format, check_expressible, choose, config
 from moec.driver.inputs import is_build
 
@@ -138,7 +138,7 @@ def _open(weights: Path, stack: ExitStack) -> dict:
     tensors = {}
     for name in f.keys():
         piece = f.get_slice(name)
-        tensors[name] = Lazy(tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()],
+        tensors[name] = Lazy(tuple(piece.get_shape()), BY_NAME[piece.get_dtype()],
                              lambda n=name, i=None: f.get_tensor(n) if i is None else f.get_slice(n)[i])
     return tensors
 
