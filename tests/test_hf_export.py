@@ -1,7 +1,7 @@
 """`moec export`: tiny Hugging Face Llama, Qwen2 and Qwen3 directories compile, train 3 steps and export to
 the MoE formats that can express their options; transformers loads each export with no key missing or
-left over and computes the trained model's logits. The export of an EP=2 run's checkpoint is
-byte-identical to that of the same weights written by one process, in either layout. What a format cannot
+left over and computes the trained model's logits. The export of a PP2 run's checkpoint, and of a TP2 x EP2
+run's, is byte-identical to that of the same weights written by one process, in either layout. What a format cannot
 express is one line naming the option and the formats that can."""
 import json
 import math
@@ -96,22 +96,26 @@ def test_qwen3_exports_with_a_dense_layer_and_qwen2_without_shared_experts(tmp_p
     assert_same_logits(build, None, tmp_path / "export")
 
 
-def test_an_ep2_runs_checkpoint_exports_as_one_process_writes_the_same_weights(tmp_path):
-    build = compile_dir(tmp_path, "llama", *NO_BIAS, "--ep", "2", "--no-verify")
+@pytest.mark.parametrize("plan,nproc", [(["--pp", "2"], 2), (["--tp", "2", "--ep", "2"], 4)], ids=["pp2", "tp2xep2"])
+def test_a_sharded_runs_checkpoint_exports_as_one_process_writes_the_same_weights(tmp_path, plan, nproc):
+    """A checkpoint of a pipeline's stages (PP2: each rank holds half the layers), or of TP2 x EP2 (attention and
+    dense weights split in slices over 2 ranks, the experts over 2 others), exports the bytes of the same
+    weights written by one process."""
+    build = compile_dir(tmp_path, "llama", *NO_BIAS, *plan, "--no-verify")
     run_dir = tmp_path / "run"
-    train(build, run_dir, "--steps", "2", "--ckpt-every", "2", nproc=2)  # experts split over 2 ranks
-    assert not (run_dir / "final.safetensors").exists()
-    assert run("export", run_dir, "--format", "mixtral", "-o", tmp_path / "ep2").exit_code == 0
+    train(build, run_dir, "--steps", "2", "--ckpt-every", "2", nproc=nproc)
+    assert not (run_dir / "final.safetensors").exists()  # no rank holds every weight
+    assert run("export", run_dir, "--format", "mixtral", "-o", tmp_path / "sharded").exit_code == 0
     # one process resumes it for a step whose learning rate leaves every fp32 weight as it is, and writes the
-    # weights twice: final.safetensors, and a checkpoint holding every expert
+    # weights twice: final.safetensors, and a checkpoint holding every weight
     train(build, run_dir, "--steps", "3", "--resume", "--lr", "1e-300", "--ckpt-every", "3")
     assert run("export", run_dir, "--format", "mixtral", "-o", tmp_path / "final").exit_code == 0
     assert run("export", run_dir, "--step", "3", "--format", "mixtral", "-o", tmp_path / "one").exit_code == 0
     assert run("export", build, "--format", "mixtral", "-o", tmp_path / "untrained").exit_code == 0
     weights = {name: (tmp_path / name / "model.safetensors").read_bytes()
-               for name in ("ep2", "final", "one", "untrained")}
-    assert weights["ep2"] == weights["final"] == weights["one"] != weights["untrained"]
-    assert_same_logits(build, run_dir / "final.safetensors", tmp_path / "ep2")
+               for name in ("sharded", "final", "one", "untrained")}
+    assert weights["sharded"] == weights["final"] == weights["one"] != weights["untrained"]
+    assert_same_logits(build, run_dir / "final.safetensors", tmp_path / "sharded")
 
 
 @pytest.fixture(scope="module")

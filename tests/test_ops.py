@@ -58,7 +58,7 @@ def test_dropped_slots_contribute_nothing():
     ("sigmoid", True, 4, "silu", True, 0), ("sigmoid", False, 1, "gelu_tanh", False, 2)])
 def test_moe_primitives_gradcheck(score, renorm, groups, act, gated, cap):
     torch.manual_seed(1)
-    T, E, K, D, F = 7, 8, 3, 5, 6
+    T, E, K, D, F = 7, 8, 3, 3, 4
     f64 = dict(dtype=torch.float64, requires_grad=True)
     x, logits = torch.randn(T, D, **f64), torch.randn(T, E, **f64)
     w1, w2, b1 = torch.randn(E, F, D, **f64), torch.randn(E, D, F, **f64), torch.randn(E, F, **f64)
