@@ -1,7 +1,8 @@
 """train.py of builds compiled with --tp 2 under torchrun (gloo): a dense TP2 build gives the losses of the same
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives them too (the ranks of a TP group read the same data and hold the same
-experts); train.py's --zero, which TP does not combine with yet, is refused in one line."""
+experts), with the same collectives on every rank of a group, also when a layer's experts on one EP rank get no
+token; train.py's --zero, which TP does not combine with yet, is refused in one line."""
 import pytest
 from safetensors.torch import load_file
 
@@ -10,7 +11,7 @@ from moec.driver.compiler import compile_model
 from moec.runtime.distributed.checkpoint import read_metadata
 from moec.runtime.training.checkpoint import read_weights
 from moec.runtime.training.progress import read_metrics
-from tests.train.conftest import ROOT, TINY, run_train
+from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
 STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0]
 
@@ -63,10 +64,17 @@ def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back
 def test_tp2_x_ep2_on_four_processes_gives_the_single_process_losses(tmp_path_factory, tmp_path):
     """With shared experts (split like a dense FFN) and routed ones (EP): the 2 ranks of a TP group read the same
     share of the step's 8 sequences, each EP rank half of each micro-batch; the same weights, so one process's
-    losses, gradient norms and expert load on all 8."""
+    losses, gradient norms and expert load on all 8. Layer 1 sends every token to experts 2 and 3: those of
+    EP rank 0 (ranks 0 and 1) get none."""
     tp2 = _build(tmp_path_factory, "gpt-moe-tp2-ep2", ep=2, tp=2, shared_experts=1)
+    starve_experts(tp2, 1, [2, 3])
     reference = _train(tp2, tmp_path / "one", 1, 4, "--ckpt-every", -1)
-    got = _train(tp2, tmp_path / "tp2", 4, 4, "--batch-size", 2, "--ckpt-every", -1)
+    assert all(x["expert_load"][1]["cv"] == pytest.approx(1.0) for x in reference)  # two of four experts idle
+    got = _train(tp2, tmp_path / "tp2", 4, 4, "--batch-size", 2, "--ckpt-every", -1, "--debug-collectives")
+    ops, links = collectives(tmp_path / "tp2", 4)
+    assert links == set()
+    assert all("all_reduce" in ops[frozenset(g)] for g in ({0, 1}, {2, 3}))  # the TP groups
+    assert all("all_to_all_single" in ops[frozenset(g)] for g in ({0, 2}, {1, 3}))  # the EP groups
     _same(reference, got, [1, 2, 3, 4])
     for a, b in zip(reference, got):
         for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):
