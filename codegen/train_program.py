@@ -101,8 +101,8 @@ def parse_args():
                    help="testing aid: past the warm-up steps, a wait for the GPU in a step that logs nothing "
                         "is an error")
     p.add_argument("--debug-collectives", action="store_true",
-                   help="testing aid: under torchrun, write the collectives and transfers each rank issued, in order, to "
-                        "RUN_DIR/collectives/rank<N>.json")
+                   help="testing aid: under torchrun, write the collectives and transfers each rank issued, in "
+                        "order, to RUN_DIR/collectives/rank<N>.json")
     return p.parse_args()
 
 

@@ -2,7 +2,8 @@
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives them too (the ranks of a TP group read the same data and hold the same
 experts), with the same collectives on every rank of a group, also when a layer's experts on one EP rank get no
-token; micro-batches of one token, fewer than the TP ranks, run on TP2 too; train.py's --zero, which TP does not combine with yet, is refused in one line."""
+token; micro-batches of one token, fewer than the TP ranks, give them too; train.py's --zero, which TP does not
+combine with yet, is refused in one line."""
 import pytest
 from safetensors.torch import load_file
 

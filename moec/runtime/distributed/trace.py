@@ -23,6 +23,8 @@ TRANSFERS = {"isend": "send", "send": "send", "irecv": "recv", "recv": "recv"}
 
 
 class CollectiveTrace:
+    """While entered, torch.distributed's collectives and transfers are recorded here as they are issued."""
+
     def __init__(self):
         self.collectives, self.transfers, self.groups, self._saved = [], [], {}, []
 
@@ -56,8 +58,8 @@ class CollectiveTrace:
 
         def call(*args, **kw):
             given = signature.bind(*args, **kw).arguments
-            tensor = None if at is None else given[list(signature.parameters)[at]]
-            self.collectives.append([name, self._group(given.get("group")), None if tensor is None else tensor.numel()])
+            elements = None if at is None else given[list(signature.parameters)[at]].numel()
+            self.collectives.append([name, self._group(given.get("group")), elements])
             return f(*args, **kw)
         return call
 
