@@ -100,14 +100,18 @@ def parse_args():
     p.add_argument("--debug-syncs", action="store_true",
                    help="testing aid: past the warm-up steps, a wait for the GPU in a step that logs nothing "
                         "is an error")
+    p.add_argument("--debug-collectives", action="store_true",
+                   help="testing aid: under torchrun, write the collectives and transfers each rank issued, in "
+                        "order, to RUN_DIR/collectives/rank<N>.json")
     return p.parse_args()
 
 
 def main(args):
     rt.check_flags(args)
     rt.weights.require_weights(HERE)  # before the model is allocated
-    env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout)
     run_dir = Path(args.run_dir)
+    env = rt.setup_distributed(args.seed, args.device, timeout_s=args.dist_timeout,
+                               trace=run_dir / "collectives" if args.debug_collectives else None)
     build = rt.BuildInfo.read(HERE, Model, args.batch_size * args.grad_accum * env.world, args.seq_len)
     rt.check_world(build.options, env.world)  # the processes torchrun started fit the plan: before any work
     # the dense weights, and of the experts only those this rank holds, made from them (upcycle.json)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import moec.runtime.distributed as md
 from moec.base.options import Options
 from moec.runtime.distributed import checkpoint, groups
+from moec.runtime.distributed.trace import CollectiveTrace, agreement
 from moec.runtime.distributed.zero import make_optimizer
 from moec.runtime import load_build, local_experts
 
@@ -73,28 +74,6 @@ def train(build: str, steps: int, start: int = 0, save: str | None = None, resum
     return losses
 
 
-class CollectiveLog:
-    """Records (collective, group name) in issue order, to compare across ranks."""
-    NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_reduce")
-
-    def __enter__(self):
-        self.calls, self.saved = [], {n: getattr(dist, n) for n in self.NAMES}
-        for n, f in self.saved.items():
-            setattr(dist, n, self._wrap(n, f))
-        return self
-
-    def _wrap(self, name, f):
-        def call(*args, group=None, **kw):
-            names = [n for n, g in groups._GROUPS.items() if g is group and n != "data"]
-            self.calls.append((name, names[0] if names else "world"))
-            return f(*args, group=group, **kw)
-        return call
-
-    def __exit__(self, *exc):
-        for n, f in self.saved.items():
-            setattr(dist, n, f)
-
-
 def main(out: str, job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     device = job.get("device", "cpu")
@@ -103,13 +82,13 @@ def main(out: str, job_path: str) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     result = {}
     for run in job["runs"]:
-        with CollectiveLog() as log:
+        with CollectiveTrace() as trace:
             result[run["name"]] = train(run["build"], run["steps"], run.get("start", 0), run.get("save"),
                                         run.get("resume"), device, run.get("zero", False))
         every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, log.calls)
-        result[run["name"] + ":collectives_agree"] = all(c == every[0] for c in every)
-        result[run["name"] + ":collectives"] = len(every[0])
+        dist.all_gather_object(every, trace.record())
+        result[run["name"] + ":collectives_agree"] = agreement(dict(enumerate(every))) == []
+        result[run["name"] + ":collectives"] = len(every[0]["collectives"])
     if job.get("ops"):
         from tests.distributed import op_checks
         result.update(op_checks.run_all())

@@ -1,14 +1,15 @@
 """train.py of builds compiled with --pp 2: under torchrun (gloo, 2 processes) each gives the losses of the
 same build on one process, with 1F1B and with interleaved 1F1B (two stages a rank); on 4 processes, PP2 x
 EP2 gives them too and PP2 x DP2 those of DDP on 2 (the stages of a pipeline read their data-parallel rank's
-share of the global batch); a run resumes from PP2 x EP2 to EP4 to one process and back; too few micro-batches for the pipeline
-is one line."""
+share of the global batch), with the same collectives on every rank of a group and a receive for each send,
+and under PP2 x EP2 one EP rank of the first stage gets no token; a run resumes from PP2 x EP2 to EP4 to one
+process and back; too few micro-batches for the pipeline is one line."""
 import pytest
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from moec.runtime.training.progress import read_metrics
-from tests.train.conftest import ROOT, TINY, run_train
+from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
 # a pipeline keeps the compiled selection biases: so does the run it is compared with
 STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0]
@@ -28,7 +29,11 @@ def pp2_build(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pp2_ep2_build(tmp_path_factory):
-    return _build(tmp_path_factory, "gpt-moe-pp2-ep2", 2, pp=2, ep=2)
+    """Layer 0 (stage 0) sends every token to experts 0 and 1: experts 2 and 3, all that its EP rank 1 holds,
+    get none, and that rank still takes part in every all-to-all."""
+    build = _build(tmp_path_factory, "gpt-moe-pp2-ep2", 2, pp=2, ep=2)
+    starve_experts(build, 0, [0, 1])
+    return build
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +96,16 @@ def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture
     counts the experts' slots over every data-parallel rank. PP2 x DP2, whose balance loss counts each rank's
     own, gives those of DDP on 2 processes reading the same shares."""
     build = request.getfixturevalue(fixture)
-    got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 2)
+    got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 2, "--debug-collectives")
+    ops, links = collectives(tmp_path / "pp", 4)
+    assert links == {(0, 2), (2, 0), (1, 3), (3, 1)}  # within each pipeline (ranks 0, 2 and 1, 3), not across
+    issued = {"all_reduce", "all_to_all_single"} if fixture == "pp2_ep2_build" else {"all_reduce"}
+    assert issued <= ops[frozenset({0, 1})] and issued <= ops[frozenset({2, 3})]  # each stage's EP or DP ranks
     if fixture == "pp2_ep2_build":
-        _same_run(one_process(build), got, data_ranks=2)
+        reference = one_process(build)
+        # two experts take every token: the slots' spread over four experts is as wide as it gets
+        assert all(x["expert_load"][0]["cv"] == pytest.approx(1.0) for x in reference)
+        _same_run(reference, got, data_ranks=2)
     else:
         ddp = _build(tmp_path_factory, "gpt-moe", 2)
         _same_run(_train_records(ddp, tmp_path / "ddp", 2, "--batch-size", 2), got)

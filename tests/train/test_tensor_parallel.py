@@ -1,7 +1,9 @@
 """train.py of builds compiled with --tp 2 under torchrun (gloo): a dense TP2 build gives the losses of the same
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives them too (the ranks of a TP group read the same data and hold the same
-experts); train.py's --zero, which TP does not combine with yet, is refused in one line."""
+experts), with the same collectives on every rank of a group, also when a layer's experts on one EP rank get no
+token; micro-batches of one token, fewer than the TP ranks, give them too; train.py's --zero, which TP does not
+combine with yet, is refused in one line."""
 import pytest
 from safetensors.torch import load_file
 
@@ -10,7 +12,7 @@ from moec.driver.compiler import compile_model
 from moec.runtime.distributed.checkpoint import read_metadata
 from moec.runtime.training.checkpoint import read_weights
 from moec.runtime.training.progress import read_metrics
-from tests.train.conftest import ROOT, TINY, run_train
+from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
 STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0]
 
@@ -28,13 +30,14 @@ def _train(build, run_dir, nproc, steps, *extra):
     return [x for x in read_metrics(run_dir / "metrics.jsonl") if x["kind"] == "train"]
 
 
-def _same(reference: list, got: list, steps: list) -> None:
+def _same(reference: list, got: list, steps: list, learns: bool = True) -> None:
+    """learns: the loss falls over the run (not asked of runs too short for it to)."""
     assert [x["step"] for x in got] == [x["step"] for x in reference] == steps
     for a, b in zip(reference, got):
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
             assert (key in b) == (key in a) and b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-5), \
                 (a["step"], key)
-    assert got[-1]["lm_loss"] < got[0]["lm_loss"]
+    assert got[-1]["lm_loss"] < got[0]["lm_loss"] or not learns
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +66,31 @@ def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back
 def test_tp2_x_ep2_on_four_processes_gives_the_single_process_losses(tmp_path_factory, tmp_path):
     """With shared experts (split like a dense FFN) and routed ones (EP): the 2 ranks of a TP group read the same
     share of the step's 8 sequences, each EP rank half of each micro-batch; the same weights, so one process's
-    losses, gradient norms and expert load on all 8."""
+    losses, gradient norms and expert load on all 8. Layer 1 sends every token to experts 2 and 3: those of
+    EP rank 0 (ranks 0 and 1) get none."""
     tp2 = _build(tmp_path_factory, "gpt-moe-tp2-ep2", ep=2, tp=2, shared_experts=1)
+    starve_experts(tp2, 1, [2, 3])
     reference = _train(tp2, tmp_path / "one", 1, 4, "--ckpt-every", -1)
-    got = _train(tp2, tmp_path / "tp2", 4, 4, "--batch-size", 2, "--ckpt-every", -1)
+    assert all(x["expert_load"][1]["cv"] == pytest.approx(1.0) for x in reference)  # two of four experts idle
+    got = _train(tp2, tmp_path / "tp2", 4, 4, "--batch-size", 2, "--ckpt-every", -1, "--debug-collectives")
+    ops, links = collectives(tmp_path / "tp2", 4)
+    assert links == set()
+    assert all("all_reduce" in ops[frozenset(g)] for g in ({0, 1}, {2, 3}))  # the TP groups
+    assert all("all_to_all_single" in ops[frozenset(g)] for g in ({0, 2}, {1, 3}))  # the EP groups
     _same(reference, got, [1, 2, 3, 4])
     for a, b in zip(reference, got):
         for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):
             # per rank, the sum over 4 ranks of counts each TP group holds twice: half of one process's
             lb = {**lb, "max": lb["max"] * 2, "mean": lb["mean"] * 2}
             assert lb == pytest.approx(la, rel=1e-9), a["step"]
+
+
+def test_fewer_tokens_than_tp_ranks_give_the_single_process_losses(tp2_dense_build, tmp_path):
+    """Micro-batches of one token on a TP group of 2: TP splits heads and hidden units, not the tokens, which every
+    rank of the group holds, so there is nothing to split short."""
+    one_token = ["--batch-size", 1, "--seq-len", 1, "--ckpt-every", -1]
+    reference = _train(tp2_dense_build, tmp_path / "one", 1, 2, *one_token)
+    _same(reference, _train(tp2_dense_build, tmp_path / "tp2", 2, 2, *one_token), [1, 2], learns=False)
 
 
 def test_zero_which_tp_does_not_combine_with_is_one_line_before_training(tp2_dense_build, tmp_path):

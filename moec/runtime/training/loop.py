@@ -10,14 +10,17 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from moec.base.errors import MoecError
+from moec.runtime.distributed.trace import CollectiveTrace
 
 
 _watch = None  # (side gloo group, timeout_s) while a process group is up: what run_main names lost ranks with
+_trace = None  # (CollectiveTrace, the file teardown writes it to) under --debug-collectives
 
 
 @dataclass
@@ -28,12 +31,13 @@ class Env:
     device: torch.device
 
 
-def setup_distributed(seed: int, device: str = "auto", timeout_s: float = 600.0) -> Env:
+def setup_distributed(seed: int, device: str = "auto", timeout_s: float = 600.0, trace: Path | None = None) -> Env:
     """One process: CPU or the first GPU. Under torchrun (WORLD_SIZE > 1): a process group,
     NCCL on GPUs (RCCL on ROCm builds answers to the same name), gloo on CPUs. device: "auto" (a GPU
     when there is one), "cuda" or "cpu". timeout_s: how long a collective waits for the other ranks
-    before the run stops (run_main then names the ranks that did not arrive)."""
-    global _watch
+    before the run stops (run_main then names the ranks that did not arrive). trace: a folder where teardown
+    writes the collectives each rank issued, rank<N>.json (moec.runtime.distributed.trace)."""
+    global _watch, _trace
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -50,6 +54,8 @@ def setup_distributed(seed: int, device: str = "auto", timeout_s: float = 600.0)
         c10d = dist.distributed_c10d
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None, timeout=timeout)
+        if trace is not None:
+            _trace = (CollectiveTrace().__enter__(), trace / f"rank{rank}.json")
         # A group of its own for naming the missing ranks after a timeout: the timed-out group's
         # connections are closed by then ("Application timeout caused pair closure").
         _watch = (dist.new_group(backend="gloo", timeout=timeout), timeout_s)
@@ -62,8 +68,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def teardown() -> None:
-    global _watch
+    global _watch, _trace
     _watch = None
+    if _trace is not None:
+        _trace[0].__exit__()
+        _trace[0].write(_trace[1])
+        _trace = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
