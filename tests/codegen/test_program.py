@@ -130,3 +130,48 @@ def test_autocast_and_no_grad_regions_are_emitted_and_verify(tmp_path):
     assert "wrap_with_autocast" in src and "wrap_with_set_grad_enabled" in src
     assert len(re.findall(r"^class \w+Region\(", src, re.M)) == 2 and "device(type=" not in src
     assert json.loads((out / "config.json").read_text())["result"]["verify_max_rel_error"] <= 1e-4
+
+
+STAGED_REGION = '''
+import torch
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.proj = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x, scale):
+        return x + self.proj(torch.relu(self.fc(x))) * scale
+
+
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16)
+        self.layers = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        h = self.emb(x)
+        position = torch.arange(x.shape[1], device=x.device)
+        with torch.autocast("cpu", enabled=False):  # as rotary tables are made: before the layers, from sizes
+            scale = torch.sigmoid(position.float()[:, None] / 8)
+        for layer in self.layers:
+            h = layer(h, scale)
+        return self.head(h)
+
+
+def build_model(config=None):
+    return M()
+'''
+
+
+def test_a_region_before_the_layers_is_made_again_on_every_stage(tmp_path):
+    (tmp_path / "staged.py").write_text(STAGED_REGION)
+    out = tmp_path / "b"
+    lines = []
+    compile_model(str(tmp_path / "staged.py"), str(out), Options(experts=4, topk=2, pp=2).validate(),
+                  log=lines.append)
+    stages = (out / "stages.py").read_text()
+    assert all("wrap_with_autocast" in stage for stage in stages.split("class Stage")[1:])
+    assert any("the stages run in a row give model.py's logits" in line for line in lines), lines

@@ -53,9 +53,9 @@ def stage_output(value: torch.Tensor, stage: int, aux_loss=None, z_loss=None, ex
 
 def restrict(model: torch.nn.Module, reads, layers: tuple, cls=None) -> torch.nn.Module:
     """A copy of model's module tree holding only the parameters and buffers named in reads (a tied weight also
-    under its first name) and the layers
-    [lo, hi) of layers = (container, lo, hi) (the others replaced by empty modules, so names stay), as the same
-    objects; of class cls when given."""
+    under its first name), the modules named there (the regions a model runs in an autocast or grad mode of
+    their own) and the layers [lo, hi) of layers = (container, lo, hi) (the others replaced by empty modules,
+    so names stay), as the same objects; of class cls when given."""
     container, lo, hi = layers
     first = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -74,6 +74,8 @@ def restrict(model: torch.nn.Module, reads, layers: tuple, cls=None) -> torch.nn
                 stack = copy.copy(child)
                 stack._modules = {k: m if lo <= int(k) < hi else torch.nn.Module() for k, m in child._modules.items()}
                 new._modules[name] = stack
+            elif path in keep:
+                new._modules[name] = child
             elif any(k.startswith(path + ".") for k in keep) or container.startswith(path + "."):
                 new._modules[name] = subtree(child, path + ".")
         return new
