@@ -31,6 +31,7 @@ VARIANTS = {  # label: (compile flags, train.py flags)
     "kmeans": (["--router-init", "kmeans", "--expert-bias-rate", "0"], []),
     "centered, bias 1e-3, no refit": (CENTERED_BIAS, ["--bias-refit", "0"]),
     "centered, bias 1e-3, refit": (CENTERED_BIAS, []),
+    "centered, bias 1e-3, refit forward": (CENTERED_BIAS, ["--bias-refit-forward"]),
     "centered, bias 1e-2, no refit": (["--router-init", "centered", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
     "kmeans, bias 1e-2, no refit": (["--router-init", "kmeans", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
 }

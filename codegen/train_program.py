@@ -92,6 +92,10 @@ def parse_args():
                    help="iterations of each step's refit of the expert selection biases to the router scores of "
                         "its last micro-batch (no extra forward; not under a pipeline); 0: only the "
                         "--expert-bias-rate step")
+    p.add_argument("--bias-refit-forward", action="store_true",
+                   help="refit to the router scores of one more forward of the step's last micro-batch under the "
+                        "updated weights instead (no gradients; about a third of a micro-batch's forward and "
+                        "backward a step)")
     p.add_argument("--seed", type=int, default=0, help="seeds dropout and the order of the batches")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to train: a GPU when there is one (auto), or the one named")
@@ -197,6 +201,8 @@ def main(args):
             guard.check(loss_sum, step + 1, ckpt, due=log.due(step + 1))  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
+            if args.bias_refit_forward and pipeline is None:  # the routers have moved: score the tokens again
+                balance.rescore(model, loss_of, inputs, targets)
             balance.step()  # aux-loss-free balancing: the step's load (and its last router scores) set the biases
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])

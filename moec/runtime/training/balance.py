@@ -58,6 +58,18 @@ class ExpertBias:
         if self.refit_iters and out.get("router_logits"):  # copies: a CUDA graph's replay overwrites its outputs
             self.logits = [x.clone() for x in out["router_logits"]]
 
+    @torch.no_grad()
+    def rescore(self, model: torch.nn.Module, loss_of, inputs, targets) -> None:
+        """Replace the recorded router logits with those of a forward of (inputs, targets) under the model's
+        weights now (eval mode, no gradient): after optimizer.step(), the step's tokens as the updated routers
+        and layers score them, which the next step's tokens resemble more than the step's own forward."""
+        was_training = model.training
+        model.eval()
+        _, out = loss_of(inputs, targets)
+        model.train(was_training)
+        if out.get("router_logits"):
+            self.logits = [x.clone() for x in out["router_logits"]]
+
     def _biased_counts(self, out: dict) -> torch.Tensor:
         """The slots of the layers that have a bias, one flat float64 tensor; self.sizes splits it by layer."""
         counts = [c.detach().to(torch.float64) for c, n in zip(out["expert_counts"], self.layers) if n is not None]
@@ -80,7 +92,7 @@ class ExpertBias:
         step grows while its expert stays on one side of the mean and halves when it crosses (Rprop), since
         how far a bias must move depends on how close the scores lie. Each layer keeps the biases of its
         most even forward. Every rank runs the same forwards and keeps the same biases. Nothing is read
-        back to the host, so train.py can refit every step. Returns each layer's max/mean load at the first
+        back to the host. Returns each layer's max/mean load at the first
         forward and at the kept biases, on the device."""
         was_training = model.training
         model.eval()
