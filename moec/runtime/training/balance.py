@@ -16,18 +16,17 @@ arithmetic; a fixed step a training step takes many steps to cover that gap.
 Training opens the same gap at every step: the routers and the layers below
 them move the scores faster than a fixed step follows, and a larger fixed
 step overshoots, since a token's candidate scores lie close together. So after
-the rate's step the biases move part of the way (REFIT_BLEND) to those that
-balance the router logits the step's last micro-batch already computed (the
-forward's router_logits, detached; refit): no extra forward, a few top-k
-passes over [T, E] per layer on the device.
+the rate's step the biases are refitted to the router logits the step's last
+micro-batch already computed (the forward's router_logits, detached; refit):
+no extra forward, a few top-k passes over [T, E] per layer on the device.
+Those logits are the routers' before the step; train.py --bias-refit-forward
+scores the micro-batch again under the updated weights first (rescore, one
+forward), which the next step's tokens resemble more.
 
 Legend: L layers of one shape, T tokens, E experts, K top-k."""
 import torch
 import torch.distributed as dist
 
-REFIT_BLEND = 0.3  # of the way to the refitted biases: biases that balance one batch exactly balance the next
-# worse than an average of a few batches' (as good as a fit to the last 4 batches' tokens, in the bench), and an
-# average kept in the biases themselves needs no memory of past batches and resumes exactly from a checkpoint
 REFIT_MOVE = 0.8  # of each iteration's per-expert move: the experts move together, so a full move overshoots
 
 
@@ -140,11 +139,7 @@ class ExpertBias:
                 bias -= bias.mean()  # only differences steer; a drifting mean would eat float precision
         self.counts = None
         if self.logits is not None and all(b is not None for b in self.biases):
-            before = [b.clone() for b in self.biases]
             self.refit(self.logits, self.refit_iters)
-            with torch.no_grad():
-                for bias, old in zip(self.biases, before):
-                    bias.copy_(torch.lerp(old, bias, REFIT_BLEND))  # zero-mean, as both are
         self.logits = None
 
     @torch.no_grad()
