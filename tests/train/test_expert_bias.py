@@ -283,3 +283,17 @@ def test_the_refit_reads_nothing_back_to_the_host():
         model = DriftingRouter(T=64)
         worst = ExpertBias(model, ["b"], 1e-3, topk=2).refit([model.logits(0)], 3)
     assert worst.shape == (1,)
+
+
+def test_a_pipeline_refuses_the_refit_forward():
+    """Its stages hold some of the layers each: no stage can score the micro-batch again alone."""
+    from types import SimpleNamespace
+
+    from moec.base.errors import MoecError
+    from moec.runtime.training.pipeline import Pipeline
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.schedule = SimpleNamespace(eval=None)
+    args = SimpleNamespace(val_fraction=0, compile=False, cuda_graphs=False, debug_nan_at_step=None,
+                           bias_refit_forward=True)
+    with pytest.raises(MoecError, match="--bias-refit-forward does not apply to pipeline stages"):
+        pipeline.check_flags(args)
