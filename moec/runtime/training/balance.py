@@ -91,8 +91,8 @@ class ExpertBias:
         step grows while its expert stays on one side of the mean and halves when it crosses (Rprop), since
         how far a bias must move depends on how close the scores lie. Each layer keeps the biases of its
         most even forward. Every rank runs the same forwards and keeps the same biases. Nothing is read
-        back to the host. Returns each layer's max/mean load at the first
-        forward and at the kept biases, on the device."""
+        back to the host. Returns each layer's max/mean load at the first forward and at the kept biases,
+        on the device."""
         was_training = model.training
         model.eval()
         steps = [torch.full_like(b, 0.01 / b.numel()) for b in self.biases]
