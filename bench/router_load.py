@@ -30,8 +30,8 @@ VARIANTS = {  # label: (compile flags, train.py flags)
     "centered": (["--router-init", "centered", "--expert-bias-rate", "0"], []),
     "kmeans": (["--router-init", "kmeans", "--expert-bias-rate", "0"], []),
     "centered, bias 1e-3, no refit": (CENTERED_BIAS, ["--bias-refit", "0"]),
-    "centered, bias 1e-3, refit 4": (CENTERED_BIAS, ["--bias-refit", "4"]),
-    "centered, bias 1e-3, refit 8": (CENTERED_BIAS, ["--bias-refit", "8"]),
+    "centered, bias 1e-3, refit": (CENTERED_BIAS, []),
+    "centered, bias 1e-3, refit forward": (CENTERED_BIAS, ["--bias-refit-forward"]),
     "centered, bias 1e-2, no refit": (["--router-init", "centered", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
     "kmeans, bias 1e-2, no refit": (["--router-init", "kmeans", "--expert-bias-rate", "1e-2"], ["--bias-refit", "0"]),
 }

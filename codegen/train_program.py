@@ -88,10 +88,14 @@ def parse_args():
     p.add_argument("--bias-fit", type=int, default=40, metavar="FORWARDS",
                    help="forwards a fresh run spends fitting the expert selection biases to a batch of its own data "
                         "before step 1 (not under a pipeline); 0: keep the compiled biases")
-    p.add_argument("--bias-refit", type=int, default=0, metavar="FORWARDS",
-                   help="forwards each step spends refitting the expert selection biases to its last micro-batch "
-                        "with the updated weights (not under a pipeline; each costs about a third of a "
-                        "micro-batch's forward and backward); 0: only the --expert-bias-rate step")
+    p.add_argument("--bias-refit", type=int, default=12, metavar="ITERS",
+                   help="iterations of each step's refit of the expert selection biases to the router scores of "
+                        "its last micro-batch (no extra forward; not under a pipeline); 0: only the "
+                        "--expert-bias-rate step")
+    p.add_argument("--bias-refit-forward", action="store_true",
+                   help="refit to the router scores of one more forward of the step's last micro-batch under the "
+                        "updated weights instead (no gradients; about a third of a micro-batch's forward and "
+                        "backward a step)")
     p.add_argument("--seed", type=int, default=0, help="seeds dropout and the order of the batches")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to train: a GPU when there is one (auto), or the one named")
@@ -150,7 +154,8 @@ def main(args):
     schedule = rt.warmup_cosine_scheduler(optimizer, args.warmup, args.steps, args.min_lr_ratio, start, args.lr)
     log = rt.RunLog(run_dir, args, build, env, start, resumed=start > 0, data_world=parallel.data_world)
     guard = rt.LossGuard(optimizer)  # a fused AdamW skips its update on a non-finite loss: read at log steps
-    balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate)
+    balance = rt.ExpertBias(rt.unwrap(model), build.router_biases, build.options.expert_bias_rate,  # --bias-refit:
+                            build.options.topk * build.options.granularity, build.options.router, args.bias_refit)
     validate = args.val_fraction > 0
 
     def save(step):
@@ -200,9 +205,9 @@ def main(args):
             guard.check(loss_sum, step + 1, ckpt, due=log.due(step + 1))  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
-            balance.step()  # aux-loss-free balancing: the step's load moves the selection biases
-            if args.bias_refit and pipeline is None and balance.biases:  # the routers and their inputs have moved
-                balance.fit(model, loss_of, inputs, targets, args.bias_refit)  # since: fit to tokens already seen
+            if args.bias_refit_forward and pipeline is None:  # the routers have moved: score the tokens again
+                balance.rescore(model, loss_of, inputs, targets)
+            balance.step()  # aux-loss-free balancing: the step's load (and its last router scores) set the biases
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):

@@ -4,7 +4,8 @@ Matches: gm.meta["ffns"]. Rewrites FFN i into an MoE layer when
 i >= first_dense and (i - first_dense) % moe_every == 0: a router
 linear(x, R) [T, E*M], one `moec.runtime.ops.moe.moe_layer` node over E*M experts of
 width F/M (granularity M, top K*M), optional shared experts always on, and
-adds "aux_loss", "z_loss" and "expert_counts" to the graph's output dict.
+adds "aux_loss", "z_loss" and "expert_counts" to the graph's output dict
+(and "router_logits", detached, of the layers with a selection bias).
 The pyramid option gives the last few MoE layers another expert count.
 
 Upcycling construction (what keeps the invariant): fine expert b*M+s holds
@@ -227,6 +228,9 @@ class FFNToMoE(Pass):
             capacity_factor=o.capacity_factor, activation=ffn.activation, recompute=o.recompute_experts,
             force_balance=o.force_balance, routing=o.routing))
         out, counts, probs_sum, zsum, indices = (g.call_function(operator.getitem, (moe, i)) for i in range(5))
+        # the scores the bias steered, for train.py's refit of the bias at the step's end (after counts, so a
+        # loop of layers returns the counts first)
+        seen = g.call_function(aten.detach.default, (logits,)) if "router.bias" in present else None
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
         sizes = [g.call_function(aten.sym_size.int, (x, i)) for i in range(len(shape) - 1)]  # any batch, seq
@@ -241,7 +245,7 @@ class FFNToMoE(Pass):
             lb = g.call_function(sequence_balance_loss, (logits, indices, sizes[0], o.router))
         else:
             lb = g.call_function(load_balance_loss, (counts, probs_sum, k))
-        return counts, lb, g.call_function(z_loss, (zsum, counts, k))
+        return counts, lb, g.call_function(z_loss, (zsum, counts, k)), seen
 
     @staticmethod
     def _shared(g, xf, activation, attr):
@@ -258,10 +262,13 @@ class FFNToMoE(Pass):
     def _outputs(self, g, stats):
         out = next(n for n in g.nodes if n.op == "output")
         with g.inserting_before(out):
-            aux = g.call_function(aten.mul.Tensor, (_sum(g, [lb for _, lb, _ in stats]), self.o.aux_loss))
-            zl = g.call_function(aten.mul.Tensor, (_sum(g, [z for _, _, z in stats]), self.o.z_loss))
+            aux = g.call_function(aten.mul.Tensor, (_sum(g, [lb for _, lb, _, _ in stats]), self.o.aux_loss))
+            zl = g.call_function(aten.mul.Tensor, (_sum(g, [z for _, _, z, _ in stats]), self.o.z_loss))
         result = dict(out.args[0])
-        result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, _, _ in stats])
+        result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, _, _, _ in stats])
+        seen = [s for _, _, _, s in stats if s is not None]  # in the order of the layers that have a bias
+        if seen:
+            result["router_logits"] = seen
         out.args = (result,)
 
 

@@ -1,8 +1,8 @@
 """Aux-loss-free balancing in train.py: the selection biases move once a step, by the slots of every
 micro-batch of the step on every rank (gradient accumulation, EP=2 under torchrun with gloo), stay zero-mean,
 and travel with checkpoints and the exported weights; a fresh run first fits them to a batch of its own data,
-and with --bias-refit each step refits them to its last micro-batch with the updated weights, reading
-nothing back to the host."""
+and each step then refits them to the router logits of its last micro-batch (--bias-refit, on by default),
+reading nothing back to the host."""
 import importlib.util
 import sys
 
@@ -15,7 +15,8 @@ from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from moec.runtime import TokenData, load_build, load_tokens
 from moec.runtime.distributed.checkpoint import load_state
-from moec.runtime.ops.routing import expert_counts
+from moec.runtime.ops.routing import expert_counts, select_experts
+from moec.runtime.training import balance as balance_module
 from moec.runtime.training.balance import ExpertBias
 from tests.train.conftest import ROOT, TINY, run_train
 
@@ -105,7 +106,7 @@ def test_the_step_counts_every_micro_batch_and_every_rank_once():
 def test_grad_accum_moves_the_bias_by_the_whole_step(bias_build, tmp_path):
     compiled = load_file(str(bias_build / "weights.safetensors"))
     assert all(compiled[n].abs().sum() > 0 for n in BIAS)  # calibrated at compile time
-    r = run_train(bias_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0,
+    r = run_train(bias_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0, "--bias-refit", 0,
                   run_dir=tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(str(tmp_path / "run" / "final.safetensors"))
@@ -116,7 +117,7 @@ def test_grad_accum_moves_the_bias_by_the_whole_step(bias_build, tmp_path):
 
 def test_ep2_ranks_move_the_bias_by_the_global_counts(bias_ep2_build, tmp_path):
     run = tmp_path / "run"
-    r = run_train(bias_ep2_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0,
+    r = run_train(bias_ep2_build, "--steps", 1, "--grad-accum", 2, "--eval-every", 0, "--bias-refit", 0,
                   run_dir=run, nproc=2, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     state = {f"model.{n}": torch.zeros(4) for n in BIAS}
@@ -159,7 +160,7 @@ def test_fitting_the_biases_to_a_batch_evens_its_load():
 
 
 class DriftingRouter(torch.nn.Module):
-    """A top-2 router over E experts whose scores move each step the way training moves a router and its
+    """A top-2 router over E experts whose logits move each step the way training moves a router and its
     inputs: every expert's preference drifts at its own steady rate, and each step brings new tokens."""
 
     def __init__(self, E=8, T=1024, drift=0.02):
@@ -168,43 +169,131 @@ class DriftingRouter(torch.nn.Module):
         self.register_buffer("b", torch.zeros(E))
         self.direction = torch.randn(E, generator=torch.Generator().manual_seed(1))
 
-    def batch(self, step):
+    def logits(self, step):
         noise = 0.3 * torch.randn(self.T, self.E, generator=torch.Generator().manual_seed(100 + step))
-        return torch.softmax(noise + self.drift * self.step * self.direction, -1)
+        return noise + self.drift * self.step * self.direction
 
-    def counts(self, scores):
-        return expert_counts(torch.topk(scores + self.b, 2).indices, self.E)
+    def forward(self, step):
+        logits = self.logits(step)
+        return {"expert_counts": [expert_counts(torch.topk(logits.softmax(-1) + self.b, 2).indices, self.E)],
+                "router_logits": [logits]}
 
 
-def _train_drifting(refit: int) -> list:
-    """The worst max/mean load of each of 40 steps: route the step's tokens, move the bias by their counts
-    (the --expert-bias-rate step), let the router drift, then refit to the step's tokens at the new scores."""
+def _load(counts):
+    return (counts.max() / counts.float().mean()).item()
+
+
+def _train_drifting(refit: int, forward: bool = False) -> list:
+    """The worst max/mean load of each of 40 steps: route the step's tokens; the optimizer step moves the
+    router; then move the bias by the tokens' counts (the --expert-bias-rate step) and refit it to their
+    logits, those of their forward or, with `forward`, of one more forward under the moved router."""
     model = DriftingRouter()
-    bias = ExpertBias(model, ["b"], 1e-3)
+    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=refit)
     loads = []
     for step in range(40):
-        counts = model.counts(model.batch(step))
-        loads.append((counts.max() / counts.float().mean()).item())
-        bias.add({"expert_counts": [counts]})
-        bias.step()
+        out = model(step)
+        loads.append(_load(out["expert_counts"][0]))
+        bias.add(out)
         model.step += 1  # the optimizer step: the same tokens score differently now
-        if refit:
-            bias.fit(model, lambda i, t: (None, {"expert_counts": [model.counts(model.batch(step))]}), None, None,
-                     refit)
+        if forward:
+            bias.rescore(model, lambda inputs, targets: (None, model(inputs)), step, None)
+        bias.step()
     return loads
 
 
 def test_refitting_each_step_keeps_up_with_routers_the_sign_step_falls_behind():
-    sign, refit = _train_drifting(0), _train_drifting(4)
+    sign, refit, forward = _train_drifting(0), _train_drifting(12), _train_drifting(12, forward=True)
     assert max(sign[20:]) > 1.5  # a fixed 1e-3 step a step does not follow the drift
-    assert max(refit) < 1.3
+    assert max(refit[1:]) < 1.3  # the first step routes before any refit
+    assert sum(forward[1:]) < sum(refit[1:])  # the scores under the moved router foresee the next step's
+
+
+def test_rescoring_records_an_eval_forward_of_the_moved_model():
+    model = DriftingRouter()
+    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=12)
+    bias.add(model(0))
+    model.step, modes = 5, []
+    model.train()
+    bias.rescore(model, lambda inputs, targets: (modes.append(model.training), model(inputs)), 0, None)
+    assert torch.equal(bias.logits[0], model.logits(0)) and modes == [False] and model.training
+
+
+def _skewed(T, E, fine=1, seed=0):
+    """Router logits [T, E*fine] that favour some experts far more than others; with fine > 1 each expert is
+    fine segments with equal logits (an upcycled fine-grained layer), which only a bias can tell apart."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.linspace(0, 3, E) + 0.5 * torch.randn(T, E, generator=g)
+    return logits.repeat_interleave(fine, dim=-1)
+
+
+@pytest.mark.parametrize("E, K, fine", [(8, 2, 1), (8, 8, 8)])
+def test_the_refit_evens_top_k_over_skewed_scores(E, K, fine):
+    logits = _skewed(2048, E, fine)
+    model = torch.nn.Module()
+    model.register_buffer("b", torch.zeros(E * fine))
+    worst = ExpertBias(model, ["b"], 1e-3, topk=K).refit([logits], 12)
+    load = lambda b: _load(expert_counts(select_experts(logits.softmax(-1), K, b, 1, 1), E * fine))
+    assert load(torch.zeros(E * fine)) > 2.5
+    assert load(model.b) == pytest.approx(worst.item()) and worst < 1.1  # what it returns is what it keeps
+    assert abs(model.b.sum()) < 1e-5
+
+
+def test_the_step_counts_every_micro_batch_once_and_refits_to_the_last():
+    model = torch.nn.Module()
+    model.register_buffer("b", torch.zeros(8))
+    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=12)
+    first, last = _skewed(512, 8, seed=1), _skewed(512, 8, seed=2).flip(-1)  # opposite skews
+    for logits in (first, last):
+        counts = expert_counts(select_experts(logits.softmax(-1), 2, model.b, 1, 1), 8)
+        bias.add({"expert_counts": [counts], "router_logits": [logits]})
+    bias.step()
+    alone = torch.nn.Module()
+    alone.register_buffer("b", torch.zeros(8))  # the summed counts of opposite skews are about even
+    gamma = ExpertBias(alone, ["b"], 1e-3)
+    for logits in (first, last):
+        gamma.add({"expert_counts": [expert_counts(select_experts(logits.softmax(-1), 2, None, 1, 1), 8)]})
+    gamma.step()  # the refit starts from the rate's step
+    ExpertBias(alone, ["b"], 1e-3, topk=2).refit([last], 12)
+    assert torch.equal(model.b, alone.b)
+    assert abs(model.b.sum()) < 1e-5
+    moved = model.b.clone()
+    bias.step()  # nothing recorded since: nothing moves
+    assert torch.equal(model.b, moved)
+
+
+def test_ranks_holding_the_same_tokens_refit_as_one(monkeypatch):
+    """Two data-parallel ranks with identical tokens: the loads sum and the moves average to what one rank
+    alone fits (a sum of the moves would move twice as far)."""
+    logits = _skewed(1024, 8)
+    one = torch.nn.Module()
+    one.register_buffer("b", torch.zeros(8))
+    ExpertBias(one, ["b"], 1e-3, topk=2).refit([logits], 12)
+    two = torch.nn.Module()
+    two.register_buffer("b", torch.zeros(8))
+    monkeypatch.setattr(balance_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(balance_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(balance_module.dist, "all_reduce", lambda t: t.mul_(2))  # the other rank's, the same
+    ExpertBias(two, ["b"], 1e-3, topk=2).refit([logits], 12)
+    assert torch.allclose(one.b, two.b) and not torch.equal(one.b, torch.zeros(8))
 
 
 def test_the_refit_reads_nothing_back_to_the_host():
     """Run on fake tensors (no data): .item(), a data-dependent shape or a branch on a value would raise."""
     with FakeTensorMode():
         model = DriftingRouter(T=64)
-        scores = model.batch(0)
-        bias = ExpertBias(model, ["b"], 1e-3)
-        first, best = bias.fit(model, lambda i, t: (None, {"expert_counts": [model.counts(scores)]}), None, None, 3)
-    assert first.shape == best.shape == (1,)
+        worst = ExpertBias(model, ["b"], 1e-3, topk=2).refit([model.logits(0)], 3)
+    assert worst.shape == (1,)
+
+
+def test_a_pipeline_refuses_the_refit_forward():
+    """Its stages hold some of the layers each: no stage can score the micro-batch again alone."""
+    from types import SimpleNamespace
+
+    from moec.base.errors import MoecError
+    from moec.runtime.training.pipeline import Pipeline
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.schedule = SimpleNamespace(eval=None)
+    args = SimpleNamespace(val_fraction=0, compile=False, cuda_graphs=False, debug_nan_at_step=None,
+                           bias_refit_forward=True)
+    with pytest.raises(MoecError, match="--bias-refit-forward does not apply to pipeline stages"):
+        pipeline.check_flags(args)

@@ -10,7 +10,7 @@ from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import run_train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU = ["--device", "cuda", "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0]
+GPU = ["--device", "cuda", "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0, "--bias-refit", 0]
 
 
 @pytest.mark.parametrize("mode", [[], ["--compile"], ["--cuda-graphs"]])

@@ -12,7 +12,7 @@ from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
 # a pipeline keeps the compiled selection biases: so does the run it is compared with
-STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0]
+STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0, "--bias-refit", 0]
 
 
 def _build(tmp_path_factory, name: str, layers: int, **plan):
@@ -150,7 +150,7 @@ def test_a_run_resumes_from_pp2_x_ep2_to_ep4_to_one_process_and_back(pp2_ep2_bui
     (2 a rank on 2 data-parallel ranks, 1 on 4, 4 on one). A constant LR after the warm-up makes the
     uninterrupted run's schedule that of runs stopped at any step."""
     ep4 = _build(tmp_path_factory, "gpt-moe-ep4", 2, ep=4)
-    base = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--min-lr-ratio", 1,
+    base = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--bias-refit", 0, "--min-lr-ratio", 1,
             "--ckpt-every", 0]
 
     def run(build, run_dir, nproc, batch, steps, *more):

@@ -14,7 +14,7 @@ from moec.runtime.training.checkpoint import read_weights
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
-STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0]
+STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--bias-refit", 0]
 
 
 def _build(tmp_path_factory, name: str, **plan):

@@ -16,19 +16,28 @@ arithmetic; a fixed step a training step takes many steps to cover that gap.
 Training opens the same gap at every step: the routers and the layers below
 them move the scores faster than a fixed step follows, and a larger fixed
 step overshoots, since a token's candidate scores lie close together. So after
-the rate's step, train.py refits the biases to the step's last micro-batch
-with the updated weights (fit, a few forwards): the next step's tokens then
-meet biases that balanced tokens already trained on, under the weights they
-will be routed by."""
+the rate's step the biases are refitted to the router logits the step's last
+micro-batch already computed (the forward's router_logits, detached; refit):
+no extra forward, a few top-k passes over [T, E] per layer on the device.
+Those logits are the routers' before the step; train.py --bias-refit-forward
+scores the micro-batch again under the updated weights first (rescore, one
+forward), which the next step's tokens resemble more.
+
+Legend: L layers of one shape, T tokens, E experts, K top-k."""
 import torch
 import torch.distributed as dist
 
+REFIT_MOVE = 0.8  # of each iteration's per-expert move: the experts move together, so a full move overshoots
+
 
 class ExpertBias:
-    def __init__(self, model: torch.nn.Module, names: list, rate: float):
+    def __init__(self, model: torch.nn.Module, names: list, rate: float, topk: int = 0, score: str = "softmax",
+                 refit: int = 0):
         """names: the router.bias buffer of each MoE layer in the order of the forward's expert_counts, None
-        for a layer without one (hash and expert-choice layers)."""
-        self.rate = rate
+        for a layer without one (hash and expert-choice layers); topk, score: the routers' (top-k over fine
+        experts); refit: iterations of the per-step refit (0: the rate's step only)."""
+        self.rate, self.topk, self.score, self.refit_iters = rate, topk, score, refit
+        self.logits = None  # the router logits of the step's last micro-batch
         held = dict(model.named_buffers())  # a pipeline stage holds its own layers' biases only
         self.layers = [n for n in names] if rate > 0 else []
         self.biases = [held.get(n) for n in self.layers if n is not None]  # None: on another stage
@@ -45,6 +54,20 @@ class ExpertBias:
             return
         counts = self._biased_counts(out)
         self.counts = counts if self.counts is None else self.counts + counts
+        if self.refit_iters and out.get("router_logits"):  # copies: a CUDA graph's replay overwrites its outputs
+            self.logits = [x.clone() for x in out["router_logits"]]
+
+    @torch.no_grad()
+    def rescore(self, model: torch.nn.Module, loss_of, inputs, targets) -> None:
+        """Replace the recorded router logits with those of a forward of (inputs, targets) under the model's
+        weights now (eval mode, no gradient): after optimizer.step(), the step's tokens as the updated routers
+        and layers score them, which the next step's tokens resemble more than the step's own forward."""
+        was_training = model.training
+        model.eval()
+        _, out = loss_of(inputs, targets)
+        model.train(was_training)
+        if out.get("router_logits"):
+            self.logits = [x.clone() for x in out["router_logits"]]
 
     def _biased_counts(self, out: dict) -> torch.Tensor:
         """The slots of the layers that have a bias, one flat float64 tensor; self.sizes splits it by layer."""
@@ -68,8 +91,8 @@ class ExpertBias:
         step grows while its expert stays on one side of the mean and halves when it crosses (Rprop), since
         how far a bias must move depends on how close the scores lie. Each layer keeps the biases of its
         most even forward. Every rank runs the same forwards and keeps the same biases. Nothing is read
-        back to the host, so train.py can refit every step. Returns each layer's max/mean load at the first
-        forward and at the kept biases, on the device."""
+        back to the host. Returns each layer's max/mean load at the first forward and at the kept biases,
+        on the device."""
         was_training = model.training
         model.eval()
         steps = [torch.full_like(b, 0.01 / b.numel()) for b in self.biases]
@@ -115,3 +138,63 @@ class ExpertBias:
                 bias += self.rate * torch.sign(counts.mean() - counts).to(bias)
                 bias -= bias.mean()  # only differences steer; a drifting mean would eat float precision
         self.counts = None
+        if self.logits is not None and all(b is not None for b in self.biases):
+            self.refit(self.logits, self.refit_iters)
+        self.logits = None
+
+    @torch.no_grad()
+    def refit(self, logits: list, iters: int) -> torch.Tensor:
+        """Move each layer's bias so that top-k over its recorded scores (logits [T, E] a layer, the ones the
+        bias steered) plus the bias is as even as it gets: per iteration each expert's bias moves, by
+        REFIT_MOVE of the way, to where as many tokens pick it as the mean load, the others held (the
+        midpoint of its (T*K/E)-th and next largest margin, a token's margin being how far its score is above
+        the score that would displace it from the top-k, or below the one it would displace). Under data or
+        expert parallelism the moves are averaged and the loads summed over all ranks (one all-reduce an
+        iteration), so every rank keeps the same biases. Each layer keeps its most even iterate, the
+        starting bias included. Nothing is read back to the host. Returns each layer's max/mean load at the
+        kept biases [L]."""
+        if not self.topk:
+            raise RuntimeError("ExpertBias.refit needs the routers' topk")
+        worst = [None] * len(self.biases)
+        shapes = {}
+        for i, x in enumerate(logits):  # layers of one shape fit as one batch
+            shapes.setdefault(tuple(x.shape), []).append(i)
+        for shape, layers in shapes.items():
+            T, E = shape
+            if self.topk >= E or T < 2:
+                continue  # every expert is chosen, or no tokens to fit to
+            x = torch.stack([logits[i] for i in layers]).float()  # [L, T, E]
+            scores = x.softmax(-1) if self.score == "softmax" else x.sigmoid()
+            bias = torch.stack([self.biases[i] for i in layers]).float()  # [L, E]
+            kept, best = self._refit(scores, bias, iters)
+            for j, i in enumerate(layers):
+                self.biases[i].copy_(kept[j])
+                worst[i] = best[j]
+        return torch.stack([w for w in worst if w is not None]) if any(w is not None for w in worst) else None
+
+    def _refit(self, scores: torch.Tensor, bias: torch.Tensor, iters: int):
+        K, (L, T, E) = self.topk, scores.shape
+        n = max(1, min(T - 1, round(T * K / E)))  # the mean load
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        kept, best = bias.clone(), None
+        for i in range(iters + 1):
+            sel = scores + bias[:, None, :]  # [L, T, E]
+            top = sel.topk(K + 1, dim=-1)  # [L, T, K+1]
+            chosen = torch.zeros_like(sel, dtype=torch.bool).scatter_(-1, top.indices[..., :K], True)
+            counts = chosen.sum(1).to(bias)  # [L, E]
+            move = torch.zeros_like(counts)  # the last iterate is only measured
+            if i < iters:
+                margin = sel - torch.where(chosen, top.values[..., K:], top.values[..., K - 1:K])  # [L, T, E]
+                nth = margin.transpose(1, 2).topk(n + 1, dim=-1).values  # [L, E, n+1]
+                move = (nth[..., n - 1] + nth[..., n]) / 2  # [L, E]
+            if world > 1:
+                both = torch.cat([counts, move / world])
+                dist.all_reduce(both)
+                counts, move = both.split(L)
+            worst = counts.max(-1).values / counts.mean(-1)  # [L]
+            better = worst < best if best is not None else torch.ones_like(worst, dtype=torch.bool)
+            best = worst if best is None else torch.minimum(worst, best)
+            kept = torch.where(better[:, None], bias, kept)
+            bias = bias - REFIT_MOVE * move
+            bias = bias - bias.mean(-1, keepdim=True)
+        return kept, best

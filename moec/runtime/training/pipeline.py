@@ -144,7 +144,8 @@ class Pipeline:
         if args.val_fraction > 0 and not hasattr(self.schedule, "eval"):
             raise MoecError("this torch's pipeline schedules have no forward-only pass: pass --val-fraction 0")
         for flag, on in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
-                         ("--debug-nan-at-step", args.debug_nan_at_step is not None)):
+                         ("--debug-nan-at-step", args.debug_nan_at_step is not None),
+                         ("--bias-refit-forward", getattr(args, "bias_refit_forward", False))):  # a build before it
             if on:
                 raise MoecError(f"{flag} does not apply to pipeline stages yet: drop it, or recompile without --pp")
 
