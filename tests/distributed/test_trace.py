@@ -3,6 +3,7 @@ the disagreements between ranks' records it finds (the runs of several processes
 import torch
 import torch.distributed as dist
 
+from moec.runtime.distributed import exchange
 from moec.runtime.distributed.trace import CollectiveTrace, agreement
 
 
@@ -12,14 +13,14 @@ def test_records_collectives_by_group_with_their_sizes_and_restores_torch():
     try:
         with CollectiveTrace() as trace:
             dist.all_reduce(torch.ones(3))
-            dist.all_gather_into_tensor(torch.empty(2), torch.ones(2), group=dist.new_group([0]))
+            exchange.all_gather(torch.empty(2), torch.ones(2), dist.new_group([0]))
             dist.all_to_all_single(torch.empty(1), torch.ones(1))
             dist.P2POp(dist.isend, torch.ones(1), 0)  # the pipeline schedules' transfers still build
         world, other = trace.groups
     finally:
         dist.destroy_process_group()
     assert (dist.all_reduce, dist.isend) == before
-    assert trace.collectives == [["all_reduce", world, 3], ["all_gather_into_tensor", other, 2],
+    assert trace.collectives == [["all_reduce", world, 3], [exchange.ALL_GATHER, other, 2],
                                  ["all_to_all_single", world, None]]
     assert trace.groups == {world: [0], other: [0]}
 

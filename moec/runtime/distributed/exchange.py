@@ -27,6 +27,15 @@ from torch import Tensor
 
 from moec.runtime.distributed import groups
 
+# torch 2.13 deprecates all_gather_into_tensor (a FutureWarning a call) for all_gather_single, which older torch
+# lacks; looked up at each call, as the collective trace patches the module
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
+def all_gather(out: Tensor, x: Tensor, group) -> None:
+    """out: the ranks' x one after another, flat."""
+    getattr(dist, ALL_GATHER)(out, x, group=group)
+
 
 def gather_counts(offsets: Tensor, ep: int) -> Tensor:
     """C [P, E] int64 on the host: every rank's per-expert row counts."""
@@ -34,7 +43,7 @@ def gather_counts(offsets: Tensor, ep: int) -> Tensor:
     if ep == 1:
         return counts.cpu().unsqueeze(0)
     out = counts.new_empty(ep * counts.numel())  # flat: gloo takes no [P, E] output
-    dist.all_gather_into_tensor(out, counts, group=groups.get("ep"))
+    all_gather(out, counts, groups.get("ep"))
     return out.cpu().view(ep, -1)
 
 

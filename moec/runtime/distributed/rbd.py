@@ -47,7 +47,7 @@ def _counts(offsets: Tensor, unique: list, P: int):
     counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
     mine = torch.cat([counts, torch.tensor(unique, dtype=torch.int64, device=counts.device)])
     out = mine.new_empty(P * mine.numel())
-    dist.all_gather_into_tensor(out, mine, group=groups.get("ep"))
+    exchange.all_gather(out, mine, groups.get("ep"))
     out = out.cpu().view(P, -1)
     return out[:, :counts.numel()].contiguous(), out[:, counts.numel():].contiguous()
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-ELEMENTS = {"all_reduce": 0, "all_gather_into_tensor": 1, "reduce_scatter_tensor": 1, "broadcast": 0}
-COLLECTIVES = (*ELEMENTS, "all_to_all_single", "all_gather_object", "broadcast_object_list", "gather_object",
+ELEMENTS = {"all_reduce": 0, "all_gather_into_tensor": 1, "all_gather_single": 1, "reduce_scatter_tensor": 1,
+            "broadcast": 0}
+COLLECTIVES = (*(name for name in ELEMENTS if hasattr(dist, name)), "all_to_all_single", "all_gather_object", "broadcast_object_list", "gather_object",
                "scatter_object_list", "barrier", "monitored_barrier")
 TRANSFERS = {"isend": "send", "send": "send", "irecv": "recv", "recv": "recv"}
 
