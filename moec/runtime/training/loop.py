@@ -95,7 +95,7 @@ def run_main(main, args) -> int:
     try:
         code = main(args)
     except MoecError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error_line(str(e))
         teardown()
         code = 2
     except Exception as e:
@@ -105,6 +105,13 @@ def run_main(main, args) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _error_line(message: str) -> None:
+    """One write, newline included: the ranks share torchrun's stderr, and print's separate write of the
+    newline (stderr unbuffered) lets another rank's line in between."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
 
 
 def _lost_rank(e: Exception) -> None:
@@ -118,8 +125,7 @@ def _lost_rank(e: Exception) -> None:
     who = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
     what = (f"waited {timeout_s:g} s for {who}, which did not arrive (stopped, hung or dead)" if timed_out
             else f"lost its connection to {who} (dead or killed)")
-    print(f"error: rank {me}: a collective {what}; the run is stopped — resume it with --resume",
-          file=sys.stderr, flush=True)
+    _error_line(f"rank {me}: a collective {what}; the run is stopped — resume it with --resume")
     sys.stdout.flush()
     os._exit(1)  # no teardown, no interpreter exit: destroying a group whose peer is gone can block
 
