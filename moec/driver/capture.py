@@ -250,14 +250,17 @@ def _sdpa_p(n: torch.fx.Node) -> float:
 
 
 def _device_from_input(g: torch.fx.Graph) -> None:
-    """A device the trace baked in becomes the device of the graph's first input: the program runs where
-    its inputs are."""
-    first = next((n for n in g.nodes if n.op == "placeholder"), None)
-    if first is None:
-        return
+    """A device the trace baked in becomes the device of the graph's first tensor input: the program runs
+    where its inputs are."""
+    inputs = [n for n in g.nodes if n.op == "placeholder"]  # a symbolic trace's have no "val": the first then
+    first = next((n for n in inputs if isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)), None)
     device = None
     for n in list(g.nodes):
         if any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values())):
+            if first is None:
+                raise MoecError(f"the model makes a tensor ({n.name}) on a device inside an autocast or no_grad "
+                                f"region that takes no tensor, so the trace fixed the device: make it before the "
+                                f"region and pass it in")
             if device is None:
                 with g.inserting_after(first):
                     device = g.call_function(getattr, (first, "device"))

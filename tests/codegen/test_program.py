@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from moec.runtime import load_build
@@ -175,3 +176,13 @@ def test_a_region_before_the_layers_is_made_again_on_every_stage(tmp_path):
     stages = (out / "stages.py").read_text()
     assert all("wrap_with_autocast" in stage for stage in stages.split("class Stage")[1:])
     assert any("the stages run in a row give model.py's logits" in line for line in lines), lines
+
+
+def test_a_device_fixed_inside_a_region_without_tensors_is_one_line(tmp_path):
+    made = "torch.arange(x.shape[1], device=x.device)"
+    src = STAGED_REGION.replace(f"        position = {made}\n", "").replace("(position.float()", f"({made}.float()")
+    (tmp_path / "fixed.py").write_text(src)
+    with pytest.raises(MoecError, match=r"inside an autocast or no_grad region that takes no tensor, so the trace "
+                                        r"fixed the device: make it before the region and pass it in"):
+        compile_model(str(tmp_path / "fixed.py"), str(tmp_path / "b"), Options(experts=4, topk=2).validate(),
+                      log=lambda s: None)
