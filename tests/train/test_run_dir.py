@@ -86,6 +86,8 @@ def test_grad_clip_zero_means_no_clipping(moe_build, tmp_path):
     (("--steps", -1), "--steps -1: must be at least 1"),
     (("--bias-fit", -1), "--bias-fit -1: must be at least 0 (0: keep the compiled biases)"),
     (("--cuda-graphs",), "--cuda-graphs needs a CUDA GPU, and this run is on the CPU"),
+    (("--bias-refit-forward", "--bias-refit", 0), "--bias-refit-forward scores a micro-batch again for the refit, "
+                                                  "which --bias-refit 0 turns off: drop one of them"),
 ])
 def test_flags_that_would_fail_later_are_one_line_at_the_start(moe_build, tmp_path, flags, message):
     line = _one_line_error(run_train(moe_build, "--steps", 2, *flags, run_dir=tmp_path / "run"))

@@ -29,6 +29,9 @@ def check_flags(args) -> None:
         raise MoecError(f"--dist-timeout {args.dist_timeout}: must be above 0 seconds")
     if args.resume_from is not None and args.resume_from < 1:
         raise MoecError(f"--resume-from {args.resume_from}: a checkpoint's step, at least 1")
+    if args.bias_refit_forward and args.bias_refit == 0:
+        raise MoecError("--bias-refit-forward scores a micro-batch again for the refit, which --bias-refit 0 turns "
+                        "off: drop one of them")
     if args.overwrite and (args.resume or args.resume_from is not None):
         raise MoecError("--overwrite starts the run over and --resume continues it: pass one of them")
     on_gpu = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
