@@ -205,7 +205,7 @@ def main(args):
             guard.check(loss_sum, step + 1, ckpt, due=log.due(step + 1))  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
-            if args.bias_refit_forward and pipeline is None:  # the routers have moved: score the tokens again
+            if args.bias_refit_forward:  # the routers have moved: score the tokens again (a pipeline refuses it)
                 balance.rescore(model, loss_of, inputs, targets)
             balance.step()  # aux-loss-free balancing: the step's load (and its last router scores) set the biases
             schedule.step()

@@ -252,8 +252,8 @@ def _sdpa_p(n: torch.fx.Node) -> float:
 def _device_from_input(g: torch.fx.Graph) -> None:
     """A device the trace baked in becomes the device of the graph's first tensor input: the program runs
     where its inputs are."""
-    inputs = [n for n in g.nodes if n.op == "placeholder"]  # a symbolic trace's have no "val": the first then
-    first = next((n for n in inputs if isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)), None)
+    first = next((n for n in g.nodes if n.op == "placeholder"  # a symbolic trace's inputs have no "val"
+                  and ("val" not in n.meta or isinstance(n.meta["val"], torch.Tensor))), None)
     device = None
     for n in list(g.nodes):
         if any(isinstance(a, torch.device) for a in (*n.args, *n.kwargs.values())):

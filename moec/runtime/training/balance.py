@@ -107,8 +107,7 @@ class ExpertBias:
             parts = counts.split(self.sizes)
             worst = torch.stack([c.max() / c.mean() for c in parts])  # [L]
             first = worst if first is None else first
-            better = worst < best if best is not None else torch.ones_like(worst, dtype=torch.bool)
-            best = worst if best is None else torch.minimum(worst, best)
+            better, best = _more_even(worst, best)
             for bias, keep, better_here in zip(self.biases, kept, better):
                 keep.copy_(torch.where(better_here, bias, keep))
             if i + 1 == forwards:
@@ -170,7 +169,8 @@ class ExpertBias:
             for j, i in enumerate(layers):
                 self.biases[i].copy_(kept[j])
                 worst[i] = best[j]
-        return torch.stack([w for w in worst if w is not None]) if any(w is not None for w in worst) else None
+        fitted = [w for w in worst if w is not None]
+        return torch.stack(fitted) if fitted else None
 
     def _refit(self, scores: torch.Tensor, bias: torch.Tensor, iters: int):
         K, (L, T, E) = self.topk, scores.shape
@@ -192,9 +192,16 @@ class ExpertBias:
                 dist.all_reduce(both)
                 counts, move = both.split(L)
             worst = counts.max(-1).values / counts.mean(-1)  # [L]
-            better = worst < best if best is not None else torch.ones_like(worst, dtype=torch.bool)
-            best = worst if best is None else torch.minimum(worst, best)
+            better, best = _more_even(worst, best)
             kept = torch.where(better[:, None], bias, kept)
             bias = bias - REFIT_MOVE * move
             bias = bias - bias.mean(-1, keepdim=True)
         return kept, best
+
+
+def _more_even(worst: torch.Tensor, best: torch.Tensor | None) -> tuple:
+    """(the layers whose max/mean load `worst` [L] beats their best so far, the best now): each layer keeps
+    the biases of its most even iterate, the first always."""
+    if best is None:
+        return torch.ones_like(worst, dtype=torch.bool), worst
+    return worst < best, torch.minimum(worst, best)
