@@ -132,10 +132,7 @@ class Pipeline:
         layers), the same on every rank of the pipeline."""
         clear_records()
         losses = []
-        # a batch is a view of longer rows; torch 2.11's stages refuse inputs whose strides differ from the
-        # contiguous example the stage was built with
-        inputs = inputs.contiguous()
-        self.schedule.step(*((inputs,) if self.first else ()), target=targets if self.last else None,
+        self.schedule.step(*self._first_inputs(inputs), target=targets if self.last else None,
                            losses=losses if self.last else None)
         return self._gather(losses)
 
@@ -152,13 +149,18 @@ class Pipeline:
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The micro-batches' mean LM loss, forward only, the same on every rank of the pipeline."""
         losses = []
-        self.schedule.eval(*((inputs,) if self.first else ()), target=targets if self.last else None,
+        self.schedule.eval(*self._first_inputs(inputs), target=targets if self.last else None,
                            losses=losses if self.last else None)
         clear_records()
         total = torch.stack([loss.detach() for loss in losses]).sum().float() if losses else \
             torch.zeros((), device=self.device)
         dist.all_reduce(total, group=self.group)
         return total / self.micro_batches
+
+    def _first_inputs(self, inputs: torch.Tensor) -> tuple:
+        # a batch is a view of longer rows; torch 2.11's stages refuse inputs whose strides differ from the
+        # contiguous example the stage was built with
+        return (inputs.contiguous(),) if self.first else ()
 
     def _gather(self, losses: list) -> tuple:
         micro = self.micro_batches
