@@ -19,8 +19,10 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
 @pytest.mark.parametrize("args,message", [
     (["--tp", "2"], "--tp 2 with --ep 1: routed experts are not split by TP but sharded by expert parallelism, "
                     "which must be at least TP (as torchtitan requires); use --ep 2 or more"),
-    (["--tp", "2", "--ep", "2", "--pp", "2"], "--tp 2 with --pp 2: the training program does not combine them yet"),
-    (["--tp", "2", "--ep", "2", "--zero", "1"], "--tp 2 with --zero 1: the training program does not combine them"),
+    (["--tp", "2", "--dense", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is "
+                                              "EP1 DP* TP2 PP1 ZeRO-3: use --zero 1 to shard the optimizer state"),
+    (["--tp", "2", "--dense", "--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not "
+                                                           "shard a pipeline yet"),
     (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),
     (["--zero", "3", "--ep", "2"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2"),
     (["--zero", "4"], "--zero one of 0-3"),
@@ -38,8 +40,15 @@ def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_p
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("plan", [dict(tp=2, ep=2, zero=1), dict(tp=2, dense=True, zero=1), dict(tp=2, ep=2, pp=2),
+                                  dict(tp=2, dense=True, pp=2)])
+def test_tp_with_zero1_or_a_pipeline_is_a_plan_the_training_program_runs(plan):
+    assert list(Options(experts=4, **plan).runtime_problems()) == []
+
+
 @pytest.mark.parametrize("record,extra,message", [
-    ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 1, "recompute": False}}, [], "--tp 2 with --zero 1"),
+    ({"chosen": {"ep": 2, "dp": 1, "tp": 2, "pp": 1, "zero": 3, "recompute": False}}, [],
+     "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2 DP1 TP2 PP1 ZeRO-3"),
     ({"ep": 2}, ["--ep", "2"], "gives the parallel plan: drop --ep"),
     ([1, 2], [], "expected plan.json, or an object of ep, dp, tp, pp, zero, recompute, micro_batch, micro_batches"),
     ({"ep": 3}, [], "--ep 3 does not divide the 4 routed experts"),

@@ -185,7 +185,7 @@ class Options:
             yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
         if self.zero == 2:
             yield "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"
-        if self.zero == 3 and (self.ep > 1 or self.pp > 1):
+        if self.zero == 3 and (self.ep > 1 or self.pp > 1 or self.tp > 1):
             yield (f"--zero 3 (FSDP2) shards a data-parallel build, and this plan is {self.parallel_label()}: "
                    f"use --zero 1 to shard the optimizer state")
         if self.recompute:
@@ -204,8 +204,7 @@ class Options:
         if not self.dense and self.ep < self.tp:
             yield (f"--tp {self.tp} with --ep {self.ep}: routed experts are not split by TP but sharded by expert "
                    f"parallelism, which must be at least TP (as torchtitan requires); use --ep {self.tp} or more")
-        for flag, on in ((f"--pp {self.pp}", self.pp > 1), (f"--zero {self.zero}", self.zero > 0),
-                         (f"--ep-variant {self.ep_variant}", self.ep_variant != "flat"),
+        for flag, on in ((f"--ep-variant {self.ep_variant}", self.ep_variant != "flat"),
                          (f"--ep-chunks {self.ep_chunks}", self.ep_chunks > 1)):
             if on:
                 yield (f"--tp {self.tp} with {flag}: the training program does not combine them yet; "

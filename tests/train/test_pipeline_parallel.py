@@ -1,13 +1,17 @@
 """train.py of builds compiled with --pp 2: under torchrun (gloo, 2 processes) each gives the losses of the
 same build on one process, with 1F1B and with interleaved 1F1B (two stages a rank); on 4 processes, PP2 x
 EP2 gives them too and PP2 x DP2 those of DDP on 2 (the stages of a pipeline read their data-parallel rank's
-share of the global batch), with the same collectives on every rank of a group and a receive for each send,
-and under PP2 x EP2 one EP rank of the first stage gets no token; a run resumes from PP2 x EP2 to EP4 to one
-process and back; too few micro-batches for the pipeline is one line."""
+share of the global batch), PP2 x TP2 gives them too (each stage's linears split over its TP group) and saves
+the split weights at their global shapes, with the same collectives on every rank of a group and a receive for
+each send, and under PP2 x EP2 one EP rank of the first stage gets no token; a run resumes from PP2 x EP2 to
+EP4 to one process and back; too few micro-batches for the pipeline is one line."""
 import pytest
+from safetensors.torch import load_file
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
+from moec.runtime.distributed.checkpoint import read_metadata
+from moec.runtime.training.checkpoint import read_weights
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
@@ -40,6 +44,11 @@ def pp2_ep2_build(tmp_path_factory):
 def pp2_dense_build(tmp_path_factory):
     """GPT's embedding and head are one weight under two names (model.py's TIED) on the first and last stage."""
     return _build(tmp_path_factory, "gpt-dense-pp2", 2, pp=2, dense=True)
+
+
+@pytest.fixture(scope="module")
+def pp2_tp2_build(tmp_path_factory):
+    return _build(tmp_path_factory, "gpt-dense-pp2-tp2", 2, pp=2, tp=2, dense=True)
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +97,34 @@ def test_pp2_gives_the_single_process_losses(fixture, request, one_process, tmp_
     _same_run(one_process(build), _train_records(build, tmp_path / "pp", 2))
 
 
-@pytest.mark.parametrize("fixture", ["pp2_ep2_build", "pp2_build"], ids=["pp2xep2", "pp2xdp2"])
+@pytest.mark.parametrize("fixture", ["pp2_ep2_build", "pp2_build", "pp2_tp2_build"],
+                         ids=["pp2xep2", "pp2xdp2", "pp2xtp2"])
 def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture, request, one_process,
                                                                           tmp_path_factory, tmp_path):
     """Two pipelines, whose stages read the share of their data-parallel rank, half of each micro-batch of the
     step's 8 sequences. PP2 x EP2 gives the losses of one process reading all 8: an EP build's balance loss
     counts the experts' slots over every data-parallel rank. PP2 x DP2, whose balance loss counts each rank's
-    own, gives those of DDP on 2 processes reading the same shares."""
+    own, gives those of DDP on 2 processes reading the same shares. PP2 x TP2 (a dense build) is one pipeline
+    whose stages are TP groups (ranks 0, 1 and 2, 3), TP rank t of stage 0 sending to TP rank t of stage 1: one
+    process's losses and gradient norms (the split weights' squared norms summed over each TP group)."""
     build = request.getfixturevalue(fixture)
-    got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 2, "--debug-collectives")
+    tp = fixture == "pp2_tp2_build"  # one pipeline, each stage's TP group reading all the step's 8 sequences
+    got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 4 if tp else 2, "--debug-collectives",
+                         *(["--ckpt-every", 0] if tp else []))  # tp: a checkpoint after the last step
     ops, links = collectives(tmp_path / "pp", 4)
     assert links == {(0, 2), (2, 0), (1, 3), (3, 1)}  # within each pipeline (ranks 0, 2 and 1, 3), not across
     issued = {"all_reduce", "all_to_all_single"} if fixture == "pp2_ep2_build" else {"all_reduce"}
     assert issued <= ops[frozenset({0, 1})] and issued <= ops[frozenset({2, 3})]  # each stage's EP or DP ranks
-    if fixture == "pp2_ep2_build":
+    if tp:
+        _same_run(one_process(build), got)
+        step10 = tmp_path / "pp" / "checkpoints" / "step_00000010"
+        saved = read_metadata(step10).state_dict_metadata
+        for layer in (0, 1):  # one on each stage, each TP slice of its q, k and v once
+            chunks = saved[f"model.h.{layer}.attn.c_attn.weight"].chunks
+            assert sorted(list(c.sizes) for c in chunks) == [[3, 16, 32]] * 2, layer
+        assert {n: t.shape for n, t in read_weights(step10).items()} == \
+            {n: t.shape for n, t in load_file(build / "weights.safetensors").items()}
+    elif fixture == "pp2_ep2_build":
         reference = one_process(build)
         # two experts take every token: the slots' spread over four experts is as wide as it gets
         assert all(x["expert_load"][0]["cv"] == pytest.approx(1.0) for x in reference)

@@ -2,8 +2,9 @@
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives them too (the ranks of a TP group read the same data and hold the same
 experts), with the same collectives on every rank of a group, also when a layer's experts on one EP rank get no
-token; micro-batches of one token, fewer than the TP ranks, give them too; train.py's --zero, which TP does not
-combine with yet, is refused in one line."""
+token; micro-batches of one token, fewer than the TP ranks, give them too; TP2 x DP2 with ZeRO-1 (each slice's
+optimizer state sharded over the ranks holding that slice) gives them too, resuming from one process's checkpoint
+and writing one that one process resumes; train.py's --fsdp, which TP does not combine with, is refused in one line."""
 import pytest
 from safetensors.torch import load_file
 
@@ -93,9 +94,30 @@ def test_fewer_tokens_than_tp_ranks_give_the_single_process_losses(tp2_dense_bui
     _same(reference, _train(tp2_dense_build, tmp_path / "tp2", 2, 2, *one_token), [1, 2], learns=False)
 
 
-def test_zero_which_tp_does_not_combine_with_is_one_line_before_training(tp2_dense_build, tmp_path):
-    r = run_train(tp2_dense_build, "--steps", 1, "--zero", run_dir=tmp_path / "run", nproc=2, timeout=120)
+def test_tp2_x_dp2_with_zero1_gives_the_single_process_losses_and_its_sharded_state_resumes(tmp_path_factory,
+                                                                                            tmp_path):
+    """Compiled with --zero 1, on 4 processes: two TP groups (ranks 0, 1 and 2, 3), each TP slice's optimizer state
+    sharded over the 2 ranks holding that slice (ranks 0, 2 and 1, 3, which read different halves of the step's 8
+    sequences). Steps 1-2 on one process, 3-4 under TP2 x DP2 resuming from its checkpoint (the whole state
+    resharded), 5-6 on one process from the 4 ranks' checkpoint (each parameter's state saved by the rank updating
+    it, a slice's at its global shape): the losses and gradient norms of 6 steps on one process."""
+    build = _build(tmp_path_factory, "gpt-dense-tp2-zero1", dense=True, tp=2, zero=1)
+    one = _train(build, tmp_path / "one", 1, 6)
+    moved = tmp_path / "moved"
+    _train(build, moved, 1, 2)
+    _train(build, moved, 4, 4, "--resume", "--batch-size", 2, "--debug-collectives")
+    ops, _ = collectives(moved, 4)
+    assert all("all_reduce" in ops[frozenset(g)] for g in ({0, 1}, {2, 3}))  # the TP groups
+    assert all({"all_reduce", "broadcast"} <= ops[frozenset(g)] for g in ({0, 2}, {1, 3}))  # gradients, ZeRO
+    saved = read_metadata(moved / "checkpoints" / "step_00000004").state_dict_metadata
+    for key in ("model.h.0.attn.c_attn.weight", "optim.h.0.attn.c_attn.weight.exp_avg"):
+        assert sorted(list(c.sizes) for c in saved[key].chunks) == [[3, 16, 32]] * 2, key  # each TP slice once
+    got = _train(build, moved, 1, 6, "--resume")
+    _same(one, got, list(range(1, 7)))
+
+
+def test_fsdp_which_tp_does_not_combine_with_is_one_line_before_training(tp2_dense_build, tmp_path):
+    r = run_train(tp2_dense_build, "--steps", 1, "--fsdp", run_dir=tmp_path / "run", nproc=2, timeout=120)
     assert r.returncode != 0
-    assert "error: --zero does not combine with tensor parallelism (TP=2) yet: drop it, or recompile without --tp" \
-        in r.stderr
+    assert "error: --fsdp shards a data-parallel build, and this build is tensor parallel (TP=2)" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

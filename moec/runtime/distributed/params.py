@@ -56,6 +56,7 @@ class GradSync:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in params if is_expert(n)]
         self.dense = [p for n, p in params if not is_expert(n)]
+        self.tp_split_names = [n for n, _ in params if n in set(tp_split)]
         self.tp_split = [p for n, p in params if n in set(tp_split)]  # slices of linears split over "tp"
         self.shared, self.named = shared or {}, dict(params)
         uncounted = {id(self.named[n]) for n, (_, _, counted) in self.shared.items() if not counted and n in self.named}

@@ -96,8 +96,10 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     moec.runtime.distributed); attention, dense FFNs and shared experts over the TP ranks (tp > 1: the
     compiler's tp_plan, config.json's, says which weights split how; the router and the routed experts are
     the same on every rank of a TP group); this rank's pipeline stages of stages.py (pp > 1: micro_batches a
-    step, the last stage's loss_fn(logits, targets)); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3 or
-    train.py's --fsdp); then ZeRO-1 for the optimizer (the plan's --zero 1 or train.py's --zero)."""
+    step, the last stage's loss_fn(logits, targets); with tp > 1 each stage's linears split over its TP group,
+    TP rank t of one stage sending to TP rank t of the next); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3
+    or train.py's --fsdp, on a data-parallel build only); then ZeRO-1 for the optimizer (the plan's --zero 1
+    or train.py's --zero; with TP, a slice's state sharded over the ranks holding the same slice)."""
     check_world(options, env.world)
     fsdp, zero = fsdp or options.zero == 3, zero or options.zero == 1
     if fsdp and zero:
@@ -109,9 +111,9 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     if (fsdp or zero) and pp > 1 and env.world > 1:
         raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with pipeline parallelism (PP={pp}) yet: "
                         f"each stage already holds only its layers")
-    if (fsdp or zero) and tp > 1 and env.world > 1:
-        raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with tensor parallelism (TP={tp}) yet: "
-                        f"drop it, or recompile without --tp")
+    if fsdp and tp > 1 and env.world > 1:
+        raise MoecError(f"--fsdp shards a data-parallel build, and this build is tensor parallel (TP={tp}): its "
+                        f"linears are split over the ranks already; use --zero to shard the optimizer state")
     if fsdp and ep > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
                         f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
@@ -119,10 +121,10 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
         from moec.runtime.distributed.params import GradSync
         from moec.runtime.training.pipeline import Pipeline
 
-        model, mesh, _ = setup(model, options)
+        model, mesh, grad_sync = setup(model, options, tp_plan)
         pipeline = Pipeline(model, _stages(model), options.pp_schedule, micro_batches, groups.get("pp"),
                             env.device, loss_fn)
-        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model))
+        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model), grad_sync.tp_split_names)
         return Parallel(pipeline.model, env, mesh, grad_sync, pipeline=pipeline)
     if env.world > 1 and (ep > 1 or tp > 1):
         model, mesh, grad_sync = setup(model, options, tp_plan)

@@ -100,7 +100,7 @@ def _union(model, classes) -> torch.nn.Module:
 
 class Pipeline:
     def __init__(self, model: torch.nn.Module, stages, schedule: str, micro_batches: int, group, device, loss_fn):
-        """model: the full model (experts already sharded); stages: the build's stages module."""
+        """model: the full model (experts and TP slices already sharded); stages: the build's stages module."""
         from torch.distributed import pipelining
 
         ranks, rank = dist.get_world_size(group), dist.get_rank(group)
