@@ -20,6 +20,9 @@ from moec.base.errors import MoecError
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b": "ScheduleInterleaved1F1B",
              "zero-bubble": "ScheduleInterleavedZeroBubble"}
 
+# schedules that run a stage's input and weight gradients as separate backward passes
+SPLIT_BACKWARD = {"zero-bubble"}
+
 _RECORDS: dict = {}  # stage index -> one record per micro-batch: its aux and z losses and expert counts
 
 
@@ -38,6 +41,18 @@ class _AddLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, torch.ones_like(ctx.like)
+
+
+def splits_custom_functions() -> bool:
+    """Whether this torch's pipelining can split the backward of a custom autograd.Function (every MoE layer
+    is one) into input and weight gradients: it reads each node's _input_metadata, which older torch (2.11)
+    does not give a custom Function's node."""
+    x = torch.zeros(1, requires_grad=True)
+    try:
+        _AddLoss.apply(x, x.sum()).grad_fn._input_metadata
+    except RuntimeError:
+        return False
+    return True
 
 
 def stage_output(value: torch.Tensor, stage: int, aux_loss=None, z_loss=None, expert_counts=()) -> torch.Tensor:
@@ -112,6 +127,10 @@ class Pipeline:
         if not hasattr(pipelining, name):
             raise MoecError(f"this torch has no {name} (--pp-schedule {schedule}): recompile with another "
                             f"--pp-schedule, or use a newer torch")
+        if schedule in SPLIT_BACKWARD and not splits_custom_functions():
+            raise MoecError(f"--pp-schedule {schedule}: this torch ({torch.__version__}) cannot split the backward of "
+                            f"the MoE layers' autograd functions into input and weight gradients; recompile with "
+                            f"--pp-schedule 1f1b or interleaved-1f1b, or use a newer torch")
         self.indices = list(range(rank, count, ranks))  # stages r, r + p, ...
         classes = [stages.STAGES[i] for i in self.indices]
         self.model = _union(model, classes)
