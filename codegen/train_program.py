@@ -79,7 +79,8 @@ def parse_args():
     p.add_argument("--overwrite", action="store_true", help="delete the run in --run-dir and start over")
     p.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a collective waits for the other ranks before the run stops")
-    p.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="run the model under torch.compile; auto: on a GPU (not for pipeline stages), off on the CPU")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="--compile with each forward and backward replayed as a CUDA graph (mode reduce-overhead)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP when distributed")
@@ -132,6 +133,7 @@ def main(args):
     pipeline = parallel.pipeline  # None unless the build was compiled with --pp
     if pipeline is not None:
         pipeline.check_flags(args)  # what it does not carry out is refused now, not after training
+    args.compile = rt.compiles(args, env.device, pipeline is not None)
     model = parallel.model
     if args.cuda_graphs:
         forward = torch.compile(model, mode="reduce-overhead")

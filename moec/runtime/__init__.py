@@ -8,7 +8,7 @@ from moec.runtime.training.balance import ExpertBias  # noqa: F401
 from moec.runtime.training.checkpoint import Checkpointer  # noqa: F401
 from moec.runtime.training.data import TokenData, load_tokens, to_device  # noqa: F401
 from moec.runtime.training.divergence import LossGuard  # noqa: F401
-from moec.runtime.training.flags import check_flags  # noqa: F401
+from moec.runtime.training.flags import check_flags, compiles  # noqa: F401
 from moec.runtime.training.loop import (StopOnSignal, export_weights, rng_state, run_main,  # noqa: F401
                                         setup_distributed, teardown, unwrap)
 from moec.runtime.training.parallel import check_world, parallelize, wrap  # noqa: F401

@@ -3,11 +3,13 @@ the flags they are given, flags that would crash or mislead later are one line a
 stop points to a checkpoint from before the divergence."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moec.runtime.training.divergence import LossGuard
+from moec.runtime.training.flags import compiles
 from moec.runtime.training.progress import read_metrics
 from moec.runtime.training.schedule import warmup_cosine
 from tests.train.conftest import run_train
@@ -88,11 +90,20 @@ def test_grad_clip_zero_means_no_clipping(moe_build, tmp_path):
     (("--cuda-graphs",), "--cuda-graphs needs a CUDA GPU, and this run is on the CPU"),
     (("--bias-refit-forward", "--bias-refit", 0), "--bias-refit-forward scores a micro-batch again for the refit, "
                                                   "which --bias-refit 0 turns off: drop one of them"),
+    (("--cuda-graphs", "--compile", "off"), "--cuda-graphs replays the compiled model's graphs, which --compile off "
+                                            "turns off: drop one of them"),
 ])
 def test_flags_that_would_fail_later_are_one_line_at_the_start(moe_build, tmp_path, flags, message):
     line = _one_line_error(run_train(moe_build, "--steps", 2, *flags, run_dir=tmp_path / "run"))
     assert message in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("given,device,pipelined,compiled", [
+    ("auto", "cuda", False, True), ("auto", "cpu", False, False), ("auto", "cuda", True, False),
+    ("on", "cpu", False, True), ("off", "cuda", False, False)])
+def test_compile_is_on_by_default_on_a_gpu_only(given, device, pipelined, compiled):
+    assert compiles(SimpleNamespace(compile=given), torch.device(device), pipelined) is compiled
 
 
 def test_val_fraction_zero_trains_without_validation_to_the_end(moe_build, tmp_path):

@@ -34,8 +34,20 @@ def check_flags(args) -> None:
                         "off: drop one of them")
     if args.overwrite and (args.resume or args.resume_from is not None):
         raise MoecError("--overwrite starts the run over and --resume continues it: pass one of them")
+    if args.cuda_graphs and args.compile == "off":
+        raise MoecError("--cuda-graphs replays the compiled model's graphs, which --compile off turns off: "
+                        "drop one of them")
     on_gpu = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
     for flag, on in (("--cuda-graphs", args.cuda_graphs), ("--debug-syncs", args.debug_syncs)):
         if on and not on_gpu:
             raise MoecError(f"{flag} needs a CUDA GPU, and this run is on the CPU: drop it, or run on a GPU "
                             f"(--device cuda)")
+
+
+def compiles(args, device: torch.device, pipelined: bool) -> bool:
+    """Whether train.py runs its model under torch.compile: --compile on or off as given; auto compiles on a
+    GPU, where it measured faster than eager for both the dense and the MoE builds (BENCHMARKS.md), except
+    pipeline stages, which run eager, and not on the CPU, where compiling costs more than short runs gain."""
+    if args.compile != "auto":
+        return args.compile == "on"
+    return device.type == "cuda" and not pipelined

@@ -159,7 +159,7 @@ class Pipeline:
         """MoecError, before any training, for train.py's flags a pipeline does not carry out."""
         if args.val_fraction > 0 and not hasattr(self.schedule, "eval"):
             raise MoecError("this torch's pipeline schedules have no forward-only pass: pass --val-fraction 0")
-        for flag, on in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
+        for flag, on in (("--compile", args.compile == "on"), ("--cuda-graphs", args.cuda_graphs),
                          ("--debug-nan-at-step", args.debug_nan_at_step is not None),
                          ("--bias-refit-forward", getattr(args, "bias_refit_forward", False))):  # a build before it
             if on:
