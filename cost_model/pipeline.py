@@ -101,7 +101,8 @@ def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
 
 def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
     """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by memory.py's terms
-    for those layers alone: fp32 weights and Adam state (routed experts over EP, ZeRO's sharding), then the
+    for those layers alone: fp32 weights and Adam state (attention, dense FFNs and shared experts over TP, routed
+experts over EP, ZeRO's sharding), then the
     larger of the gradients and what backward starts with (the bf16 weight copies, the activations of the micro-
     batches in flight, an MoE layer's all-to-all buffers, on the last stage the logits). Under 1F1B the stage on
     pipeline rank r has min(PP - r, M) micro-batches in flight. The first stage holds the embedding, the last
@@ -109,19 +110,21 @@ def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
     (planner.values_for)."""
     v = {**model_values(shape, replace(moe, dense=False, first_dense=0) if moe.dense else moe), **values,
          s.PP: 1}  # memory.py's terms for one stage's layers alone
-    p_d, p_x = sp.symbols("p_d p_x")  # the stage's parameters outside the routed experts, and in them
+    # the stage's parameters outside the routed experts, those of them TP splits, and the routed experts'
+    p_d, p_t, p_x = sp.symbols("p_d p_t p_x")
 
-    def per_stage(expr):  # expr as a function of (p_d, p_x), every other symbol the plan's value
-        expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: p_d, memory.P_x: p_x}))
-        return sp.lambdify((p_d, p_x), expr.xreplace(v))
+    def per_stage(expr):  # expr as a function of (p_d, p_t, p_x), every other symbol the plan's value
+        expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: p_d, memory.P_t: p_t, memory.P_x: p_x}))
+        return sp.lambdify((p_d, p_t, p_x), expr.xreplace(v))
 
     def ev(expr) -> float:
-        return float(per_stage(expr)(0, 0))
+        return float(per_stage(expr)(0, 0, 0))
 
     ranks, micro_batches, recompute = int(values[s.PP]), int(values[s.M]), bool(values.get(s.R, 0))
     flags = [False] * shape.layers if moe.dense else moe_layer_flags(shape, moe)
     dense_params = {False: ev(params.attention + params.ffn_dense),
                     True: ev(params.attention + s.N_s * params.expert + params.router)}
+    split_params = {False: dense_params[False], True: ev(params.attention + s.N_s * params.expert)}  # TP's
     expert_params = {False: 0.0, True: ev(s.E * s.G * params.expert)}
     acts = {False: ev(memory.tokens_local * (memory.act_attention + memory.act_ffn)),
             True: ev(memory.tokens_local * (memory.act_attention + memory.act_moe))}
@@ -135,7 +138,7 @@ def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
         layers = flags[a:b]
         ends = (stage == 0) + (stage == stages - 1)
         sizes = (sum(dense_params[f] for f in layers) + embedding * (ends if stages > 1 else 2 - tied),
-                 sum(expert_params[f] for f in layers))
+                 sum(split_params[f] for f in layers), sum(expert_params[f] for f in layers))
         in_flight = min(ranks - stage % ranks, micro_batches)
         if recompute:  # each layer's input kept, one layer rebuilt at a time
             activations = in_flight * len(layers) * layer_input + max(acts[f] for f in layers)
