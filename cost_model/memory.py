@@ -40,7 +40,7 @@ def _shard(group, stage):
 
 
 P_d = define("P_d", params.total - params.experts, "parameters outside the routed experts")
-P_t = define("P_t", params.blocks - params.experts, "parameters TP splits: attention, dense FFNs, shared experts")
+P_t = define("P_t", params.tp_split, "parameters TP splits: attention, dense FFNs, shared experts")
 P_x = define("P_x", params.experts, "routed-expert parameters")
 # TP splits P_t; the rest of P_d (routers, embeddings, head) is whole on every TP rank
 dense_local = (P_d - P_t + P_t / TP) / PP

@@ -118,3 +118,8 @@ def test_planner_chooses_tp_when_the_model_is_too_large_otherwise():
 def test_planner_problems_no_longer_skip_tp():
     o = Options(experts=8, topk=2, ep=2, tp=2, dp=1, gpus=4)
     assert list(o.planner_problems()) == list(o.runtime_problems()) == []
+
+
+def test_what_tp_splits_is_the_blocks_outside_the_routed_experts():
+    import sympy as sp
+    assert sp.simplify(params.tp_split - (params.blocks - params.experts)) == 0
