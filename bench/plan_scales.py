@@ -5,8 +5,9 @@ the fastest without, by the cost model's prediction (no GPU needed).
     python bench/plan_scales.py
 
 Per row: the plan, its micro-batches, predicted step time, MFU (active FLOPs over peak), the pipeline's
-bubble factor (M + PP - 1) / M, which the compute, all-to-all and tensor-parallel terms are stretched by, and
-the peak memory of one GPU (one pipeline stage's share of the model); "train.py" says whether the emitted
+bubble factor (M + PP - 1) / M, which the compute, all-to-all and tensor-parallel terms are stretched by (and,
+with PP, by the slowest rank's share of the FLOPs in the stage cut), and the peak memory of one GPU (with PP,
+the largest stage's in the cut `moec compile` makes); "train.py" says whether the emitted
 program runs the plan, and the last two rows of each case are the fastest among those it runs. The global batch is the planner's default, about 4 M tokens a step.
 """
 import argparse

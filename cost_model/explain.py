@@ -6,7 +6,7 @@ from moec.cost_model import comm, memory, params, time_model
 from moec.cost_model import symbols as s
 from moec.cost_model.hardware import Hardware
 from moec.cost_model.pipeline import bubble, cut
-from moec.cost_model.planner import Plan, gib, values_for
+from moec.cost_model.planner import PER_LAYER_TERMS, Plan, gib, values_for
 from moec.base.options import Options
 from moec.cost_model.shape import ModelShape
 
@@ -78,6 +78,11 @@ def _pipeline(plan: Plan, shape: ModelShape, moe: Options, values: dict, hw: Har
             "  stages (layers, share of the forward FLOPs, peak GiB; the last carries the head, the first keeps "
             "the most micro-batches in flight): " +
             ", ".join(f"{a}-{b - 1} {x:.0%} {gib(m)}" for a, b, x, m in zip(bounds, bounds[1:], shares, held)),
+            f"  the plan's peak, by which it is ranked and fitted, is its largest stage's: {gib(max(held))} GiB "
+            f"(Memory per GPU above is an average stage's)",
+            f"  the slowest rank has {plan.pipeline_imbalance:.3f}x an average stage's FLOPs: the plan's "
+            f"{', '.join(PER_LAYER_TERMS)} terms are stretched by it ({plan.step_time_s * 1e3:,.1f} ms/step, "
+            f"where the step formula above says an average stage's)",
             f"  bubble: (PP - 1) / (M + PP - 1) = {bubble(plan.pp, plan.micro_batches, '1f1b'):.1%} of each "
             f"rank's step idle"]
 

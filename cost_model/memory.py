@@ -6,9 +6,18 @@ activations (b bytes). ZeRO stage Z shards the optimizer state (Z >= 1),
 gradients (Z >= 2) and parameters (Z = 3) over the data-parallel group: EP*DP
 for the dense part, DP for the routed experts.
 
-Activations assume sequence parallelism with TP (every saved tensor is split
-by TP) and a fused attention kernel (no S x S scores kept). Per token and
-layer they are: attention, its norm input and output, Q, K, V and the
+Tensor parallelism is the training program's: Megatron's column/row split of
+attention (by heads), dense FFNs and shared experts, without sequence
+parallelism. A TP rank holds 1/TP of those weights; the router, the
+embeddings and head, and the routed experts (sharded by EP alone; the ranks
+of a TP group hold the same ones) are whole on every TP rank. Every TP rank
+runs all S*B tokens of its micro-batch, so activations outside the split
+linears (the residual stream, norms, router, routed copies and expert
+pre-activations, logits) are whole too, and only those between a column- and
+a row-parallel linear divide by TP.
+
+Activations assume a fused attention kernel (no S x S scores kept). Per token
+and layer they are: attention, its norm input and output, Q, K, V and the
 attention output; a dense FFN, its norm input and output and n_W F-wide
 intermediates; an MoE layer, fp32 router logits, the K*G routed copies in and
 out, n_W - 1 F_e-wide pre-activations per routed expert slot (moec::experts
@@ -31,22 +40,32 @@ def _shard(group, stage):
 
 
 P_d = define("P_d", params.total - params.experts, "parameters outside the routed experts")
+P_t = define("P_t", params.tp_split, "parameters TP splits: attention, dense FFNs, shared experts")
 P_x = define("P_x", params.experts, "routed-expert parameters")
-dense_local = P_d / (TP * PP)
-experts_local = P_x / (EP * TP * PP)
+# TP splits P_t; the rest of P_d (routers, embeddings, head) is whole on every TP rank
+dense_local = (P_d - P_t + P_t / TP) / PP
+# routed experts are sharded by EP only: the TP ranks of a group hold the same experts
+experts_local = P_x / (EP * PP)
 
 parameters = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 3) + experts_local / _shard(DP, 3))
 gradients = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
 optimizer = OPTIMIZER_BYTES * (dense_local / _shard(DP_dense, 1) + experts_local / _shard(DP, 1))
 
-act_attention = define("a_attn", b * D * (4 + 2 * H_kv / H), "attention activation bytes per token")
-act_ffn = define("a_ffn", b * (2 * D + n_W * F), "dense FFN activation bytes per token")
-act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + (K * G * (n_W - 1) * (1 - R_x) + N_s * n_W) * F_e) + 4 * E * G,
-                 "MoE layer activation bytes per token")
+# Per token on one TP rank. Without sequence parallelism the norm's input and output (the residual
+# stream, 2 D) are whole on every TP rank; Q, K, V and the attention output are this rank's heads (1/TP).
+act_attention = define("a_attn", b * D * (2 + (2 + 2 * H_kv / H) / TP), "attention activation bytes per token")
+# the norm's input and output whole, the n_W F-wide intermediates between the column- and row-parallel
+# linears split
+act_ffn = define("a_ffn", b * (2 * D + n_W * F / TP), "dense FFN activation bytes per token")
+# the router and the routed experts run whole on every TP rank (every rank routes all its tokens): only the
+# shared experts' intermediates split
+act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + K * G * (n_W - 1) * (1 - R_x) * F_e + N_s * n_W * F_e / TP)
+                 + 4 * E * G, "MoE layer activation bytes per token")
 act_layer = act_attention + (1 - f) * act_ffn + f * act_moe
 act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))
 
-tokens_local = S * B / TP
+# every TP rank runs all the micro-batch's tokens (no sequence parallelism)
+tokens_local = S * B
 in_flight = sp.Min(PP, M)
 activations = (in_flight * tokens_local * (L / PP) * (R * b * D + (1 - R) * act_layer)
                + R * tokens_local * act_rebuilt)

@@ -20,6 +20,8 @@ blocks = L * (attention + (1 - f) * ffn_dense + f * (E * G + N_s) * expert)
 total = blocks + f * L * router + embeddings
 # routed experts: the part expert parallelism splits
 experts = f * L * E * G * expert
+# attention, dense FFNs and shared experts: the part tensor parallelism splits (memory.py)
+tp_split = L * (attention + (1 - f) * ffn_dense + f * N_s * expert)
 active = L * (attention + (1 - f) * ffn_dense + f * ((K * G + N_s) * expert + router)) + embeddings
 
 # The input embedding is a lookup (no FLOPs); the output head is a GEMM. Causal

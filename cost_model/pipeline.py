@@ -6,6 +6,7 @@ the head and the loss), so the ends weigh more than their layer count says.
 `split` cuts so that the slowest stage is as fast as it can be: the step of a
 pipeline goes at the pace of its slowest stage.
 """
+import functools
 from dataclasses import replace
 
 import sympy as sp
@@ -74,8 +75,21 @@ def layer_flops(shape: ModelShape, moe: Options) -> tuple[list[float], float]:
     kinds = {False: attention + 2 * params.ffn_dense,
              True: attention + 2 * ((s.K * s.G + s.N_s) * params.expert + params.router)}
     flags = [False] * shape.layers if dense else moe_layer_flags(shape, moe)
-    costs = [float(kinds[f].subs(values)) for f in flags]
-    return costs, float((2 * s.V * s.D).subs(values))
+    kinds = {f: _evaluate(e, values) for f, e in kinds.items()}
+    costs = [kinds[f] for f in flags]
+    return costs, _evaluate(2 * s.V * s.D, values)
+
+
+@functools.cache
+def _lambdified(expr: sp.Expr):
+    syms = sorted(expr.free_symbols, key=str)
+    return syms, sp.lambdify(syms, expr, modules="math")
+
+
+def _evaluate(expr: sp.Expr, values: dict) -> float:
+    """expr at values, lambdified once: the planner cuts every pipelined candidate."""
+    syms, fn = _lambdified(expr)
+    return float(fn(*(float(values[x]) for x in syms)))
 
 
 def cut(shape: ModelShape, moe: Options, stages: int, values: dict | None = None, capacity: float = 0.0):
@@ -99,29 +113,43 @@ def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
     return (ranks - 1) / (v * micro_batches + ranks - 1)
 
 
+# the stage's parameters outside the routed experts, those of them TP splits, and the routed experts'
+_p_d, _p_t, _p_x = sp.symbols("p_d p_t p_x")
+
+
+@functools.cache
+def _per_stage(expr: sp.Expr):
+    """expr as (the plan's other symbols, a function of p_d, p_t, p_x and them): lambdified once, as the planner
+    cuts every pipelined candidate."""
+    expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: _p_d, memory.P_t: _p_t, memory.P_x: _p_x}))
+    syms = sorted(expr.free_symbols - {_p_d, _p_t, _p_x}, key=str)
+    return syms, sp.lambdify((_p_d, _p_t, _p_x, *syms), expr, modules="math")
+
+
 def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
-    """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by memory.py's terms
-    for those layers alone: fp32 weights and Adam state (routed experts over EP, ZeRO's sharding), then the
-    larger of the gradients and what backward starts with (the bf16 weight copies, the activations of the micro-
-    batches in flight, an MoE layer's all-to-all buffers, on the last stage the logits). Under 1F1B the stage on
-    pipeline rank r has min(PP - r, M) micro-batches in flight. The first stage holds the embedding, the last
-    the head (tied embeddings: a copy on each, one when there is one stage). values: the plan's symbol values
-    (planner.values_for)."""
+    """stage_memory(s, a, b): the bytes stage s of `stages` holds at its peak with layers [a, b), by memory.py's
+    terms for those layers alone: fp32 weights and Adam state (attention, dense FFNs and shared experts over TP,
+    routed experts over EP, ZeRO's sharding), then the larger of the gradients and what backward starts with
+    (the bf16 weight copies, the activations of the micro-batches in flight, an MoE layer's all-to-all buffers,
+    on the last stage the logits). Under 1F1B the stage on pipeline rank r has min(PP - r, M) micro-batches in
+    flight. The first stage holds the embedding, the last the head (tied embeddings: a copy on each, one when
+    there is one stage). values: the plan's symbol values (planner.values_for)."""
     v = {**model_values(shape, replace(moe, dense=False, first_dense=0) if moe.dense else moe), **values,
          s.PP: 1}  # memory.py's terms for one stage's layers alone
-    p_d, p_x = sp.symbols("p_d p_x")  # the stage's parameters outside the routed experts, and in them
 
-    def per_stage(expr):  # expr as a function of (p_d, p_x), every other symbol the plan's value
-        expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: p_d, memory.P_x: p_x}))
-        return sp.lambdify((p_d, p_x), expr.xreplace(v))
+    def per_stage(expr):  # expr as a function of (p_d, p_t, p_x), every other symbol the plan's value
+        syms, fn = _per_stage(expr)
+        rest = [float(v[x]) for x in syms]  # floats: sympy numbers would make every evaluation symbolic
+        return lambda d, t, x: fn(d, t, x, *rest)
 
     def ev(expr) -> float:
-        return float(per_stage(expr)(0, 0))
+        return float(per_stage(expr)(0, 0, 0))
 
     ranks, micro_batches, recompute = int(values[s.PP]), int(values[s.M]), bool(values.get(s.R, 0))
     flags = [False] * shape.layers if moe.dense else moe_layer_flags(shape, moe)
     dense_params = {False: ev(params.attention + params.ffn_dense),
                     True: ev(params.attention + s.N_s * params.expert + params.router)}
+    split_params = {False: dense_params[False], True: ev(params.attention + s.N_s * params.expert)}  # TP's
     expert_params = {False: 0.0, True: ev(s.E * s.G * params.expert)}
     acts = {False: ev(memory.tokens_local * (memory.act_attention + memory.act_ffn)),
             True: ev(memory.tokens_local * (memory.act_attention + memory.act_moe))}
@@ -131,18 +159,28 @@ def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
     held, gradients = per_stage(memory.parameters + memory.optimizer), per_stage(memory.gradients)
     copies = per_stage(memory.weight_copies)
 
-    def bytes_(stage: int, a: int, b: int) -> float:
-        layers = flags[a:b]
+    moe_before = [0]  # MoE layers before each layer: a run of layers holds what its count of each kind does
+    for f in flags:
+        moe_before.append(moe_before[-1] + f)
+
+    @functools.cache  # the split asks about every run of layers; runs of the same make-up hold the same
+    def held_by(stage: int, moe_layers: int, dense_layers: int) -> float:
+        count = {True: moe_layers, False: dense_layers}
         ends = (stage == 0) + (stage == stages - 1)
-        sizes = (sum(dense_params[f] for f in layers) + embedding * (ends if stages > 1 else 2 - tied),
-                 sum(expert_params[f] for f in layers))
+        sizes = (sum(count[f] * dense_params[f] for f in count) + embedding * (ends if stages > 1 else 2 - tied),
+                 sum(count[f] * split_params[f] for f in count), count[True] * expert_params[True])
         in_flight = min(ranks - stage % ranks, micro_batches)
         if recompute:  # each layer's input kept, one layer rebuilt at a time
-            activations = in_flight * len(layers) * layer_input + max(acts[f] for f in layers)
+            activations = in_flight * (moe_layers + dense_layers) * layer_input \
+                + max(acts[f] for f in count if count[f])
         else:
-            activations = in_flight * sum(acts[f] for f in layers)
+            activations = in_flight * sum(count[f] * acts[f] for f in count)
         transient = copies(*sizes) + activations + (logits if stage == stages - 1 else 0.0) \
-            + (all_to_all if any(layers) else 0.0)
+            + (all_to_all if moe_layers else 0.0)
         return float(held(*sizes) + max(gradients(*sizes), transient))
+
+    def bytes_(stage: int, a: int, b: int) -> float:
+        moe_layers = moe_before[b] - moe_before[a]
+        return held_by(stage, moe_layers, b - a - moe_layers)
 
     return bytes_

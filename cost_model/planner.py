@@ -42,7 +42,7 @@ def _compiled() -> dict:
 
 def _eval(key: str, values: dict) -> float:
     syms, fn = _compiled()[key]
-    return float(fn(*(values[x] for x in syms)))
+    return float(fn(*(float(values[x]) for x in syms)))
 
 
 @dataclass
@@ -59,7 +59,14 @@ class Plan:
     hardware: str
     model: str
     recompute_experts: bool = False  # `moec compile --recompute-experts`
-    peak_memory_bytes: float = 0.0  # memory.peak: not every term of memory_bytes is alive at once
+    # memory.peak (not every term of memory_bytes is alive at once); with PP, the largest of stage_peak_bytes
+    peak_memory_bytes: float = 0.0
+    # with PP: each stage's predicted peak in the cut `moec compile` makes (pipeline.cut); memory_bytes is an
+    # average stage's (L/PP layers, the first stage's micro-batches in flight)
+    stage_peak_bytes: list = field(default_factory=list)
+    # with PP: the slowest rank's share of the forward FLOPs in that cut, over 1/PP; the per-layer time terms
+    # are stretched by it
+    pipeline_imbalance: float = 1.0
     step_time_s: float = 0.0
     mfu: float = 0.0
     memory_bytes: dict = field(default_factory=dict)
@@ -159,7 +166,7 @@ def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batc
         raise MoecError(f"no EP x DP x TP x PP split of {gpus} GPUs suits {shape.name}{among}: EP must divide "
                         f"{moe.experts * moe.granularity} experts, TP the heads, PP the layers, and EP*DP*micro-batch "
                         f"the global batch of {global_batch}; change --gpus or --global-batch")
-    plans = [predict(p, shape, moe, hw, c) for p, c in cands]
+    plans = [_cut_stages(predict(p, shape, moe, hw, c), shape, moe, hw) for p, c in cands]
     fit = sorted((p for p in plans if p.peak_memory_bytes <= hw.memory_bytes),
                  key=lambda p: (p.step_time_s, p.peak_memory_bytes))
     if not fit:
@@ -168,24 +175,39 @@ def rank_plans(shape: ModelShape, moe: Options, gpus: int, hardware, global_batc
                         f"({hw.memory_bytes / 2**30:.1f} GiB usable){among}; the leanest needs "
                         f"{least.peak_memory_bytes / 2**30:.1f} GiB per GPU; use more GPUs or a smaller batch"
                         f"{' (`moec plan` ranks the others)' if among else ''}")
-    while len(fit) > 1 and not _stages_fit(fit[0], shape, moe, hw):  # what --gpus compiles must cut
-        fit.pop(0)
-    for p in fit[:5]:
-        p.why = _why(p, fit, len(plans), hw)
+    for rank, p in enumerate(fit, 1):  # every one: `moec plan` quotes the best that train.py runs
+        p.why = _why(p, rank, fit, len(plans), hw)
     return fit, len(plans)
 
 
-def _stages_fit(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> bool:
-    """Whether the compile can cut the plan's pipeline into stages that each fit a GPU: the peak above is
-    the average stage's, and the first stage keeps the most micro-batches in flight."""
+# time_model's terms that a stage's layers do on every micro-batch, at the pace of the slowest pipeline rank
+PER_LAYER_TERMS = ("compute", "activation traffic", "all-to-all", "tensor parallel")
+
+
+def _cut_stages(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> Plan:
+    """A pipelined plan as the cut the compile makes gives it: the fastest cut whose stages each fit a GPU, or
+    where none does, the fastest cut (its largest stage then over the GPU). Its peak becomes the largest
+    stage's: memory.peak is an average stage's, and the cut can make a stage heavier (the first keeps the most
+    micro-batches in flight, the last holds the head and the logits). The per-layer time terms stretch by the
+    slowest rank's share of the forward FLOPs over the average's: a pipeline goes at its slowest rank's pace,
+    and a cut that moves layers off a stage whose memory is full can leave a rank with more than 1/PP."""
     if plan.pp == 1:
-        return True
+        return plan
     from moec.cost_model.pipeline import cut, stages_per_rank
+    stages, values = plan.pp * stages_per_rank(moe.pp_schedule), values_for(plan, shape, moe, hw)
     try:
-        cut(shape, moe, plan.pp * stages_per_rank(moe.pp_schedule), values_for(plan, shape, moe, hw), hw.memory_bytes)
-    except MoecError:
-        return False
-    return True
+        _, shares, held = cut(shape, moe, stages, values, hw.memory_bytes)
+    except MoecError:  # no cut fits
+        _, shares, held = cut(shape, moe, stages, values)
+    plan.stage_peak_bytes, plan.peak_memory_bytes = held, max(held)
+    # rank r runs stages r, r + PP, ... (pipeline.stage_memory's order)
+    plan.pipeline_imbalance = max(sum(shares[r::plan.pp]) for r in range(plan.pp)) * plan.pp
+    step = plan.step_time_s
+    for term in PER_LAYER_TERMS:
+        plan.time_s[term] *= plan.pipeline_imbalance
+    plan.step_time_s = sum(plan.time_s.values())
+    plan.mfu *= step / plan.step_time_s
+    return plan
 
 
 def best_plan(shape: ModelShape, moe_options: Options, gpus: int, hardware, global_batch: int = 0,
@@ -209,10 +231,11 @@ def _default_batch(gpus: int, seq_len: int) -> int:
     return max(gpus, 2 ** round(math.log2(max(4 * 2**20 // seq_len, 1))))
 
 
-def _why(p: Plan, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
+def _why(p: Plan, rank: int, fit: list[Plan], enumerated: int, hw: Hardware) -> str:
     top = max(p.time_s, key=p.time_s.get)
+    stage = " (its largest stage)" if p.pp > 1 else ""
     text = (f"{p.label()}: predicted {p.step_time_s * 1e3:.1f} ms/step, MFU {p.mfu:.1%}, "
-            f"{gib(p.peak_memory_bytes)} of {gib(hw.memory_bytes)} GiB; rank {fit.index(p) + 1} of "
+            f"{gib(p.peak_memory_bytes)} of {gib(hw.memory_bytes)} GiB{stage}; rank {rank} of "
             f"{len(fit)} plans that fit ({enumerated} enumerated); largest term: {top}")
     if p is fit[0] and len(fit) > 1:
         nxt = fit[1]

@@ -12,7 +12,8 @@ COLUMNS = ("rank", "plan", "M", "params+opt GiB", "grads GiB", "transient GiB", 
 LEGEND = """\
 M: micro-batches per step. Memory per GPU: params+opt, the fp32 weights and Adam moments; grads, the fp32
 gradients; transient, the activations, bf16 weight copies, logits and all-to-all buffers; peak, params+opt
-and the larger of grads and transient (train.py frees the gradients before each forward).
+and the larger of grads and transient (train.py frees the gradients before each forward); with PP the
+columns are an average stage's, and peak is the largest stage's in the cut `moec compile` makes.
 Time per step: compute, the GEMMs (pipeline bubble included); w-traffic, the optimizer, clipping and
 autocast casts of the weights; act-traffic, the memory-bound elementwise work (kappa passes over the
 activations, the profile's elementwise_passes, and the loss over the logits); a2a, dispatch/combine;

@@ -9,8 +9,10 @@ layers that are MoE.
 Run: S sequence, B micro-batch, M micro-batches per step, b bytes per element
 of parameters and activations.
 Parallelism: N = EP*DP*TP*PP GPUs. Experts are split over EP and replicated
-over DP (DP is the expert-data-parallel degree); the dense part is
-data-parallel over EP*DP. Z is the ZeRO stage, R is 1 with full activation
+over DP (DP is the expert-data-parallel degree) and over TP (the ranks of a
+TP group hold the same experts and run the same tokens); the dense part is
+data-parallel over EP*DP, and TP splits its attention, dense FFNs and shared
+experts (Megatron's column/row split, no sequence parallelism). Z is the ZeRO stage, R is 1 with full activation
 recompute, R_x is 1 when the routed experts recompute their pre-activations
 in backward (`moec compile --recompute-experts`).
 """

@@ -29,11 +29,16 @@ Expert GEMMs are short: each local expert sees S*B*EP*K/E rows per
 micro-batch, and a GEMM of m rows runs at eta * m / (m + m_half), m_half
 being the rows at which the hardware reaches half its large-GEMM efficiency.
 Expert parallelism buys longer expert GEMMs; the all-to-all is its price.
+
+Tensor parallelism (memory.py's docstring) divides the GEMMs of attention,
+dense FFNs and shared experts over the TP ranks; every TP rank runs the
+router, the routed experts and the head on all its tokens, so those do not
+get faster with TP, and MFU (which counts the model's FLOPs once) drops.
 """
 import sympy as sp
 
 from moec.cost_model import comm, memory, params
-from moec.cost_model.symbols import B, E, EP, F_e, G, K, L, M, PP, R, R_x, S, TP, V, Z, b, define, f, n_W
+from moec.cost_model.symbols import B, D, E, EP, F_e, G, K, L, M, PP, R, R_x, S, TP, V, Z, b, define, f, n_W
 
 peak, eta, omega, m_half, bw, kappa = sp.symbols("Pi eta omega m_half beta_mem kappa", positive=True)
 # bytes moved per parameter: fused AdamW reads weight, gradient, m, v and writes weight, m, v (28);
@@ -53,12 +58,20 @@ def _cost(c, calls, volume):
 
 C = define("C", params.flops_forward, "FLOPs per token, forward")
 C_x = define("C_x", 2 * f * L * K * G * params.expert, "routed-expert FLOPs per token, forward")
+# TP splits attention (projections and scores, by heads), dense FFNs and shared experts; the router and the
+# head are whole on every TP rank, and so are the routed experts (each TP rank runs all its tokens' copies)
+C_r = define("C_r", 2 * f * L * params.router + 2 * V * D, "FLOPs per token TP does not split, "
+             "besides the routed experts': router and head, forward")
+# the model's tokens per GPU of one pipeline replica (what MFU counts), and the tokens each GPU computes on:
+# a TP group's ranks all run the same tokens
 tokens_per_gpu = M * S * B / (TP * PP)
+tokens_run = M * S * B / PP
 expert_rows = S * B * EP * K / E
 eta_x = define("eta_x", eta * expert_rows / (expert_rows + m_half), "expert GEMM efficiency")
 # recomputed expert pre-activations: the first GEMM(s) again, (n_W - 1) of the n_W expert GEMMs
 C_rx = R_x * C_x * (n_W - 1) / n_W
-compute = tokens_per_gpu * ((3 + R) * (C - C_x) / (eta * peak) + ((3 + R) * C_x + C_rx) / (eta_x * peak))
+compute = tokens_run * ((3 + R) * ((C - C_x - C_r) / TP + C_r) / (eta * peak)
+                        + ((3 + R) * C_x + C_rx) / (eta_x * peak))
 backward = compute * 2 / (3 + R)
 bubble = (M + PP - 1) / M
 

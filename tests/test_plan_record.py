@@ -109,13 +109,14 @@ def test_a_world_that_fits_the_plan_runs(plan, world):
 
 
 def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
-    """7b with 64 experts on 512 MI250X GCDs fits only with tensor parallelism, which train.py does not run
-    yet: the compile says so instead of writing a build that runs another plan."""
+    """7b with 64 experts on 128 MI250X GCDs fits only with plans train.py does not run yet (whole-layer
+    recomputation, ZeRO-3 with expert parallelism): the compile says so instead of writing a build that runs
+    another plan."""
     r = run("compile", EXAMPLES / "llama.py", "-o", tmp_path / "out", "--config", "7b", "--experts", "64",
-            "--topk", "8", "--gpus", "512", "--hardware", "frontier")
+            "--topk", "8", "--gpus", "128", "--hardware", "frontier")
     assert r.exit_code == 2, r.output
     line = r.output.strip().splitlines()[-1]
-    assert "no parallel plan of llama.py:7b fits 512 x MI250X GCD" in line and "plans train.py runs" in line
+    assert "no parallel plan of llama.py:7b fits 128 x MI250X GCD" in line and "plans train.py runs" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -196,9 +196,6 @@ class Options:
         """runtime_problems, and plans the cost model predicts otherwise than the training program runs them:
         what the planner's --gpus search skips."""
         yield from self.runtime_problems()
-        if self.tp > 1:  # the program's TP splits attention and dense FFNs only, every rank holding all tokens
-            yield (f"--tp {self.tp}: the cost model splits experts and activations (sequence parallel) over TP, "
-                   f"which the training program does not yet")
 
     def _tp_problems(self):
         if not self.dense and self.ep < self.tp:

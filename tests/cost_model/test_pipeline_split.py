@@ -87,10 +87,39 @@ def test_the_first_stage_keeps_more_micro_batches_in_flight_and_a_tight_memory_m
     assert bounds[1] < 16 and max(fitted) <= tight
 
 
-def test_a_plan_whose_stages_cannot_each_fit_a_gpu_is_not_the_planners_choice():
+def test_a_pipelined_plan_is_ranked_and_fitted_by_the_largest_stage_of_its_cut():
+    """The plan's peak is the largest stage's of the cut the compile makes (the fastest whose stages each fit),
+    not memory.peak's average stage; a plan whose average stage fits and none of whose cuts does is not ranked."""
     from dataclasses import replace
 
-    from moec.cost_model.planner import _stages_fit
-    shape, moe, hw, plan, values = _plan(64, 2)
-    assert _stages_fit(plan, shape, moe, hw)
-    assert not _stages_fit(plan, shape, moe, replace(hw, memory_bytes=plan.peak_memory_bytes / 4))
+    shape, moe, hw = MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, load_hardware("dgx_h100")
+    ranked, _ = rank_plans(shape, moe, 64, hw)
+    piped = [p for p in ranked if p.pp > 1]
+    plan = next(p for p in piped if p.label() == "EP8 DP2 TP1 PP4 ZeRO-1 recompute")
+    for p in piped[:5] + [plan]:
+        held = cut(shape, moe, p.pp, values_for(p, shape, moe, hw), hw.memory_bytes)[2]
+        assert p.stage_peak_bytes == pytest.approx(held) and p.peak_memory_bytes == max(held) <= hw.memory_bytes
+    # this plan's first and last stages (4 micro-batches in flight; the head and logits) outweigh its average
+    average = float(s.expand(memory.peak).xreplace(values_for(plan, shape, moe, hw)))
+    assert average < plan.peak_memory_bytes
+    # on a GPU between the two, no cut of it fits: it is not ranked, though its average stage would fit
+    between = replace(hw, memory_bytes=(average + plan.peak_memory_bytes) / 2)
+    with pytest.raises(MoecError, match="no cut"):
+        cut(shape, moe, plan.pp, values_for(plan, shape, moe, between), between.memory_bytes)
+    again, _ = rank_plans(shape, moe, 64, between)
+    assert plan.label() not in [p.label() for p in again]
+    assert all(p.peak_memory_bytes <= between.memory_bytes for p in again)
+
+
+def test_the_stage_that_does_not_fit_is_what_a_pipelined_plan_needs():
+    """No cut fits: the plan's peak is its fastest cut's largest stage, over the GPU, and it is not ranked."""
+    from dataclasses import replace
+
+    from moec.cost_model.planner import Plan, _cut_stages, predict
+    from moec.cost_model.layout import Layout
+    shape, moe, hw = MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, load_hardware("dgx_h100")
+    tiny = replace(hw, memory_bytes=2**30)
+    plan = Plan(8, 1, 1, 4, 0, False, 1, 8, 32, hw.name, shape.name)
+    plan = _cut_stages(predict(plan, shape, moe, tiny, Layout(tiny, 32, 2, 0).costs(8, 1, 1, 4)), shape, moe, tiny)
+    held = cut(shape, moe, 4, values_for(plan, shape, moe, tiny))[2]
+    assert plan.peak_memory_bytes == max(held) > tiny.memory_bytes

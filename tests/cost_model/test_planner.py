@@ -109,7 +109,10 @@ def test_plan_table_columns_add_up(mixtral_64):
         cells = dict(zip(COLUMNS, [rank.strip(), plan.label(), *rest.split()], strict=True))
         num = lambda c: float(cells[c].replace(",", "").rstrip("%"))  # noqa: E731
         memory = num("params+opt GiB") + max(num("grads GiB"), num("transient GiB"))
-        assert num("peak GiB") == pytest.approx(memory, abs=0.15)
+        if plan.pp == 1:
+            assert num("peak GiB") == pytest.approx(memory, abs=0.15)
+        else:  # the columns are an average stage's, the peak the largest stage's of the cut
+            assert num("peak GiB") == pytest.approx(max(plan.stage_peak_bytes) / 2**30, abs=0.05)
         times = [c for c in COLUMNS if c.endswith(" ms") and c != "step ms"]
         assert num("step ms") == pytest.approx(sum(num(c) for c in times), abs=len(times) / 2)
         assert num("step ms") == pytest.approx(plan.step_time_s * 1e3, abs=0.5)
