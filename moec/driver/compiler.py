@@ -158,7 +158,14 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
         if stop_after is None:  # which writes no weights: the passes see none either
             shell = build(mod, o.entry, o.config, o.overrides, "shell")
             streamed = Streamed(dense_weights, _unwrapped(meta_model), shell, wrapped)
-    gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
+    dense = None
+    if dense_weights is None and stop_after is None and _bytes(meta_model) <= o.max_weights_gb * 2**30:
+        # the build will hold real weights: capture the dense model itself, once, instead of on meta and again
+        torch.manual_seed(o.seed)
+        dense = build(mod, o.entry, o.config, o.overrides, "cpu")
+        gm = capture(dense, example_inputs(mod, dense, BATCH, SEQ))
+    else:
+        gm = capture(meta_model, example_inputs(mod, meta_model, BATCH, SEQ, "meta"))
     if streamed is not None:  # the passes read the weights from the checkpoint as they need them
         gm.meta["dense_values"] = streamed.value
     log(f"capture: {len(gm.graph.nodes)} nodes via {gm.meta['frontend']} ({time.perf_counter() - t0:.1f} s)")
@@ -186,7 +193,6 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     if dense_weights is not None and not real:
         raise MoecError(f"the dense weights would take {stored / 2**30:,.1f} GiB, over --max-weights-gb "
                         f"{o.max_weights_gb}; raise it to upcycle {dense_weights.label}")
-    dense = None
     if real and streamed is not None:
         # the graph stays on meta: each tensor goes from the checkpoint (or the passes) into the build alone
         initial = gm.meta.get("initial_values", {})
@@ -199,9 +205,10 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
             dense = build(mod, o.entry, o.config, o.overrides, "cpu")
             dense_weights.load_into(_unwrapped(dense))
     elif real:
-        torch.manual_seed(o.seed)
-        dense = build(mod, o.entry, o.config, o.overrides, "cpu")
-        gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
+        if dense is None:  # captured on meta: the dense model's parameters were thought too large
+            torch.manual_seed(o.seed)
+            dense = build(mod, o.entry, o.config, o.overrides, "cpu")
+            gm, _ = run_pipeline(capture(dense, example_inputs(mod, dense, BATCH, SEQ)), passes_for(o, plan))
         write_weights(gm, tmp, dtypes)
     if real:
         what = "routers (the dense weights: in the checkpoint)" if o.reference_weights else "dense weights and routers"
@@ -227,6 +234,10 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     config = _write_config(tmp, model, o, report, hf_config)
     write_train_program(tmp, config)
     return report
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _reference(streamed: Streamed, names: list, tmp: Path, log) -> dict:
