@@ -10,6 +10,8 @@ moec.runtime.training so the file stays short enough to edit.
 """
 from pathlib import Path
 
+from moec.base.options import stages_per_rank
+
 TEMPLATE = '''"""Train {title}.
 
     python train.py --steps 200                  # one CPU or GPU
@@ -214,19 +216,14 @@ def main(args):
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 model.eval()  # dropout off for the held-out loss
-                with torch.no_grad():
-                    if pipeline is not None:  # a forward-only pass of the schedule over a step's micro-batches
-                        batches = (data.batch("val", i, args.batch_size * args.grad_accum, parallel.data_rank,
-                                              parallel.data_world, args.grad_accum) for i in range(args.eval_batches))
-                        with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
-                            losses = [pipeline.evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device))
-                                      for x, y in batches]
-                    else:
-                        batches = (data.batch("val", i, args.batch_size, parallel.data_rank, parallel.data_world)
-                                   for i in range(args.eval_batches))
-                        losses = [loss_of(rt.to_device(x, env.device), rt.to_device(y, env.device))[0]
-                                  for x, y in batches]
-                    log.validation(step + 1, losses)
+                # the same held-out batches under every plan; a pipeline passes each through its stages
+                evaluate = pipeline.evaluate if pipeline is not None else lambda x, y: loss_of(x, y)[0]
+                batches = (data.batch("val", i, args.batch_size, parallel.data_rank, parallel.data_world)
+                           for i in range(args.eval_batches))
+                with torch.no_grad(), torch.autocast(env.device.type, torch.bfloat16,
+                                                     enabled=env.device.type == "cuda"):
+                    losses = [evaluate(rt.to_device(x, env.device), rt.to_device(y, env.device)) for x, y in batches]
+                log.validation(step + 1, losses)
                 model.train()
             stopping = stop.requested()
             if stopping or args.ckpt_every > 0 and (step + 1) % args.ckpt_every == 0:
@@ -261,8 +258,10 @@ def write_train_program(build_dir: Path, config: dict) -> None:
     title = f"{kind} built from {config['model']}"
     context = config["result"].get("context")
     seq_len = min(SEQ_LEN, context) if context else SEQ_LEN
-    # the plan's micro-batches where a planner chose them, else the fewest a pipeline runs
-    grad_accum = o.get("micro_batches") or o.get("pp", 1)
+    # the plan's micro-batches where a planner chose them, else the fewest a pipeline runs (DualPipeV: one a stage)
+    schedule = o.get("pp_schedule", "1f1b")
+    fewest = o.get("pp", 1) * (stages_per_rank(schedule) if schedule == "dualpipev" else 1)
+    grad_accum = o.get("micro_batches") or fewest
     batch_size = o.get("micro_batch") or 16
     (Path(build_dir) / "train.py").write_text(TEMPLATE.format(title=title, seq_len=seq_len, grad_accum=grad_accum,
                                                               batch_size=batch_size))

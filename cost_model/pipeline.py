@@ -12,18 +12,10 @@ from dataclasses import replace
 import sympy as sp
 
 from moec.base.errors import MoecError
-from moec.base.options import Options
+from moec.base.options import Options, stages_per_rank
 from moec.cost_model import memory, params
 from moec.cost_model import symbols as s
 from moec.cost_model.shape import ModelShape, model_values, moe_layer_flags
-
-# schedule -> stages each rank runs; the others of PP_SCHEDULES run one
-STAGES_PER_RANK = {"interleaved-1f1b": 2, "zero-bubble": 2}
-
-
-def stages_per_rank(schedule: str) -> int:
-    return STAGES_PER_RANK.get(schedule, 1)
-
 
 def split(costs: list[float], stages: int, first: float = 0.0, last: float = 0.0, fits=None) -> list[int]:
     """The layer each stage starts at (and len(costs) at the end): contiguous runs of at least one layer

@@ -193,15 +193,16 @@ def _cut_stages(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware) -> Pl
     and a cut that moves layers off a stage whose memory is full can leave a rank with more than 1/PP."""
     if plan.pp == 1:
         return plan
-    from moec.cost_model.pipeline import cut, stages_per_rank
+    from moec.base.options import rank_stages, stages_per_rank
+    from moec.cost_model.pipeline import cut
     stages, values = plan.pp * stages_per_rank(moe.pp_schedule), values_for(plan, shape, moe, hw)
     try:
         _, shares, held = cut(shape, moe, stages, values, hw.memory_bytes)
     except MoecError:  # no cut fits
         _, shares, held = cut(shape, moe, stages, values)
     plan.stage_peak_bytes, plan.peak_memory_bytes = held, max(held)
-    # rank r runs stages r, r + PP, ... (pipeline.stage_memory's order)
-    plan.pipeline_imbalance = max(sum(shares[r::plan.pp]) for r in range(plan.pp)) * plan.pp
+    plan.pipeline_imbalance = max(sum(shares[i] for i in rank_stages(moe.pp_schedule, r, plan.pp))
+                                  for r in range(plan.pp)) * plan.pp
     step = plan.step_time_s
     for term in PER_LAYER_TERMS:
         plan.time_s[term] *= plan.pipeline_imbalance

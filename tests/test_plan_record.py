@@ -30,7 +30,6 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
     (["--pp-schedule", "gpipe"], "--pp-schedule gpipe means something only with pipeline parallelism"),
     (["--gpus", "8", "--zero", "1"], "give --zero or --gpus N, not both"),
     (["--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not shard a pipeline yet"),
-    (["--pp", "2", "--pp-schedule", "dualpipev"], "--pp-schedule dualpipev: the training program's gradients under it"),
     (["--plan", "missing.json"], "--plan missing.json: no such file or directory"),
 ])
 def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_path, args, message):

@@ -17,9 +17,22 @@ ROUTER_WEIGHTS = ("renorm", "scaled")
 AUX_LOSS_SCOPES = ("batch", "sequence")
 ROUTINGS = ("topk", "expert-choice")
 EP_VARIANTS = ("flat", "hierarchical", "rbd")
-# torch.distributed.pipelining's schedules by the names --pp-schedule takes; interleaved-1f1b and zero-bubble
-# run two stages per rank; dualpipev is refused (runtime_problems)
+# torch.distributed.pipelining's schedules by the names --pp-schedule takes
 PP_SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zero-bubble", "dualpipev")
+# those that run two stages a rank, and how they place them: rank r of p runs r and r + p ("loop"), or r and
+# 2p - 1 - r ("v": the first and the last stage on rank 0, so the V turns on the last rank)
+TWO_STAGES = {"interleaved-1f1b": "loop", "zero-bubble": "loop", "dualpipev": "v"}
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule in TWO_STAGES else 1
+
+
+def rank_stages(schedule: str, rank: int, ranks: int) -> list[int]:
+    """The pipeline stages rank `rank` of `ranks` runs under `schedule`."""
+    if schedule not in TWO_STAGES:
+        return [rank]
+    return [rank, rank + ranks if TWO_STAGES[schedule] == "loop" else 2 * ranks - 1 - rank]
 # what a planner's plan (plan.json's "chosen") sets
 PLAN_FIELDS = ("ep", "dp", "tp", "pp", "zero", "recompute", "micro_batch", "micro_batches")
 
@@ -178,9 +191,6 @@ class Options:
             yield from self._tp_problems()
         if self.pp > 1 and self.zero:
             yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
-        if self.pp_schedule == "dualpipev":
-            yield ("--pp-schedule dualpipev: the training program's gradients under it do not match one process's yet; "
-                   "use 1f1b, gpipe, interleaved-1f1b or zero-bubble")
         if self.pp_schedule != "1f1b" and self.pp == 1:
             yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
         if self.zero == 2:

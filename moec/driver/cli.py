@@ -142,8 +142,8 @@ def _pyramid(value):
               help="Overlap the all-to-all of one chunk of experts with another's compute (flat EP).")
 @click.option("--pp", default=1, show_default=True, help="Pipeline stages: split the layers over N ranks.")
 @click.option("--pp-schedule", type=click.Choice(PP_SCHEDULES), default="1f1b", show_default=True,
-              help="Pipeline schedule (torch.distributed.pipelining); interleaved-1f1b and zero-bubble run two "
-                   "stages per rank (dualpipev is refused for now).")
+              help="Pipeline schedule (torch.distributed.pipelining); interleaved-1f1b, zero-bubble and dualpipev "
+                   "run two stages per rank.")
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel degree.")
 @click.option("--zero", default=0, show_default=True,
               help="ZeRO stage: 1 shards the optimizer state over the data-parallel ranks, 3 is FSDP2.")

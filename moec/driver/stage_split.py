@@ -10,7 +10,8 @@ from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.codegen.program import top_graph
 from moec.codegen.stages import stages_source
-from moec.cost_model.pipeline import cut, stages_per_rank
+from moec.base.options import stages_per_rank
+from moec.cost_model.pipeline import cut
 from moec.cost_model.shape import ModelShape
 from moec.runtime.kernels.generated import import_file
 from moec.runtime.training import pipeline

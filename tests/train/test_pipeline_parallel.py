@@ -20,10 +20,11 @@ from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_expe
 STEPS = ["--steps", 10, "--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--ckpt-every", -1, "--bias-fit", 0, "--bias-refit", 0]
 
 
-def _build(tmp_path_factory, name: str, layers: int, **plan):
+def _build(tmp_path_factory, name: str, layers: int, model: str = "gpt.py", **plan):
     out = tmp_path_factory.mktemp("builds") / name
-    options = Options(experts=4, topk=2, overrides={**TINY, "n_layer": layers}, verify=False, **plan)
-    compile_model(str(ROOT / "examples" / "gpt.py"), str(out), options, log=lambda *a: None)
+    overrides = {**TINY, "n_layer": layers} if model == "gpt.py" else {"n_layers": layers}
+    options = Options(experts=4, topk=2, overrides=overrides, verify=False, **plan)
+    compile_model(str(ROOT / "examples" / model), str(out), options, log=lambda *a: None)
     return out
 
 
@@ -135,11 +136,13 @@ def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture
         _same_run(_train_records(ddp, tmp_path / "ddp", 2, "--batch-size", 2), got)
 
 
-@pytest.mark.parametrize("schedule,layers,more", [("gpipe", 2, dict(first_dense=1)), ("zero-bubble", 4, {})])
+@pytest.mark.parametrize("schedule,layers,more", [("gpipe", 2, dict(first_dense=1)), ("zero-bubble", 4, {}),
+                                                  ("dualpipev", 4, {})])
 def test_the_other_schedules_give_the_single_process_losses(schedule, layers, more, tmp_path_factory, tmp_path):
-    """Shorter runs: GPipe, here with a first stage of one dense layer (no MoE losses, no expert counts), and
-    the zero-bubble schedule (input and weight gradients apart, two stages a rank), which a torch that cannot
-    split a custom autograd function's backward refuses in one line before training."""
+    """Shorter runs: GPipe, here with a first stage of one dense layer (no MoE losses, no expert counts), the
+    zero-bubble schedule (input and weight gradients apart, two stages a rank) and DualPipeV (two stages a rank
+    in a V: a Llama, since GPT's tied embedding and head, both on rank 0 there, are refused in one line); the
+    last two a torch that cannot split a custom autograd function's backward refuses in one line."""
     build = _build(tmp_path_factory, f"gpt-moe-pp2-{schedule}", layers, pp=2, pp_schedule=schedule, **more)
     if more:
         assert "stage_output(x, stage=0)" in (build / "stages.py").read_text()
@@ -148,16 +151,27 @@ def test_the_other_schedules_give_the_single_process_losses(schedule, layers, mo
         assert r.returncode != 0 and f"error: --pp-schedule {schedule}: this torch" in r.stderr, r.stderr[-3000:]
         assert not (tmp_path / "pp" / "metrics.jsonl").exists()
         return
+    if schedule == "dualpipev":  # GPT ties its embedding and head, which DualPipeV puts on one rank: refused
+        r = run_train(build, "--steps", 1, *STEPS[2:], "--grad-accum", 4, run_dir=tmp_path / "tied", nproc=2)
+        assert r.returncode != 0 and "error: --pp-schedule dualpipev: two stages on one rank use the same weight" \
+            in r.stderr, r.stderr[-3000:]
+        build = _build(tmp_path_factory, "llama-moe-pp2-dualpipev", layers, pp=2, pp_schedule=schedule, **more,
+                       model="llama.py", config="tiny")
+    # DualPipeV runs a micro-batch a stage at least: the build's default, which the test's STEPS would lower
+    accum = ["--grad-accum", 4] if schedule == "dualpipev" else []
     runs = []
     for nproc, run in ((1, tmp_path / "one"), (2, tmp_path / "pp")):
-        r = run_train(build, "--steps", 4, *STEPS[2:], run_dir=run, nproc=nproc, timeout=240)
+        r = run_train(build, "--steps", 4, *STEPS[2:], *accum, run_dir=run, nproc=nproc, timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
-        runs.append([x for x in read_metrics(run / "metrics.jsonl") if x["kind"] == "train"])
-    one, pp = runs
+        runs.append(read_metrics(run / "metrics.jsonl"))
+    (one, one_val), (pp, pp_val) = ([[x for x in r if x["kind"] == k] for k in ("train", "val")] for r in runs)
     assert [x["step"] for x in pp] == [x["step"] for x in one] == [1, 2, 3, 4]
     for a, b in zip(one, pp):
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+    # the end-of-run validation: the stages forward only, passing each micro-batch on
+    assert [x["step"] for x in pp_val] == [x["step"] for x in one_val] == [4]
+    assert pp_val[0]["val_loss"] == pytest.approx(one_val[0]["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 
 from moec.base.errors import MoecError
+from moec.base.options import rank_stages
 
 # --pp-schedule -> torch.distributed.pipelining's class
 SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b": "ScheduleInterleaved1F1B",
-             "zero-bubble": "ScheduleInterleavedZeroBubble"}
+             "zero-bubble": "ScheduleInterleavedZeroBubble", "dualpipev": "ScheduleDualPipeV"}
 
 # schedules that run a stage's input and weight gradients as separate backward passes
-SPLIT_BACKWARD = {"zero-bubble"}
+SPLIT_BACKWARD = {"zero-bubble", "dualpipev"}
 
 _RECORDS: dict = {}  # stage index -> one record per micro-batch: its aux and z losses and expert counts
 
@@ -131,10 +132,15 @@ class Pipeline:
             raise MoecError(f"--pp-schedule {schedule}: this torch ({torch.__version__}) cannot split the backward of "
                             f"the MoE layers' autograd functions into input and weight gradients; recompile with "
                             f"--pp-schedule 1f1b or interleaved-1f1b, or use a newer torch")
-        self.indices = list(range(rank, count, ranks))  # stages r, r + p, ...
+        self.indices = rank_stages(schedule, rank, ranks)
         classes = [stages.STAGES[i] for i in self.indices]
         self.model = _union(model, classes)
         self.modules = [restrict(model, c.READS, c.LAYERS, c) for c in classes]
+        held = [{id(p) for p in m.parameters()} for m in self.modules]
+        if schedule in SPLIT_BACKWARD and len(held) > 1 and held[0] & held[1]:
+            raise MoecError(f"--pp-schedule {schedule}: two stages on one rank use the same weight (model.py's TIED, "
+                            f"on the first and the last stage), whose gradient under this schedule's split backward "
+                            f"is not right yet; recompile with --pp-schedule zero-bubble or interleaved-1f1b")
         made = [pipelining.PipelineStage(m, i, count, device, group=group) for m, i in zip(self.modules, self.indices)]
         try:
             self.schedule = getattr(pipelining, name)(made if len(made) > 1 else made[0],
@@ -144,6 +150,8 @@ class Pipeline:
         self.group, self.device, self.experts = group, device, list(stages.EXPERTS)
         self.micro_batches = micro_batches
         self.first, self.last = 0 in self.indices, count - 1 in self.indices
+        self.owner = {i: r for r in range(ranks) for i in rank_stages(schedule, r, ranks)}  # stage -> its rank
+        self.loss_fn = loss_fn
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
         """Forward and backward of one step's micro-batches (inputs split along the batch). (sum of the
@@ -157,8 +165,6 @@ class Pipeline:
 
     def check_flags(self, args) -> None:
         """MoecError, before any training, for train.py's flags a pipeline does not carry out."""
-        if args.val_fraction > 0 and not hasattr(self.schedule, "eval"):
-            raise MoecError("this torch's pipeline schedules have no forward-only pass: pass --val-fraction 0")
         for flag, on in (("--compile", args.compile == "on"), ("--cuda-graphs", args.cuda_graphs),
                          ("--debug-nan-at-step", args.debug_nan_at_step is not None),
                          ("--bias-refit-forward", getattr(args, "bias_refit_forward", False))):  # a build before it
@@ -166,15 +172,25 @@ class Pipeline:
                 raise MoecError(f"{flag} does not apply to pipeline stages yet: drop it, or recompile without --pp")
 
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The micro-batches' mean LM loss, forward only, the same on every rank of the pipeline."""
-        losses = []
-        self.schedule.eval(*self._first_inputs(inputs), target=targets if self.last else None,
-                           losses=losses if self.last else None)
-        clear_records()
-        total = torch.stack([loss.detach() for loss in losses]).sum().float() if losses else \
-            torch.zeros((), device=self.device)
-        dist.all_reduce(total, group=self.group)
-        return total / self.micro_batches
+        """The batch's LM loss, forward only (call under no_grad), the same on every rank of the pipeline. The batch
+        goes through the stages in one piece, each stage's rank passing its output to the next stage's (or
+        keeping it where that rank runs the next stage too): torch's schedules have no forward-only pass for
+        every placement (DualPipeV's needs a backward), and one piece gives the loss one process gives."""
+        loss = torch.zeros((), device=self.device)
+        mine, me = dict(zip(self.indices, self.modules)), dist.get_rank(self.group)
+        x = inputs
+        for i in range(len(self.owner)):
+            if self.owner[i] != me:
+                continue
+            if i > 0 and self.owner[i - 1] != me:
+                x = _receive(self.owner[i - 1], self.group, self.device)
+            x = mine[i](x)
+            if i + 1 < len(self.owner) and self.owner[i + 1] != me:
+                _send(x, self.owner[i + 1], self.group)
+            elif i + 1 == len(self.owner):
+                loss = self.loss_fn(x, targets).float()
+        dist.all_reduce(loss, group=self.group)
+        return loss
 
     def _first_inputs(self, inputs: torch.Tensor) -> tuple:
         # a batch is a view of longer rows; torch 2.11's stages refuse inputs whose strides differ from the
@@ -200,3 +216,22 @@ class Pipeline:
         outs = [{"aux_loss": row[1], "z_loss": row[2], "expert_counts": list(row[3:].split(self.experts))}
                 if self.experts else {} for row in flat]  # a dense build's forward returns only logits
         return flat[:, 0].sum(), outs
+
+
+# dtypes a stage may pass on, by code: the header before the tensor tells the receiver its shape and dtype
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _send(x: torch.Tensor, to: int, group) -> None:
+    header = torch.tensor([_DTYPES.index(x.dtype), x.dim(), *x.shape], dtype=torch.int64)
+    dist.send(torch.nn.functional.pad(header, (0, 8 - len(header))).to(x.device), group_dst=to, group=group)
+    dist.send(x.contiguous(), group_dst=to, group=group)
+
+
+def _receive(source: int, group, device) -> torch.Tensor:
+    header = torch.empty(8, dtype=torch.int64, device=device)
+    dist.recv(header, group_src=source, group=group)
+    code, dims, *shape = header.tolist()
+    x = torch.empty(shape[:dims], dtype=_DTYPES[code], device=device)
+    dist.recv(x, group_src=source, group=group)
+    return x
