@@ -176,8 +176,6 @@ class Options:
         it runs instead. The compiler refuses such a plan and the planner's --gpus search skips it."""
         if self.tp > 1:
             yield from self._tp_problems()
-        if self.pp > 1 and self.zero:
-            yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
         if self.pp_schedule == "dualpipev":
             yield ("--pp-schedule dualpipev: the training program's gradients under it do not match one process's yet; "
                    "use 1f1b, gpipe, interleaved-1f1b or zero-bubble")
