@@ -3,8 +3,9 @@ same build on one process, with 1F1B and with interleaved 1F1B (two stages a ran
 EP2 gives them too and PP2 x DP2 those of DDP on 2 (the stages of a pipeline read their data-parallel rank's
 share of the global batch), PP2 x TP2 gives them too (each stage's linears split over its TP group) and saves
 the split weights at their global shapes, with the same collectives on every rank of a group and a receive for
-each send, and under PP2 x EP2 one EP rank of the first stage gets no token; a run resumes from PP2 x EP2 to
-EP4 to one process and back; too few micro-batches for the pipeline is one line."""
+each send, and under PP2 x EP2 one EP rank of the first stage gets no token; PP2 x DP2 with --zero (ZeRO-1)
+gives them too, and its sharded checkpoint resumes on one process; a run resumes from PP2 x EP2 to EP4 to one
+process and back; too few micro-batches for the pipeline, and --fsdp on a pipeline, are one line."""
 import shutil
 
 import pytest
@@ -187,6 +188,16 @@ def test_what_a_pipeline_does_not_run_is_one_line_before_training(pp2_build, tmp
     assert r.returncode != 0
     assert f"error: {message}" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fsdp_on_a_pipeline_is_one_line_exit_2(pp2_build, tmp_path):
+    """FSDP2 shards a data-parallel build; a pipeline's stages shard its layers already (--zero shards its
+    optimizer state, above). Refused on any number of processes, as for an EP build."""
+    r = run_train(pp2_build, "--steps", 1, "--fsdp", run_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --fsdp shards a data-parallel build, and this build is pipeline "
+                                             "parallel (PP=2): each stage holds only its layers already; use --zero "
+                                             "to shard the optimizer state"]
 
 
 def test_a_run_resumes_from_pp2_x_ep2_to_ep4_to_one_process_and_back(pp2_ep2_build, tmp_path_factory, tmp_path):

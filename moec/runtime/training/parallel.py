@@ -113,7 +113,7 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     from moec.runtime.distributed.setup import setup
 
     ep, pp, tp = options.ep, options.pp, options.tp
-    if fsdp and pp > 1 and env.world > 1:
+    if fsdp and pp > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is pipeline parallel (PP={pp}): each "
                         f"stage holds only its layers already; use --zero to shard the optimizer state")
     if fsdp and tp > 1 and env.world > 1:
