@@ -21,15 +21,16 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
                     "which must be at least TP (as torchtitan requires); use --ep 2 or more"),
     (["--tp", "2", "--dense", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is "
                                               "EP1 DP* TP2 PP1 ZeRO-3: use --zero 1 to shard the optimizer state"),
-    (["--tp", "2", "--dense", "--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not "
-                                                           "shard a pipeline yet"),
+    (["--tp", "2", "--dense", "--pp", "2", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and "
+                                                           "this plan is EP1 DP* TP2 PP2 ZeRO-3"),
     (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),
     (["--zero", "3", "--ep", "2"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2"),
     (["--zero", "4"], "--zero one of 0-3"),
     (["--recompute"], "--recompute: the training program does not recompute whole layers yet"),
     (["--pp-schedule", "gpipe"], "--pp-schedule gpipe means something only with pipeline parallelism"),
     (["--gpus", "8", "--zero", "1"], "give --zero or --gpus N, not both"),
-    (["--pp", "2", "--zero", "1"], "--zero 1 with --pp 2: the training program does not shard a pipeline yet"),
+    (["--pp", "2", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP1 DP* TP1 PP2 "
+                                   "ZeRO-3: use --zero 1 to shard the optimizer state"),
     (["--plan", "missing.json"], "--plan missing.json: no such file or directory"),
 ])
 def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_path, args, message):
@@ -40,9 +41,19 @@ def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_p
 
 
 @pytest.mark.parametrize("plan", [dict(tp=2, ep=2, zero=1), dict(tp=2, dense=True, zero=1), dict(tp=2, ep=2, pp=2),
-                                  dict(tp=2, dense=True, pp=2)])
-def test_tp_with_zero1_or_a_pipeline_is_a_plan_the_training_program_runs(plan):
+                                  dict(tp=2, dense=True, pp=2), dict(pp=2, zero=1), dict(pp=2, ep=2, zero=1),
+                                  dict(pp=2, tp=2, ep=2, zero=1), dict(pp=2, tp=2, dense=True, zero=1)])
+def test_tp_zero1_and_a_pipeline_are_plans_the_training_program_runs(plan):
     assert list(Options(experts=4, **plan).runtime_problems()) == []
+    assert list(Options(experts=4, **plan).planner_problems()) == []  # and the --gpus search ranks them
+
+
+def test_a_pipeline_with_zero1_compiles(tmp_path):
+    r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, "--experts", "4", "--no-verify",
+            "--pp", "2", "--zero", "1")
+    assert r.exit_code == 0, r.output
+    options = Options.from_json(json.loads((tmp_path / "out" / "config.json").read_text())["options"])
+    assert (options.pp, options.zero) == (2, 1)
 
 
 @pytest.mark.parametrize("record,extra,message", [

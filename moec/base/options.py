@@ -189,8 +189,6 @@ class Options:
         it runs instead. The compiler refuses such a plan and the planner's --gpus search skips it."""
         if self.tp > 1:
             yield from self._tp_problems()
-        if self.pp > 1 and self.zero:
-            yield f"--zero {self.zero} with --pp {self.pp}: the training program does not shard a pipeline yet; use --zero 0"
         if self.pp_schedule != "1f1b" and self.pp == 1:
             yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
         if self.zero == 2:

@@ -3,8 +3,11 @@ same build on one process, with 1F1B and with interleaved 1F1B (two stages a ran
 EP2 gives them too and PP2 x DP2 those of DDP on 2 (the stages of a pipeline read their data-parallel rank's
 share of the global batch), PP2 x TP2 gives them too (each stage's linears split over its TP group) and saves
 the split weights at their global shapes, with the same collectives on every rank of a group and a receive for
-each send, and under PP2 x EP2 one EP rank of the first stage gets no token; a run resumes from PP2 x EP2 to
-EP4 to one process and back; too few micro-batches for the pipeline is one line."""
+each send, and under PP2 x EP2 one EP rank of the first stage gets no token; PP2 x DP2 with --zero (ZeRO-1)
+gives them too, and its sharded checkpoint resumes on one process; a run resumes from PP2 x EP2 to EP4 to one
+process and back; too few micro-batches for the pipeline, and --fsdp on a pipeline, are one line."""
+import shutil
+
 import pytest
 from safetensors.torch import load_file
 
@@ -76,11 +79,12 @@ def one_process(tmp_path_factory):
     return run
 
 
-def _same_run(reference: list, got: list, data_ranks: int = 1) -> None:
+def _same_run(reference: list, got: list, data_ranks: int = 1, resumed_at: int = 0) -> None:
     """data_ranks: the pipelines of `got`, against one process's `reference` (else 1). Each rank of a pipeline
     holds every stage's expert counts and expert_load is their sum over all ranks per rank: 1/data_ranks of
-    one process's on the same batch."""
-    assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(1, 11))
+    one process's on the same batch. resumed_at: `got` is a run resumed after that step."""
+    reference = reference[resumed_at:]
+    assert [x["step"] for x in got] == [x["step"] for x in reference] == list(range(resumed_at + 1, 11))
     for a, b in zip(reference, got):
         for key in ("lm_loss", "aux_loss", "z_loss", "grad_norm"):
             assert (key in b) == (key in a) and b.get(key) == pytest.approx(a.get(key), rel=1e-5, abs=1e-5), \
@@ -99,25 +103,39 @@ def test_pp2_gives_the_single_process_losses(fixture, request, one_process, tmp_
     _same_run(one_process(build), _train_records(build, tmp_path / "pp", 2))
 
 
-@pytest.mark.parametrize("fixture", ["pp2_ep2_build", "pp2_build", "pp2_tp2_build"],
-                         ids=["pp2xep2", "pp2xdp2", "pp2xtp2"])
-def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture, request, one_process,
+@pytest.mark.parametrize("fixture,zero", [("pp2_ep2_build", False), ("pp2_build", False), ("pp2_tp2_build", False),
+                                          ("pp2_dense_build", True)],
+                         ids=["pp2xep2", "pp2xdp2", "pp2xtp2", "pp2xdp2-zero1"])
+def test_pp2_on_four_processes_gives_the_losses_of_one_process_or_of_ddp(fixture, zero, request, one_process,
                                                                           tmp_path_factory, tmp_path):
     """Two pipelines, whose stages read the share of their data-parallel rank, half of each micro-batch of the
     step's 8 sequences. PP2 x EP2 gives the losses of one process reading all 8: an EP build's balance loss
     counts the experts' slots over every data-parallel rank. PP2 x DP2, whose balance loss counts each rank's
     own, gives those of DDP on 2 processes reading the same shares. PP2 x TP2 (a dense build) is one pipeline
     whose stages are TP groups (ranks 0, 1 and 2, 3), TP rank t of stage 0 sending to TP rank t of stage 1: one
-    process's losses and gradient norms (the split weights' squared norms summed over each TP group)."""
+    process's losses and gradient norms (the split weights' squared norms summed over each TP group).
+    PP2 x DP2 with --zero (ZeRO-1, a dense build: no balance loss, so one process's losses; its embedding and
+    head, one weight, on both stages) shards each stage's optimizer state over the ranks running that stage
+    and broadcasts the updates there; its checkpoint after step 5, each rank's shard under the parameters'
+    names, resumes on one process with the losses of one process's steps 6-10."""
     build = request.getfixturevalue(fixture)
     tp = fixture == "pp2_tp2_build"  # one pipeline, each stage's TP group reading all the step's 8 sequences
     got = _train_records(build, tmp_path / "pp", 4, "--batch-size", 4 if tp else 2, "--debug-collectives",
-                         *(["--ckpt-every", 0] if tp else []))  # tp: a checkpoint after the last step
+                         *(["--ckpt-every", 0] if tp else []),  # tp: a checkpoint after the last step
+                         *(["--zero", "--ckpt-every", 5] if zero else []))
     ops, links = collectives(tmp_path / "pp", 4)
     assert links == {(0, 2), (2, 0), (1, 3), (3, 1)}  # within each pipeline (ranks 0, 2 and 1, 3), not across
     issued = {"all_reduce", "all_to_all_single"} if fixture == "pp2_ep2_build" else {"all_reduce"}
     assert issued <= ops[frozenset({0, 1})] and issued <= ops[frozenset({2, 3})]  # each stage's EP or DP ranks
-    if tp:
+    # ZeRO's broadcasts of the updated shards, on each stage's data group only
+    assert {g for g, o in ops.items() if "broadcast" in o} == ({frozenset({0, 1}), frozenset({2, 3})} if zero else set())
+    if zero:
+        reference = one_process(build)
+        _same_run(reference, got)
+        moved = tmp_path / "resumed" / "checkpoints" / "step_00000005"
+        shutil.copytree(tmp_path / "pp" / "checkpoints" / "step_00000005", moved)
+        _same_run(reference, _train_records(build, tmp_path / "resumed", 1, "--resume"), resumed_at=5)
+    elif tp:
         _same_run(one_process(build), got)
         step10 = tmp_path / "pp" / "checkpoints" / "step_00000010"
         saved = read_metadata(step10).state_dict_metadata
@@ -184,6 +202,16 @@ def test_what_a_pipeline_does_not_run_is_one_line_before_training(pp2_build, tmp
     assert r.returncode != 0
     assert f"error: {message}" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fsdp_on_a_pipeline_is_one_line_exit_2(pp2_build, tmp_path):
+    """FSDP2 shards a data-parallel build; a pipeline's stages shard its layers already (--zero shards its
+    optimizer state, above). Refused on any number of processes, as for an EP build."""
+    r = run_train(pp2_build, "--steps", 1, "--fsdp", run_dir=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: --fsdp shards a data-parallel build, and this build is pipeline "
+                                             "parallel (PP=2): each stage holds only its layers already; use --zero "
+                                             "to shard the optimizer state"]
 
 
 def test_a_run_resumes_from_pp2_x_ep2_to_ep4_to_one_process_and_back(pp2_ep2_build, tmp_path_factory, tmp_path):

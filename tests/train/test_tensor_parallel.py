@@ -15,7 +15,8 @@ from moec.runtime.training.checkpoint import read_weights
 from moec.runtime.training.progress import read_metrics
 from tests.train.conftest import ROOT, TINY, collectives, run_train, starve_experts
 
-STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--bias-refit", 0]
+# a constant LR after the warm-up: a run stopped at any step follows the uninterrupted run's schedule
+STEPS = ["--grad-accum", 2, "--log-every", 1, "--eval-every", 0, "--bias-fit", 0, "--bias-refit", 0, "--min-lr-ratio", 1]
 
 
 def _build(tmp_path_factory, name: str, **plan):
@@ -28,6 +29,8 @@ def _build(tmp_path_factory, name: str, **plan):
 def _train(build, run_dir, nproc, steps, *extra):
     r = run_train(build, *STEPS, "--steps", steps, *extra, run_dir=run_dir, nproc=nproc, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    # a resumed run starts from the checkpoint (one process starting over would give the same losses)
+    assert "--resume" not in extra or "resume: from " in r.stderr, r.stderr[-3000:]
     return [x for x in read_metrics(run_dir / "metrics.jsonl") if x["kind"] == "train"]
 
 

@@ -105,6 +105,10 @@ def mismatch(state: dict, metadata: Metadata) -> str | None:
     otherwise), or None."""
     saved = metadata.state_dict_metadata
     for key, value in state.items():
+        if isinstance(value, dict):  # DCP saves a dict (FUSED's) as its items, "key.name"
+            if problem := mismatch({f"{key}.{k}": v for k, v in value.items()}, metadata):
+                return problem
+            continue
         if key not in saved:
             return f"it has no {key}"
         if torch.is_tensor(value) and (size := getattr(saved[key], "size", None)) != value.shape:

@@ -3,8 +3,9 @@
 Replicated parameters and experts live in different data-parallel groups, so
 there are two: the replicated parameters' state is sharded over "data" (all
 ranks; with tensor parallelism the ranks of the same TP index, which hold the
-same slices of the split linears), each expert slice's state over "ep_dp" (the
-ranks holding the same experts). Gradients are still reduced whole by DDP or grad_sync (ZeRO-1, not
+same slices of the split linears; with pipeline parallelism the ranks running
+the same stage, which hold the same layers), each expert slice's state over
+"ep_dp" (the ranks holding the same experts, of the same stage). Gradients are still reduced whole by DDP or grad_sync (ZeRO-1, not
 -2): each rank then updates its shard and ZeroRedundancyOptimizer broadcasts
 the result. On one process it is the optimizer itself.
 """

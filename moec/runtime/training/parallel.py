@@ -49,7 +49,11 @@ class Parallel:
 
     def optimizer(self, optimizer_class, param_groups: list, **defaults) -> torch.optim.Optimizer:
         """optimizer_class over param_groups; with zero, its state sharded over the data-parallel ranks
-        (ZeRO-1: replicated parameters' over all ranks, experts' over the ranks holding the same experts)."""
+        (ZeRO-1: replicated parameters' over the "data" group, all ranks without PP and TP, else those of the
+        same stage and TP index; experts' over the ranks holding the same experts). Under PP the parameters are
+        those of this rank's stages; a tied weight that the first and last stage both hold gets the same summed
+        gradient on both (GradSync), and each stage's owner of its state updates it alike and broadcasts it over
+        its own data group, so the copies stay equal as they do unsharded."""
         if self.zero:
             from moec.runtime.distributed.zero import make_optimizer
             optimizer = make_optimizer(self.model, optimizer_class, param_groups, **defaults)
@@ -99,7 +103,8 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     step, the last stage's loss_fn(logits, targets); with tp > 1 each stage's linears split over its TP group,
     TP rank t of one stage sending to TP rank t of the next); or else DDP / FSDP2 (ZeRO-3: the plan's --zero 3
     or train.py's --fsdp, on a data-parallel build only); then ZeRO-1 for the optimizer (the plan's --zero 1
-    or train.py's --zero; with TP, a slice's state sharded over the ranks holding the same slice)."""
+    or train.py's --zero; with TP, a slice's state sharded over the ranks holding the same slice; with PP, a
+    stage's state over the ranks running the same stage, the ones holding the same TP slice)."""
     check_world(options, env.world)
     fsdp, zero = fsdp or options.zero == 3, zero or options.zero == 1
     if fsdp and zero:
@@ -108,9 +113,9 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     from moec.runtime.distributed.setup import setup
 
     ep, pp, tp = options.ep, options.pp, options.tp
-    if (fsdp or zero) and pp > 1 and env.world > 1:
-        raise MoecError(f"--{'fsdp' if fsdp else 'zero'} does not combine with pipeline parallelism (PP={pp}) yet: "
-                        f"each stage already holds only its layers")
+    if fsdp and pp > 1:
+        raise MoecError(f"--fsdp shards a data-parallel build, and this build is pipeline parallel (PP={pp}): each "
+                        f"stage holds only its layers already; use --zero to shard the optimizer state")
     if fsdp and tp > 1 and env.world > 1:
         raise MoecError(f"--fsdp shards a data-parallel build, and this build is tensor parallel (TP={tp}): its "
                         f"linears are split over the ranks already; use --zero to shard the optimizer state")
@@ -125,7 +130,7 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
         pipeline = Pipeline(model, _stages(model), options.pp_schedule, micro_batches, groups.get("pp"),
                             env.device, loss_fn)
         grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model), grad_sync.tp_split_names)
-        return Parallel(pipeline.model, env, mesh, grad_sync, pipeline=pipeline)
+        return Parallel(pipeline.model, env, mesh, grad_sync, zero, pipeline=pipeline)
     if env.world > 1 and (ep > 1 or tp > 1):
         model, mesh, grad_sync = setup(model, options, tp_plan)
         return Parallel(model, env, mesh, grad_sync, zero)
