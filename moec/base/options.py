@@ -211,9 +211,9 @@ class Options:
                        f"drop {flag.split()[0]}")
         if self.sequence_parallel and self.pp > 1:
             yield f"--sequence-parallel with --pp {self.pp}: the training program does not combine them yet; drop one"
-        if self.sequence_parallel and self.routing == "expert-choice":
-            yield ("--sequence-parallel with --routing expert-choice: each expert would pick among one TP rank's "
-                   "tokens, not all of them; use top-k routing or drop --sequence-parallel")
+        if self.sequence_parallel and self.aux_loss_scope == "sequence":
+            yield ("--sequence-parallel with --aux-loss-scope sequence: the balance loss of each sequence needs it "
+                   "whole, which sequence parallelism splits over the TP ranks; use --aux-loss-scope batch")
 
     def parallel_label(self) -> str:
         return f"EP{self.ep} DP{self.dp or '*'} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"
