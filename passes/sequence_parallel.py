@@ -14,8 +14,7 @@ Invariant: on one process the graph computes what it computed before; what token
 otherwise (a size of the whole sequence read on a shard, or a shard's size read where all tokens are, a
 tensor of the whole sequence mixed with a shard, a parameter used on both) is a MoecError naming the node.
 """
-import operator
-
+import sympy
 import torch
 import torch.fx
 
@@ -74,7 +73,7 @@ def shard_sequence(gm: torch.fx.GraphModule, enters: list, reduces: list, inside
     idx = next((p for p in g.nodes if p.op == "placeholder" and isinstance(p.meta.get("val"), torch.Tensor)
                 and p.meta["val"].dim() >= 2), None)
     seq = idx.meta["val"].shape[1] if idx is not None else None
-    if not isinstance(seq, torch.SymInt) or not isinstance(seq.node.expr, __import__("sympy").Symbol):
+    if not isinstance(seq, torch.SymInt) or not isinstance(seq.node.expr, sympy.Symbol):
         raise MoecError(f"{FLAG}: the model's input has no sequence dim of symbolic length to split; drop {FLAG}")
     seq = seq.node.expr
 
