@@ -82,6 +82,8 @@ class RunLog:
         self.build, self.env, self.every = build, env, args.log_every
         self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * (data_world or env.world)
         self.micro_tokens = args.batch_size * args.seq_len  # per rank: what one forward routes
+        if build.options.sequence_parallel and env.world > 1:  # each rank of a TP group routes its share
+            self.micro_tokens //= build.options.tp
         self.peak = device_peak_flops(env.device)
         main = env.rank == 0
         if main:
