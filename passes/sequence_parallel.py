@@ -144,16 +144,21 @@ def shard_sequence(gm: torch.fx.GraphModule, enters: list, reduces: list, inside
         if a in shard and a.target is not aten.detach.default and seq in _symbols(a):
             raise MoecError(f"{FLAG}: the model returns {a.name}, which holds this rank's share of the tokens; "
                             f"drop {FLAG}")
-    params = dict(gm.named_parameters())
-    plan = {}
-    for n in g.nodes:
+    params = dict(gm.named_parameters(remove_duplicate=False))  # a tied parameter under each of its names
+    names, on = {}, {}
+    for name, p in params.items():
+        names.setdefault(id(p), []).append(name)
+    for n in g.nodes:  # a parameter may be read by more than one get_attr node, under more than one name
         if n.op == "get_attr" and n.target in params:
-            on = {u in shard or u in local for u in n.users}
-            if on == {True, False}:
-                raise MoecError(f"{FLAG}: {n.target} is used both on this rank's share of the tokens and on all "
-                                f"of them; drop {FLAG}")
-            if on == {True}:
-                plan[n.target] = {"style": "sequence", "parts": 1, "bias": None}
+            on.setdefault(id(params[n.target]), set()).update(u in shard or u in local for u in n.users)
+    plan = {}
+    for key, where in on.items():
+        if where == {True, False}:
+            first, *tied = names[key]
+            raise MoecError(f"{FLAG}: {first}{f' (tied to {tied[0]})' if tied else ''} is used both on this rank's "
+                            f"share of the tokens and on all of them; drop {FLAG}")
+        if where == {True}:
+            plan.update({name: {"style": "sequence", "parts": 1, "bias": None} for name in names[key]})
     return plan
 
 

@@ -138,10 +138,12 @@ def test_attention_that_does_not_project_with_linears_is_refused():
 
 
 class Tiny(nn.Module):  # GPT's layout: embedding, blocks of norm -> attention -> residual add, final norm, head
-    def __init__(self, blocks=2, positions=False):
+    def __init__(self, blocks=2, positions=False, shared_norm=False):
         super().__init__()
         self.wte, self.head, self.ln_f = nn.Embedding(64, D), nn.Linear(D, 64, bias=False), nn.LayerNorm(D)
         self.ln = nn.ModuleList(nn.LayerNorm(D) for _ in range(blocks))
+        if shared_norm:
+            self.ln_f = self.ln[0]
         self.attn = nn.ModuleList(FusedAttention() for _ in range(blocks))
         self.pos = nn.Parameter(torch.randn(16, D)) if positions else None
 
@@ -183,13 +185,17 @@ def test_sequence_parallel_shards_the_tokens_between_the_regions():
         [f"ln.{i}.{p}" for i in range(2) for p in ("weight", "bias")] + [f"attn.{i}.c_proj.bias" for i in range(2)])
 
 
-def test_what_sequence_parallelism_would_compute_otherwise_is_refused_in_one_line():
-    """A tensor of the whole sequence added to the residual stream between the regions."""
+@pytest.mark.parametrize("model,message", [
+    (Tiny(positions=True), "add_1 in the model computes on this rank's share of the tokens but reads the tensor "
+                           "slice_1 of the whole sequence"),
+    (Tiny(shared_norm=True), "ln_f.weight (tied to ln.0.weight) is used both on this rank's share of the tokens "
+                             "and on all of them")])
+def test_what_sequence_parallelism_would_compute_otherwise_is_refused_in_one_line(model, message):
+    """A tensor of the whole sequence added to the residual stream between the regions; a norm used both in a
+    block (on a token share) and as the final norm (on all tokens), whose gradient would be summed wrong."""
     with pytest.raises(MoecError) as e:
-        _sequence_parallel(Tiny(positions=True))
-    assert "\n" not in str(e.value)
-    assert str(e.value).startswith("tensor_parallel: --sequence-parallel: ") and "of the whole sequence" in \
-        str(e.value) and str(e.value).endswith("drop --sequence-parallel")
+        _sequence_parallel(model)
+    assert str(e.value) == f"tensor_parallel: --sequence-parallel: {message}; drop --sequence-parallel"
 
 
 def test_a_sequence_length_tp_does_not_divide_is_refused_in_one_line(monkeypatch):
