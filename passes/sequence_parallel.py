@@ -5,7 +5,8 @@ last tensor the first TP region's input comes from that a residual add also read
 last residual add after the last TP region (Q, the last block's output).
 Rewrites: P's users read tensor_parallel.scatter(P, 1) (each TP rank keeps its 1/TP of the sequence) and Q's
 users read gather(Q, 1); between them a region's enter becomes enter_sp (all-gather of the tokens) and its
-reduce becomes reduce_sp (reduce-scatter over the tokens), so the norms, residual adds, router and MoE
+reduce becomes reduce_sp (reduce-scatter over the tokens; an FFN region that reads the tokens flattened,
+a shared expert's, gathers and scatters them on dim 0), so the norms, residual adds, router and MoE
 layers run on this rank's tokens. Each MoE layer's balance loss reads expert counts summed over the TP group
 (tp_sum) and its balance and z losses are averaged over it (tp_mean), as one process computes them.
 gm.meta["tp_plan"] gains {name: {"style": "sequence", ...}} for each parameter used only on token shards
