@@ -175,7 +175,7 @@ class TensorParallel(Pass):
         self.reduces.append(summed)
         self.inside |= set(where) | {row}
         if not any(n.target is SDPA for n in where):  # an FFN: each token on its own
-            self.token_wise |= {summed, *(u for x in inputs for u in x.users if u.target is tp_ops.enter)}
+            self.token_wise |= {summed, *self.enters[-len(inputs):]}
         return plan
 
     @staticmethod
