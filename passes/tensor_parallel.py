@@ -11,7 +11,8 @@ after. Between them, a view, reshape or expand gives the split dimension (heads,
 come from) as -1, and a split of it into equal pieces (a fused q/k/v projection) becomes a chunk: the
 code reads each rank's local sizes (tp_dims follows the split dimension there).
 gm.meta["tp_plan"] = {weight: {"style": "colwise" | "rowwise", "bias": name or None, "parts": equal pieces
-of a fused output}}, which config.json carries to the runtime.
+of a fused output}}, which config.json carries to the runtime. With sequence_parallel, sequence_parallel.py
+then shards the tokens between the regions (its entries have style "sequence").
 Invariant: on one process (no "tp" group) the graph computes what it computed before; every split
 dimension (heads included) divides by TP, else a MoecError names the layer.
 """
@@ -20,6 +21,7 @@ import torch.fx
 
 from moec.base.errors import MoecError
 from moec.passes.base import Pass, PassResult, inherit_provenance
+from moec.passes.sequence_parallel import shard_sequence
 from moec.passes.tp_dims import LINEAR, SDPA, aten, follow
 from moec.runtime.distributed import tensor_parallel as tp_ops
 
@@ -41,10 +43,11 @@ class TensorParallel(Pass):
     name = "tensor_parallel"
     requires = ("ffns",)
 
-    def __init__(self, tp: int):
-        self.tp = tp
-
+    def __init__(self, tp: int, sequence_parallel: bool = False):
+        self.tp, self.sequence_parallel = tp, sequence_parallel
+        
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.enters, self.reduces, self.inside, self.token_wise = [], [], set(), set()  # for sequence parallelism
         self._check_dropout(gm)
         linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR and _weight(n)]
         regions = [self._attention(a) for a in gm.graph.nodes if a.op == "call_function" and a.target is SDPA]
@@ -70,6 +73,8 @@ class TensorParallel(Pass):
         plan = {}
         for module, cols, row in regions:
             plan.update(self._split(gm, module, cols, row))
+        if self.sequence_parallel:
+            plan.update(shard_sequence(gm, self.enters, self.reduces, self.inside, self.token_wise))
         gm.meta["tp_plan"] = plan
         return PassResult(gm, True)
 
@@ -148,6 +153,7 @@ class TensorParallel(Pass):
                 with g.inserting_after(x):
                     entered = g.call_function(tp_ops.enter, (x,))
             entered.meta["val"] = x.meta.get("val")
+            self.enters.append(entered)
             for c in cols:
                 if c.args[0] is x:
                     c.update_arg(0, entered)
@@ -166,6 +172,10 @@ class TensorParallel(Pass):
                     added = g.call_function(aten.add.Tensor, (summed, bias))
                 added.meta["val"] = row.meta.get("val")
                 summed.replace_all_uses_with(added, delete_user_cb=lambda u: u is not added)
+        self.reduces.append(summed)
+        self.inside |= set(where) | {row}
+        if not any(n.target is SDPA for n in where):  # an FFN: each token on its own
+            self.token_wise |= {summed, *self.enters[-len(inputs):]}
         return plan
 
     @staticmethod
@@ -176,4 +186,6 @@ class TensorParallel(Pass):
     def report(self, gm: torch.fx.GraphModule) -> list[str]:
         plan = gm.meta.get("tp_plan", {})
         return [f"TP={self.tp}: {how['style']} {w}" + (f" ({how['parts']} parts)" if how["parts"] > 1 else "")
-                for w, how in plan.items()]
+                for w, how in plan.items() if how["style"] != "sequence"] + \
+            ([f"TP={self.tp}: sequence parallel, gradients summed over TP: " + ", ".join(sequence)]
+             if (sequence := [w for w, how in plan.items() if how["style"] == "sequence"]) else [])

@@ -32,6 +32,12 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
     (["--pp", "2", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP1 DP* TP1 PP2 "
                                    "ZeRO-3: use --zero 1 to shard the optimizer state"),
     (["--plan", "missing.json"], "--plan missing.json: no such file or directory"),
+    (["--sequence-parallel"],
+     "--sequence-parallel splits the tokens over the tensor-parallel ranks: add --tp N (N > 1)"),
+    (["--tp", "2", "--ep", "2", "--pp", "2", "--sequence-parallel"],
+     "--sequence-parallel with --pp 2: the training program does not combine them yet; drop one"),
+    (["--tp", "2", "--ep", "2", "--aux-loss-scope", "sequence", "--sequence-parallel"],
+     "--sequence-parallel with --aux-loss-scope sequence: the balance loss of each sequence needs it whole"),
 ])
 def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_path, args, message):
     r = run("compile", EXAMPLES / "gpt.py", "-o", tmp_path / "out", *TINY, *args)

@@ -77,6 +77,7 @@ class Options:
     pp: int = 1  # pipeline stages
     pp_schedule: str = "1f1b"  # one of PP_SCHEDULES
     tp: int = 1  # tensor-parallel degree
+    sequence_parallel: bool = False  # with tp > 1: outside attention/FFN each TP rank holds 1/TP of the tokens
     dp: int = 0  # data-parallel replicas of the EP x PP x TP grid; 0: as many as the world holds (a plan fixes it)
     recompute: bool = False  # recompute every layer's activations in backward
     # the micro-batch the plan was costed for: train.py's default --batch-size and --grad-accum (0: its own)
@@ -189,6 +190,8 @@ class Options:
         it runs instead. The compiler refuses such a plan and the planner's --gpus search skips it."""
         if self.tp > 1:
             yield from self._tp_problems()
+        elif self.sequence_parallel and not (self.gpus and not self.dp):
+            yield "--sequence-parallel splits the tokens over the tensor-parallel ranks: add --tp N (N > 1)"
         if self.pp_schedule != "1f1b" and self.pp == 1:
             yield f"--pp-schedule {self.pp_schedule} means something only with pipeline parallelism: add --pp N"
         if self.zero == 2:
@@ -214,6 +217,11 @@ class Options:
             if on:
                 yield (f"--tp {self.tp} with {flag}: the training program does not combine them yet; "
                        f"drop {flag.split()[0]}")
+        if self.sequence_parallel and self.pp > 1:
+            yield f"--sequence-parallel with --pp {self.pp}: the training program does not combine them yet; drop one"
+        if self.sequence_parallel and self.aux_loss_scope == "sequence":
+            yield ("--sequence-parallel with --aux-loss-scope sequence: the balance loss of each sequence needs it "
+                   "whole, which sequence parallelism splits over the TP ranks; use --aux-loss-scope batch")
 
     def parallel_label(self) -> str:
         return f"EP{self.ep} DP{self.dp or '*'} TP{self.tp} PP{self.pp} ZeRO-{self.zero}"

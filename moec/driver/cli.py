@@ -145,6 +145,9 @@ def _pyramid(value):
               help="Pipeline schedule (torch.distributed.pipelining); interleaved-1f1b, zero-bubble and dualpipev "
                    "run two stages per rank.")
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel degree.")
+@click.option("--sequence-parallel", is_flag=True,
+              help="With --tp N: between attention and FFN regions each TP rank holds 1/N of each sequence's "
+                   "tokens (norms, router, MoE run on them; Megatron's --sequence-parallel).")
 @click.option("--zero", default=0, show_default=True,
               help="ZeRO stage: 1 shards the optimizer state over the data-parallel ranks, 3 is FSDP2.")
 @click.option("--recompute", is_flag=True, help="Recompute every layer's activations in backward.")

@@ -61,7 +61,7 @@ def passes_for(options: Options, plan=None, stop_after: str | None = None) -> li
     make = {"find_ffn": FindFFN, "sample_ffn_inputs": lambda: SampleFFNInputs(options),
             "ffn_to_moe": lambda: FFNToMoE(options), "lower_moe": LowerMoE,
             "plan_sharding": lambda: PlanSharding(plan), "insert_collectives": lambda: InsertCollectives(options),
-            "tensor_parallel": lambda: TensorParallel(options.tp),
+            "tensor_parallel": lambda: TensorParallel(options.tp, options.sequence_parallel),
             "lower_to_triton": LowerToTriton}
     out = []
     for name in PIPELINE:

@@ -2,7 +2,8 @@
 build on one process, and its checkpoints (the split weights at their global shapes) resume on one process
 and back; TP2 x EP2 on 4 processes gives them too (the ranks of a TP group read the same data and hold the same
 experts), with the same collectives on every rank of a group, also when a layer's experts on one EP rank get no
-token; micro-batches of one token, fewer than the TP ranks, give them too; TP2 x DP2 with ZeRO-1 (each slice's
+token, and with --sequence-parallel (each rank of a TP group holding half of the tokens between its split
+linears); micro-batches of one token, fewer than the TP ranks, give them too; TP2 x DP2 with ZeRO-1 (each slice's
 optimizer state sharded over the ranks holding that slice) gives them too, resuming from one process's checkpoint
 and writing one that one process resumes; train.py's --fsdp, which TP does not combine with, is refused in one line."""
 import pytest
@@ -67,25 +68,32 @@ def test_tp2_gives_the_single_process_losses_and_resumes_on_one_process_and_back
     _same(one, got, list(range(1, 9)))
 
 
-def test_tp2_x_ep2_on_four_processes_gives_the_single_process_losses(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+def test_tp2_x_ep2_on_four_processes_gives_the_single_process_losses(tmp_path_factory, tmp_path, sequence_parallel):
     """With shared experts (split like a dense FFN) and routed ones (EP): the 2 ranks of a TP group read the same
     share of the step's 8 sequences, each EP rank half of each micro-batch; the same weights, so one process's
     losses, gradient norms and expert load on all 8. Layer 1 sends every token to experts 2 and 3: those of
-    EP rank 0 (ranks 0 and 1) get none."""
-    tp2 = _build(tmp_path_factory, "gpt-moe-tp2-ep2", ep=2, tp=2, shared_experts=1)
+    EP rank 0 (ranks 0 and 1) get none. With --sequence-parallel each rank of a TP group holds half of each
+    sequence's tokens outside attention and the shared experts (norms, routers, routed experts run on them): the
+    balance and z losses are the TP group's, the gradients of what ran on a shard summed over it."""
+    tp2 = _build(tmp_path_factory, f"gpt-moe-tp2-ep2-{sequence_parallel}", ep=2, tp=2, shared_experts=1,
+                 sequence_parallel=sequence_parallel)
     starve_experts(tp2, 1, [2, 3])
     reference = _train(tp2, tmp_path / "one", 1, 4, "--ckpt-every", -1)
     assert all(x["expert_load"][1]["cv"] == pytest.approx(1.0) for x in reference)  # two of four experts idle
     got = _train(tp2, tmp_path / "tp2", 4, 4, "--batch-size", 2, "--ckpt-every", -1, "--debug-collectives")
     ops, links = collectives(tmp_path / "tp2", 4)
     assert links == set()
-    assert all("all_reduce" in ops[frozenset(g)] for g in ({0, 1}, {2, 3}))  # the TP groups
+    tp_ops = {"all_reduce"} | ({"all_gather_into_tensor", "reduce_scatter_tensor"} if sequence_parallel else set())
+    assert all(tp_ops <= ops[frozenset(g)] for g in ({0, 1}, {2, 3}))  # the TP groups
     assert all("all_to_all_single" in ops[frozenset(g)] for g in ({0, 2}, {1, 3}))  # the EP groups
     _same(reference, got, [1, 2, 3, 4])
     for a, b in zip(reference, got):
         for la, lb in zip(a["expert_load"], b["expert_load"], strict=True):
-            # per rank, the sum over 4 ranks of counts each TP group holds twice: half of one process's
-            lb = {**lb, "max": lb["max"] * 2, "mean": lb["mean"] * 2}
+            # per rank, the sum over 4 ranks of counts each TP group holds twice (or, sequence parallel, once):
+            # half (a quarter) of one process's
+            times = 4 if sequence_parallel else 2
+            lb = {**lb, "max": lb["max"] * times, "mean": lb["mean"] * times}
             assert lb == pytest.approx(la, rel=1e-9), a["step"]
 
 

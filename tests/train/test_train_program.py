@@ -141,3 +141,23 @@ def test_context_is_read_from_the_position_table_when_no_config_says_it():
 
     model = Positions()
     assert context_length(capture(model, (torch.zeros(2, 8, dtype=torch.long),)), model) == 48
+
+
+def test_under_sequence_parallelism_the_flops_of_all_but_the_whole_token_parameters_divide_by_tp():
+    """A TP rank computes 1/TP of the split linears; under sequence parallelism also of what runs on its token
+    share (norms, routers, experts): only the embedding and head compute on every token."""
+    from moec.runtime.training.metrics import step_flops, whole_token_params
+
+    class Model(torch.nn.Module):
+        def __init__(self, device="cpu"):
+            super().__init__()
+            self.wte, self.ln, self.proj = (torch.nn.Linear(4, 8, bias=False, device=device),
+                                            torch.nn.LayerNorm(8, device=device),
+                                            torch.nn.Linear(8, 8, device=device))
+
+    plan = {"proj.weight": {"style": "colwise", "parts": 1, "bias": "proj.bias"},
+            "ln.weight": {"style": "sequence", "parts": 1, "bias": None},
+            "ln.bias": {"style": "sequence", "parts": 1, "bias": None}}
+    assert whole_token_params(Model, plan) == 32  # wte
+    active = 32 + 16 + 72
+    assert step_flops(active, 10, 0.0, 2, active - 32) == 6.0 * (32 + 88 / 2) * 10

@@ -10,6 +10,11 @@ loss the mean over ranks, so a replicated parameter's gradient is the mean
 over "data". An expert's gradient on rank (d, j) already sums the
 contributions of all tokens of replica d (the combine's backward brought
 them back), so it is summed over "ep_dp" and divided by the world size.
+
+Under sequence parallelism each rank of a TP group computes on its share of the tokens outside the split
+linears: the gradients of the parameters used there (norms, biases after a row-parallel linear, routers,
+experts) are this rank's part of the group's, so they are summed over "tp" as well; after that they are the
+same on every rank of the group, and counted once in the norm like any replicated parameter.
 """
 import re
 
@@ -50,14 +55,17 @@ class GradSync:
     dtype, counted)} of the parameters more than one stage of a pipeline holds (tied embeddings), the same
     on every rank of it, their gradients summed over "pp"; counted: whether this rank counts it in the norm.
     tp_split: names of the parameters this rank holds a tensor-parallel slice of (the other parameters are
-    the same on every rank of a TP group, and so are their gradients)."""
+    the same on every rank of a TP group, and so are their gradients). tp_partial: names of the parameters
+    used on a token shard under sequence parallelism, whose gradients are summed over "tp"."""
 
-    def __init__(self, model: torch.nn.Module, shared: dict | None = None, tp_split=()):
+    def __init__(self, model: torch.nn.Module, shared: dict | None = None, tp_split=(), tp_partial=()):
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in params if is_expert(n)]
         self.dense = [p for n, p in params if not is_expert(n)]
         self.tp_split_names = [n for n, _ in params if n in set(tp_split)]
         self.tp_split = [p for n, p in params if n in set(tp_split)]  # slices of linears split over "tp"
+        self.tp_partial_names = [n for n, _ in params if n in set(tp_partial)]
+        self.tp_partial = [p for n, p in params if n in set(tp_partial)]
         self.shared, self.named = shared or {}, dict(params)
         uncounted = {id(self.named[n]) for n, (_, _, counted) in self.shared.items() if not counted and n in self.named}
         self.norm_dense = [p for p in self.dense if id(p) not in uncounted]
@@ -75,6 +83,12 @@ class GradSync:
             dist.all_reduce(flat, group=group)
             flat /= ranks
             for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+                p.grad = g
+        if self.tp_partial:  # sequence parallelism: each TP rank's part of the group's gradient
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.tp_partial]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=groups.get("tp"))
+            for p, g in zip(self.tp_partial, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
         for name, (shape, dtype, _) in sorted(self.shared.items()):  # a tied weight's uses on several stages
             p = self.named.get(name)

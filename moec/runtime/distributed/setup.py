@@ -26,10 +26,11 @@ def setup(model: torch.nn.Module, options, tp_plan: dict | None = None):
         return model, None, GradSync(model)
     node_size = options.node_size if options.ep_variant != "flat" else 0
     mesh = build_mesh(options.ep, node_size, options.pp, options.tp)
-    split = []
+    split, partial = [], []
     if options.tp > 1:
         if not tp_plan:
             raise MoecError(f"this build's plan is TP={options.tp} but its config.json has no tp_plan: recompile "
                             f"the build with this moec")
         split = shard_linears(model, tp_plan, options.tp, mesh.get_local_rank("tp"))
-    return model, mesh, GradSync(model, tp_split=split)
+        partial = [w for w, how in tp_plan.items() if how["style"] == "sequence"]
+    return model, mesh, GradSync(model, tp_split=split, tp_partial=partial)

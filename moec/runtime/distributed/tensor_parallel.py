@@ -10,11 +10,24 @@ heads (attention) or hidden units (FFN); outside them every TP rank holds the sa
   enter(x)   identity; its backward sums x's gradient over "tp" (each rank saw x only through its slice)
   reduce(y)  the sum of y over "tp"; its backward is the identity (every rank's output is the same)
 
-With no "tp" group registered (one process) both return their input: the graph runs as compiled.
+Sequence parallelism (Megatron's --sequence-parallel): outside those regions each rank of a TP group holds
+only its 1/TP share of the tokens (dim `dim` of the activation, the sequence), so the norms, residual adds,
+router and MoE layer run on T/TP tokens:
+
+  enter_sp(x, dim)   all-gather of x's tokens over "tp"; its backward reduce-scatters the gradient
+  reduce_sp(y, dim)  the sum of y over "tp", scattered by tokens; its backward all-gathers the gradient
+  scatter(x, dim)    this rank's share of x's tokens (every rank holds all of x); backward all-gathers
+  gather(x, dim)     all-gather of x's tokens; backward keeps this rank's share of the gradient
+  tp_mean(x)         a loss of this rank's tokens averaged over "tp" (every rank gets the TP group's); the
+                     gradient is divided by TP, as each rank's share of the group's mean
+  tp_sum(c)          expert counts of this rank's tokens summed over "tp", scaled to this rank's total
+
+With no "tp" group registered (one process) every one of them returns its input: the graph runs as compiled.
 """
 import torch
 import torch.distributed as dist
 
+from moec.base.errors import MoecError
 from moec.runtime.distributed import groups
 
 
@@ -42,6 +55,130 @@ class _Reduce(torch.autograd.Function):
         return grad
 
 
+def _tokens(n: int, tp: int) -> None:
+    if n % tp:
+        raise MoecError(f"sequence parallelism splits the {n} tokens of each sequence over TP={tp} ranks, which must "
+                        f"divide them: use a --seq-len that TP divides, or a build without --sequence-parallel")
+
+
+def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    g = groups.get("tp")
+    part = x.movedim(dim, 0).contiguous()  # [n, ...], the ranks' shares stacked on dim 0
+    out = part.new_empty((dist.get_world_size(g) * part.shape[0], *part.shape[1:]))
+    dist.all_gather_into_tensor(out, part, group=g)
+    return out.movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(y: torch.Tensor, dim: int) -> torch.Tensor:
+    g = groups.get("tp")
+    tp = dist.get_world_size(g)
+    _tokens(y.shape[dim], tp)
+    whole = y.movedim(dim, 0).contiguous()
+    out = whole.new_empty((whole.shape[0] // tp, *whole.shape[1:]))
+    dist.reduce_scatter_tensor(out, whole, group=g)
+    return out.movedim(0, dim).contiguous()
+
+
+def _share(x: torch.Tensor, dim: int) -> torch.Tensor:
+    g = groups.get("tp")
+    tp = dist.get_world_size(g)
+    _tokens(x.shape[dim], tp)
+    return x.chunk(tp, dim)[dist.get_rank(g)].contiguous()
+
+
+class _EnterSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim), None
+
+
+class _ReduceSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, dim):
+        ctx.dim = dim
+        return _reduce_scatter(y, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim), None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _share(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim), None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        ctx.dim = dim
+        return _all_gather(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _share(grad, ctx.dim), None
+
+
+class _Mean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        g = groups.get("tp")
+        ctx.tp = dist.get_world_size(g)
+        x = x.detach().clone()
+        dist.all_reduce(x, group=g)
+        return x / ctx.tp
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.tp
+
+
+def enter_sp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x's tokens of every TP rank, as the input of column-parallel linears (sequence parallelism)."""
+    return x if groups.get("tp") is None else _EnterSP.apply(x, dim)
+
+
+def reduce_sp(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """The row-parallel linear's output summed over the TP ranks, this rank's share of its tokens."""
+    return y if groups.get("tp") is None else _ReduceSP.apply(y, dim)
+
+
+def scatter(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """This rank's share of the tokens of x, which every rank of the TP group holds whole."""
+    return x if groups.get("tp") is None else _Scatter.apply(x, dim)
+
+
+def gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The tokens of every TP rank: x whole again."""
+    return x if groups.get("tp") is None else _Gather.apply(x, dim)
+
+
+def tp_mean(x: torch.Tensor) -> torch.Tensor:
+    """A loss of this rank's tokens, averaged over the TP group."""
+    return x if groups.get("tp") is None else _Mean.apply(x)
+
+
+def tp_sum(counts: torch.Tensor) -> torch.Tensor:
+    """Expert counts of this rank's tokens -> the TP group's, scaled to this rank's total (as
+    moec::balance_counts scales the data-parallel ranks'): a share of the group's tokens per expert."""
+    if groups.get("tp") is None:
+        return counts
+    total = counts.detach().to(torch.float64).clone()
+    dist.all_reduce(total, group=groups.get("tp"))
+    return (total * (counts.sum() / total.sum())).to(counts.dtype)
+
+
 def enter(x: torch.Tensor) -> torch.Tensor:
     """x as the input of column-parallel linears (see the module docstring)."""
     return x if groups.get("tp") is None else _Enter.apply(x)
@@ -66,6 +203,8 @@ def shard_linears(model: torch.nn.Module, plan: dict, tp: int, rank: int) -> lis
     params = dict(model.named_parameters())
     names = []
     for weight, how in plan.items():
+        if how["style"] == "sequence":
+            continue
         for name, is_bias in ((weight, False), (how["bias"], True)):
             if name is None or (is_bias and how["style"] == "rowwise"):
                 continue
@@ -82,6 +221,8 @@ def tp_layout(plan: dict) -> dict:
     """{parameter: (dim it is split on, parts)} of a tp_plan: what checkpoints save at global shape."""
     out = {}
     for weight, how in plan.items():
+        if how["style"] == "sequence":
+            continue
         out[weight] = (0 if how["style"] == "colwise" else 1, how["parts"])
         if how["bias"] is not None and how["style"] == "colwise":
             out[how["bias"]] = (0, how["parts"])

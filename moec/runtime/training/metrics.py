@@ -73,6 +73,16 @@ def step_flops(active_params: int, tokens: int, attention_flops: float, tp: int 
     return 6.0 * (active_params - split_params + split_params / tp) * tokens + attention_flops / tp
 
 
+def whole_token_params(model_cls, tp_plan: dict) -> int:
+    """Under sequence parallelism, how many parameters compute on every token of a TP group on each of its
+    ranks (neither split nor used on token shards: embeddings, head, final norm); the FLOPs of all the others
+    divide by TP."""
+    from moec.runtime.distributed.tensor_parallel import tp_layout
+
+    names = set(tp_layout(tp_plan)) | {w for w, how in tp_plan.items() if how["style"] == "sequence"}
+    return sum(p.numel() for n, p in model_cls(device="meta").named_parameters() if n not in names)
+
+
 def split_params(model_cls, tp_plan: dict) -> int:
     """How many parameters tensor parallelism splits (config.json's tp_plan), counted on the meta device."""
     from moec.runtime.distributed.tensor_parallel import tp_layout

@@ -129,7 +129,8 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
         model, mesh, grad_sync = setup(model, options, tp_plan)
         pipeline = Pipeline(model, _stages(model), options.pp_schedule, micro_batches, groups.get("pp"),
                             env.device, loss_fn)
-        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model), grad_sync.tp_split_names)
+        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model), grad_sync.tp_split_names,
+                             grad_sync.tp_partial_names)
         return Parallel(pipeline.model, env, mesh, grad_sync, zero, pipeline=pipeline)
     if env.world > 1 and (ep > 1 or tp > 1):
         model, mesh, grad_sync = setup(model, options, tp_plan)

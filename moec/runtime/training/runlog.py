@@ -21,7 +21,7 @@ import torch.distributed as dist
 from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.runtime.training.metrics import (attention_flops_per_step, device_peak_flops, expert_load,
-                                   load_summary, split_params, step_flops)
+                                   load_summary, split_params, step_flops, whole_token_params)
 from moec.runtime.training.progress import MetricsFile, Progress
 
 
@@ -50,6 +50,8 @@ class BuildInfo:
         active = config["result"]["active_params"]
         tp_plan = config["result"].get("tp_plan", {})
         split = split_params(model_cls, tp_plan) if options.tp > 1 else 0
+        if options.tp > 1 and options.sequence_parallel:  # the routers and experts run on 1/TP of the tokens too
+            split = active - whole_token_params(model_cls, tp_plan)
         return cls(options, active, vocab, step_flops(active, batch * seq_len, attention, options.tp, split),
                    fingerprint(model_cls), config["result"].get("router_biases", []), tp_plan)
 
@@ -82,6 +84,8 @@ class RunLog:
         self.build, self.env, self.every = build, env, args.log_every
         self.tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * (data_world or env.world)
         self.micro_tokens = args.batch_size * args.seq_len  # per rank: what one forward routes
+        if build.options.sequence_parallel and env.world > 1:  # each rank of a TP group routes its share
+            self.micro_tokens //= build.options.tp
         self.peak = device_peak_flops(env.device)
         main = env.rank == 0
         if main:
