@@ -49,6 +49,9 @@ class ExpertBias:
         self.layers = [n for n in names] if rate > 0 else []  # its own layers' only
         self.biases = [held.get(n) for n in self.layers if n is not None]  # None: on another stage
         self.weights = [params.get(n.removesuffix("bias") + "weight") for n in self.layers if n is not None]
+        for name, bias, weight in zip([n for n in self.layers if n is not None], self.biases, self.weights):
+            if refit and bias is not None and weight is None:
+                raise RuntimeError(f"the refit scores with the router weight beside {name}, which the model lacks")
         self.counts = None
 
     def add(self, out: dict) -> None:
