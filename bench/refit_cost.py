@@ -7,6 +7,12 @@ initialisation upcycled: the cost does not depend on the weights).
     OMP_NUM_THREADS=1 python bench/refit_cost.py --flags --no-triton
     OMP_NUM_THREADS=1 python bench/refit_cost.py --experts 8 --topk 1 --label "64 experts top-8" \\
         --flags --granularity 8 --no-triton
+
+--drift N instead trains N steps (AdamW, lr warming up to --lr over N, as train.py does with --warmup N) and
+prints, per step and layer, how far the optimizer step moves the last micro-batch's router logits (norm of
+the change over the norm of the logits): by the router's own update (the kept inputs scored with the new
+router weights, what the refit fits) and by the move of its inputs (those of a forward after the step, what
+--bias-refit-forward adds). Pass --flags --weights DENSE.safetensors to upcycle a trained model.
 """
 import argparse
 import importlib.util
@@ -47,6 +53,8 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--iters", type=int, default=12, help="the refit's iterations (train.py --bias-refit)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--drift", type=int, default=0, metavar="STEPS", help="measure the logits' move instead")
+    p.add_argument("--lr", type=float, default=1e-3, help="--drift's peak learning rate")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="compile flags (last)")
     args = p.parse_args()
     build = Path(tempfile.mkdtemp()) / "moe"
@@ -79,6 +87,8 @@ def main():
             model(inputs)
             model.train()
 
+    if args.drift:
+        return drift(model, balance, inputs, args)
     step()
     logits = balance.router_logits()
     parts = {"step": median_seconds(step, args.repeats),
@@ -95,6 +105,36 @@ def main():
     print(f"| {label} | {s:.3f} s | " + " | ".join(f"{v:.3f} s (+{100 * v / s:.0f}%)" for k, v in cells.items()
                                                    if k != "step") + " |")
     print(f"(score alone: {parts['score'] * 1e3:.2f} ms; forward alone: {parts['forward']:.3f} s)")
+
+
+def drift(model, balance, inputs, args):
+    data = TokenData(load_tokens(None), args.seq_len, 0.05, 0)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, 0.95))
+    relative = lambda a, b: " ".join(f"{((y - x).norm() / x.norm()).item():.3f}" for x, y in zip(a, b))
+    print("| step | lr | router update, by layer | inputs' move, by layer |")
+    print("| --- | --- | --- | --- |")
+    for step in range(args.drift):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * (step + 1) / args.drift
+        inputs, targets = data.batch("train", step, args.batch_size, 0, 1)
+        optimizer.zero_grad(set_to_none=True)
+        out = model(inputs)
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), targets.flatten()) + out["aux_loss"] + out["z_loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        balance.add(out)
+        before = balance.router_logits()
+        optimizer.step()
+        routers = balance.router_logits()
+        kept = balance.inputs
+        balance.rescore(model, lambda x, y: (None, model(x)), inputs, targets)  # --bias-refit-forward's forward
+        both, balance.inputs = balance.router_logits(), kept
+        print(f"| {step + 1} | {optimizer.param_groups[0]['lr']:.1e} | {relative(before, routers)} | "
+              f"{relative(routers, both)} |")
+        balance.step()
 
 
 if __name__ == "__main__":
