@@ -32,12 +32,14 @@ from moec.runtime.training.balance import ExpertBias
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def median_seconds(fn, repeats):
+def median_seconds(fn, repeats, device):
     fn()  # the first call warms up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -55,6 +57,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--drift", type=int, default=0, metavar="STEPS", help="measure the logits' move instead")
     p.add_argument("--lr", type=float, default=1e-3, help="--drift's peak learning rate")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast, as train.py)")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=[], help="compile flags (last)")
     args = p.parse_args()
     build = Path(tempfile.mkdtemp()) / "moe"
@@ -66,35 +69,39 @@ def main():
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     info = BuildInfo.read(build, module.Model, args.batch_size, args.seq_len)
-    model = load_build(module.Model, build)
+    device = torch.device(args.device)
+    model = load_build(module.Model, build, device)
+    autocast = lambda: torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     balance = ExpertBias(model, info.router_biases, info.options.expert_bias_rate,
                          info.options.topk * info.options.granularity, info.options.router, args.iters)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = TokenData(load_tokens(None), args.seq_len, 0.05, 0).batch("train", 0, args.batch_size, 0, 1)
-    inputs, targets = batch
+    inputs, targets = (t.to(device) for t in batch)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(inputs)
-        loss = F.cross_entropy(out["logits"].flatten(0, 1), targets.flatten()) + out["aux_loss"] + out["z_loss"]
+        with autocast():
+            out = model(inputs)
+        loss = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
+        loss = loss + out["aux_loss"] + out["z_loss"]
         loss.backward()
         optimizer.step()
         balance.add(out)
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model.eval()
             model(inputs)
             model.train()
 
     if args.drift:
-        return drift(model, balance, inputs, args)
+        return drift(model, balance, device, autocast, args)
     step()
     logits = balance.router_logits()
-    parts = {"step": median_seconds(step, args.repeats),
-             "fit": median_seconds(lambda: balance.refit(logits, args.iters), args.repeats),
-             "score": median_seconds(balance.router_logits, args.repeats),
-             "forward": median_seconds(forward, args.repeats)}
+    parts = {"step": median_seconds(step, args.repeats, device),
+             "fit": median_seconds(lambda: balance.refit(logits, args.iters), args.repeats, device),
+             "score": median_seconds(balance.router_logits, args.repeats, device),
+             "forward": median_seconds(forward, args.repeats, device)}
     s = parts["step"]
     cells = {"step": s, "fit to the logits before the step": parts["fit"],
              "score + fit (after the step)": parts["score"] + parts["fit"],
@@ -107,7 +114,7 @@ def main():
     print(f"(score alone: {parts['score'] * 1e3:.2f} ms; forward alone: {parts['forward']:.3f} s)")
 
 
-def drift(model, balance, inputs, args):
+def drift(model, balance, device, autocast, args):
     data = TokenData(load_tokens(None), args.seq_len, 0.05, 0)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
@@ -119,10 +126,12 @@ def drift(model, balance, inputs, args):
     for step in range(args.drift):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * (step + 1) / args.drift
-        inputs, targets = data.batch("train", step, args.batch_size, 0, 1)
+        inputs, targets = (t.to(device) for t in data.batch("train", step, args.batch_size, 0, 1))
         optimizer.zero_grad(set_to_none=True)
-        out = model(inputs)
-        loss = F.cross_entropy(out["logits"].flatten(0, 1), targets.flatten()) + out["aux_loss"] + out["z_loss"]
+        with autocast():
+            out = model(inputs)
+        loss = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
+        loss = loss + out["aux_loss"] + out["z_loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         balance.add(out)
@@ -130,7 +139,8 @@ def drift(model, balance, inputs, args):
         optimizer.step()
         routers = balance.router_logits()
         kept = balance.inputs
-        balance.rescore(model, lambda x, y: (None, model(x)), inputs, targets)  # --bias-refit-forward's forward
+        with autocast():  # --bias-refit-forward's forward
+            balance.rescore(model, lambda x, y: (None, model(x)), inputs, targets)
         both, balance.inputs = balance.router_logits(), kept
         print(f"| {step + 1} | {optimizer.param_groups[0]['lr']:.1e} | {relative(before, routers)} | "
               f"{relative(routers, both)} |")

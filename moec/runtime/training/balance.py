@@ -166,14 +166,14 @@ class ExpertBias:
 
     @torch.no_grad()
     def refit(self, logits: list, iters: int) -> torch.Tensor:
-        """Move each layer's bias so that top-k over its scores (logits [T, E] a layer) plus the bias is as even as it gets: per iteration each expert's bias moves, by
-        REFIT_MOVE of the way, to where as many tokens pick it as the mean load, the others held (the
-        midpoint of its (T*K/E)-th and next largest margin, a token's margin being how far its score is above
-        the score that would displace it from the top-k, or below the one it would displace). Under data or
-        expert parallelism the moves are averaged and the loads summed over all ranks (one all-reduce an
-        iteration), so every rank keeps the same biases. Each layer keeps its most even iterate, the
-        starting bias included. Nothing is read back to the host. Returns each layer's max/mean load at the
-        kept biases [L]."""
+        """Move each layer's bias so that top-k over its scores (logits [T, E] a layer) plus the bias is as even
+        as it gets: per iteration each expert's bias moves, by REFIT_MOVE of the way, to where as many tokens
+        pick it as the mean load, the others held (the midpoint of its (T*K/E)-th and next largest margin, a
+        token's margin being how far its score is above the score that would displace it from the top-k, or
+        below the one it would displace). Under data or expert parallelism the moves are averaged and the loads
+        summed over all ranks (one all-reduce an iteration), so every rank keeps the same biases. Each layer
+        keeps its most even iterate, the starting bias included. Nothing is read back to the host. Returns each
+        layer's max/mean load at the kept biases [L]."""
         if not self.topk:
             raise RuntimeError("ExpertBias.refit needs the routers' topk")
         worst = [None] * len(self.biases)
