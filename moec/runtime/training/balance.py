@@ -21,10 +21,11 @@ step's last micro-batch under the updated routers: the forward returns each
 such layer's router input h [T, D] (router_inputs, detached), add() keeps a
 copy, and after optimizer.step() the logits are h @ W_router^T again with the
 new weights (one [T, D] x [D, E] matmul a layer; the routers have no bias or
-scale), then a few top-k passes over [T, E] per layer, all on the device. The
-router's own update is what moves the logits most from one step to the next;
-h moves too with the layers below, which train.py --bias-refit-forward
-follows with one more forward of the micro-batch after the step (rescore).
+scale), then a few top-k passes over [T, E] per layer, all on the device.
+That follows the routers' own update; h moves too with the layers below (on
+the CPU GPT of BENCHMARKS.md more than the routers' update moves the logits),
+which train.py --bias-refit-forward follows with one more forward of the
+micro-batch after the step (rescore).
 Memory: the kept inputs are T x D a layer (bf16 on a GPU, what autocast feeds
 the router; the input's dtype elsewhere), from the last micro-batch's forward
 to the end of its step; nothing of them is checkpointed.
