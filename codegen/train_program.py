@@ -93,10 +93,11 @@ def parse_args():
                         "before step 1 (not under a pipeline); 0: keep the compiled biases")
     p.add_argument("--bias-refit", type=int, default=12, metavar="ITERS",
                    help="iterations of each step's refit of the expert selection biases to the router scores of "
-                        "its last micro-batch (no extra forward; not under a pipeline); 0: only the "
-                        "--expert-bias-rate step")
+                        "its last micro-batch under the updated routers (the routers' inputs kept from its "
+                        "forward, T x D a layer, scored again: no extra forward; not under a pipeline); 0: only "
+                        "the --expert-bias-rate step")
     p.add_argument("--bias-refit-forward", action="store_true",
-                   help="refit to the router scores of one more forward of the step's last micro-batch under the "
+                   help="take the routers' inputs from one more forward of the step's last micro-batch under the "
                         "updated weights instead (no gradients; about a third of a micro-batch's forward and "
                         "backward a step)")
     p.add_argument("--seed", type=int, default=0, help="seeds dropout and the order of the batches")
@@ -209,9 +210,10 @@ def main(args):
             guard.check(loss_sum, step + 1, ckpt, due=log.due(step + 1))  # before the weights change
             grad_norm = parallel.clip_grad_norm_(args.grad_clip or math.inf)  # the norm is logged either way
             optimizer.step()
-            if args.bias_refit_forward:  # the routers have moved: score the tokens again (a pipeline refuses it)
+            if args.bias_refit_forward:  # the layers below the routers have moved too (a pipeline refuses it)
                 balance.rescore(model, loss_of, inputs, targets)
-            balance.step()  # aux-loss-free balancing: the step's load (and its last router scores) set the biases
+            balance.step()  # aux-loss-free balancing: the step's load, and its last router inputs scored by the
+            # updated routers, set the biases
             schedule.step()
             log.step(step + 1, lm_sum / args.grad_accum, out, grad_norm, schedule.get_last_lr()[0])
             if validate and (args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps):

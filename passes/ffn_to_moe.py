@@ -5,7 +5,7 @@ i >= first_dense and (i - first_dense) % moe_every == 0: a router
 linear(x, R) [T, E*M], one `moec.runtime.ops.moe.moe_layer` node over E*M experts of
 width F/M (granularity M, top K*M), optional shared experts always on, and
 adds "aux_loss", "z_loss" and "expert_counts" to the graph's output dict
-(and "router_logits", detached, of the layers with a selection bias).
+(and "router_inputs", the routers' inputs [T, D] detached, of the layers with a selection bias).
 The pyramid option gives the last few MoE layers another expert count.
 
 Upcycling construction (what keeps the invariant): fine expert b*M+s holds
@@ -228,9 +228,9 @@ class FFNToMoE(Pass):
             capacity_factor=o.capacity_factor, activation=ffn.activation, recompute=o.recompute_experts,
             force_balance=o.force_balance, routing=o.routing))
         out, counts, probs_sum, zsum, indices = (g.call_function(operator.getitem, (moe, i)) for i in range(5))
-        # the scores the bias steered, for train.py's refit of the bias at the step's end (after counts, so a
-        # loop of layers returns the counts first)
-        seen = g.call_function(aten.detach.default, (logits,)) if "router.bias" in present else None
+        # what the router scored, for train.py's refit of the bias to the updated router at the step's end
+        # (after counts, so a loop of layers returns the counts first)
+        seen = g.call_function(aten.detach.default, (xf,)) if "router.bias" in present else None
         if o.shared_experts:
             out = g.call_function(aten.add.Tensor, (out, self._shared(g, xf, ffn.activation, attr)))
         sizes = [g.call_function(aten.sym_size.int, (x, i)) for i in range(len(shape) - 1)]  # any batch, seq
@@ -268,7 +268,7 @@ class FFNToMoE(Pass):
         result.update(aux_loss=aux, z_loss=zl, expert_counts=[c for c, _, _, _ in stats])
         seen = [s for _, _, _, s in stats if s is not None]  # in the order of the layers that have a bias
         if seen:
-            result["router_logits"] = seen
+            result["router_inputs"] = seen
         out.args = (result,)
 
 

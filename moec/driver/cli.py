@@ -116,8 +116,8 @@ def _pyramid(value):
 @click.option("--z-loss", default=0.001, show_default=True, help="Router z-loss coefficient.")
 @click.option("--expert-bias-rate", default=1e-3, show_default=True,
               help="Aux-loss-free balancing: each optimizer step moves a per-expert selection bias by this much "
-                   "toward the even load, then refits it to the router scores of the step's last micro-batch "
-                   "(train.py --bias-refit; 0: off; top-k layers only).")
+                   "toward the even load, then refits it to the step's last micro-batch as the updated routers "
+                   "score it (train.py --bias-refit; 0: off; top-k layers only).")
 @click.option("--force-balance", is_flag=True,
               help="Benchmarking aid: deal tokens to experts round-robin, whatever the router says.")
 @click.option("--recompute-experts", is_flag=True,

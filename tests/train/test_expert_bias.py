@@ -1,15 +1,17 @@
 """Aux-loss-free balancing in train.py: the selection biases move once a step, by the slots of every
 micro-batch of the step on every rank (gradient accumulation, EP=2 under torchrun with gloo), stay zero-mean,
 and travel with checkpoints and the exported weights; a fresh run first fits them to a batch of its own data,
-and each step then refits them to the router logits of its last micro-batch (--bias-refit, on by default),
-reading nothing back to the host."""
+and each step then refits them to the router logits of its last micro-batch under the updated routers
+(--bias-refit, on by default), reading nothing back to the host."""
 import importlib.util
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
@@ -160,23 +162,31 @@ def test_fitting_the_biases_to_a_batch_evens_its_load():
 
 
 class DriftingRouter(torch.nn.Module):
-    """A top-2 router over E experts whose logits move each step the way training moves a router and its
-    inputs: every expert's preference drifts at its own steady rate, and each step brings new tokens."""
+    """A top-2 router over E experts whose logits move each step the way training moves a router: every
+    expert's preference drifts at its own steady rate, and each step brings new tokens. The router's input
+    h is [noise, 1] and its weight [I, drift * steps * direction], so logits = h @ weight^T = noise + drift."""
 
     def __init__(self, E=8, T=1024, drift=0.02):
         super().__init__()
-        self.E, self.T, self.drift, self.step = E, T, drift, 0
-        self.register_buffer("b", torch.zeros(E))
+        self.E, self.T, self.drift = E, T, drift
+        self.router = torch.nn.Module()
+        self.router.register_buffer("bias", torch.zeros(E))
+        self.router.weight = torch.nn.Parameter(torch.cat([torch.eye(E), torch.zeros(E, 1)], 1))
         self.direction = torch.randn(E, generator=torch.Generator().manual_seed(1))
 
-    def logits(self, step):
+    def advance(self):
+        """The optimizer step: the router's preferences move on."""
+        with torch.no_grad():
+            self.router.weight[:, -1] += self.drift * self.direction
+
+    def inputs(self, step):
         noise = 0.3 * torch.randn(self.T, self.E, generator=torch.Generator().manual_seed(100 + step))
-        return noise + self.drift * self.step * self.direction
+        return torch.cat([noise, torch.ones(self.T, 1)], 1)
 
     def forward(self, step):
-        logits = self.logits(step)
-        return {"expert_counts": [expert_counts(torch.topk(logits.softmax(-1) + self.b, 2).indices, self.E)],
-                "router_logits": [logits]}
+        logits = F.linear(self.inputs(step), self.router.weight).detach()
+        chosen = torch.topk(logits.softmax(-1) + self.router.bias, 2).indices
+        return {"expert_counts": [expert_counts(chosen, self.E)], "router_inputs": [self.inputs(step)]}
 
 
 def _load(counts):
@@ -186,36 +196,110 @@ def _load(counts):
 def _train_drifting(refit: int, forward: bool = False) -> list:
     """The worst max/mean load of each of 40 steps: route the step's tokens; the optimizer step moves the
     router; then move the bias by the tokens' counts (the --expert-bias-rate step) and refit it to their
-    logits, those of their forward or, with `forward`, of one more forward under the moved router."""
+    inputs under the moved router, those of their forward or, with `forward`, of one more forward."""
     model = DriftingRouter()
-    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=refit)
+    bias = ExpertBias(model, ["router.bias"], 1e-3, topk=2, refit=refit)
     loads = []
     for step in range(40):
         out = model(step)
         loads.append(_load(out["expert_counts"][0]))
         bias.add(out)
-        model.step += 1  # the optimizer step: the same tokens score differently now
+        model.advance()
         if forward:
             bias.rescore(model, lambda inputs, targets: (None, model(inputs)), step, None)
         bias.step()
     return loads
 
 
-def test_refitting_each_step_keeps_up_with_routers_the_sign_step_falls_behind():
+def test_refitting_each_step_to_the_moved_router_keeps_up_with_it():
     sign, refit, forward = _train_drifting(0), _train_drifting(12), _train_drifting(12, forward=True)
     assert max(sign[20:]) > 1.5  # a fixed 1e-3 step a step does not follow the drift
     assert max(refit[1:]) < 1.3  # the first step routes before any refit
-    assert sum(forward[1:]) < sum(refit[1:])  # the scores under the moved router foresee the next step's
+    assert refit == forward  # the inputs do not move here: scoring them again is the forward's work
 
 
 def test_rescoring_records_an_eval_forward_of_the_moved_model():
     model = DriftingRouter()
-    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=12)
+    bias = ExpertBias(model, ["router.bias"], 1e-3, topk=2, refit=12)
     bias.add(model(0))
-    model.step, modes = 5, []
+    modes = []
     model.train()
-    bias.rescore(model, lambda inputs, targets: (modes.append(model.training), model(inputs)), 0, None)
-    assert torch.equal(bias.logits[0], model.logits(0)) and modes == [False] and model.training
+    bias.rescore(model, lambda inputs, targets: (modes.append(model.training), model(inputs)), 5, None)
+    assert torch.equal(bias.inputs[0], model.inputs(5)) and modes == [False] and model.training
+
+
+class RouterMatmuls(TorchDispatchMode):
+    """Records the output of every matmul whose second operand is one of `weights` (transposed): the
+    router logits a forward computes."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pointers, self.logits = {w.data_ptr(): i for i, w in enumerate(weights)}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            i = self.pointers.get(args[-1].data_ptr())
+            if i is not None:
+                self.logits[i] = out.clone()
+        return out
+
+
+def _step_the_routers(model, tokens, lr=3e-3):
+    """One AdamW step of the routers alone on the LM loss of `tokens`: the layers below each router, and so
+    the first layer's router input, stay as they were."""
+    out = model(tokens[:, :-1])
+    loss = F.cross_entropy(out["logits"].flatten(0, 1), tokens[:, 1:].flatten()) + out["aux_loss"]
+    routers = [p for n, p in model.named_parameters() if n.endswith("router.weight")]
+    loss.backward(inputs=routers)
+    torch.optim.AdamW(routers, lr=lr).step()
+
+
+def test_the_refit_scores_the_kept_inputs_as_a_forward_of_the_updated_router(bias_build):
+    model = _model(bias_build).eval()
+    tokens = TokenData(load_tokens(None), 32, 0.05, 0).batch("train", 0, 8, 0, 1)[0]
+    bias = ExpertBias(model, list(BIAS), RATE, topk=2, refit=12)
+    with torch.no_grad(), RouterMatmuls(bias.weights) as seen:
+        bias.add(model(tokens))
+    before = seen.logits
+    assert [torch.equal(x, y) for x, y in zip(bias.router_logits(), before.values())] == [True, True]
+    _step_the_routers(model, tokens)
+    with torch.no_grad(), RouterMatmuls(bias.weights) as seen:
+        out = model(tokens)
+    # the first layer's input is the same as before the step, and the updated router scores it differently
+    assert torch.equal(bias.router_logits()[0], seen.logits[0]) and not torch.equal(before[0], seen.logits[0])
+    bias.add(out)  # every layer's input now
+    assert [torch.equal(x, y) for x, y in zip(bias.router_logits(), seen.logits.values())] == [True, True]
+
+
+def test_the_refit_evens_the_load_the_updated_routers_give(bias_build):
+    """Fitted to the micro-batch's inputs under the updated routers, the biases route that micro-batch after
+    the step at least as evenly as biases fitted to the logits its forward computed before the step."""
+    model = _model(bias_build)
+    tokens = TokenData(load_tokens(None), 32, 0.05, 0).batch("train", 0, 16, 0, 1)[0]
+    bias = ExpertBias(model, list(BIAS), RATE, topk=2, refit=12)
+    with torch.no_grad():
+        bias.add(model(tokens[:, :-1]))
+    before, start = bias.router_logits(), [b.clone() for b in bias.biases]
+    _step_the_routers(model, tokens)
+
+    def load_after_the_step(logits):
+        for b, s in zip(bias.biases, start):
+            b.copy_(s)
+        bias.refit(logits, 12)
+        with torch.no_grad():
+            return [_load(c) for c in model(tokens[:, :-1])["expert_counts"]]
+
+    stale = load_after_the_step(before)
+    for b, s in zip(bias.biases, start):
+        b.copy_(s)
+    bias.step()  # the rate's step by the micro-batch's slots, then the refit to the updated routers
+    assert bias.inputs is None  # released with the step
+    with torch.no_grad():
+        moved = [_load(c) for c in model(tokens[:, :-1])["expert_counts"]]
+    assert max(stale) > 1.05  # the routers moved enough to unbalance the stale fit
+    assert all(m <= s for m, s in zip(moved, stale)), (moved, stale)
+    assert all(abs(b.sum()) < 1e-5 for b in bias.biases)
 
 
 def _skewed(T, E, fine=1, seed=0):
@@ -238,14 +322,22 @@ def test_the_refit_evens_top_k_over_skewed_scores(E, K, fine):
     assert abs(model.b.sum()) < 1e-5
 
 
-def test_the_step_counts_every_micro_batch_once_and_refits_to_the_last():
+def _identity_router(E):
+    """A router whose logits are its inputs (weight I), with a zero selection bias."""
     model = torch.nn.Module()
-    model.register_buffer("b", torch.zeros(8))
-    bias = ExpertBias(model, ["b"], 1e-3, topk=2, refit=12)
+    model.router = torch.nn.Module()
+    model.router.register_buffer("bias", torch.zeros(E))
+    model.router.weight = torch.nn.Parameter(torch.eye(E))
+    return model
+
+
+def test_the_step_counts_every_micro_batch_once_and_refits_to_the_last():
+    model = _identity_router(8)
+    bias = ExpertBias(model, ["router.bias"], 1e-3, topk=2, refit=12)
     first, last = _skewed(512, 8, seed=1), _skewed(512, 8, seed=2).flip(-1)  # opposite skews
     for logits in (first, last):
-        counts = expert_counts(select_experts(logits.softmax(-1), 2, model.b, 1, 1), 8)
-        bias.add({"expert_counts": [counts], "router_logits": [logits]})
+        counts = expert_counts(select_experts(logits.softmax(-1), 2, model.router.bias, 1, 1), 8)
+        bias.add({"expert_counts": [counts], "router_inputs": [logits]})
     bias.step()
     alone = torch.nn.Module()
     alone.register_buffer("b", torch.zeros(8))  # the summed counts of opposite skews are about even
@@ -254,11 +346,13 @@ def test_the_step_counts_every_micro_batch_once_and_refits_to_the_last():
         gamma.add({"expert_counts": [expert_counts(select_experts(logits.softmax(-1), 2, None, 1, 1), 8)]})
     gamma.step()  # the refit starts from the rate's step
     ExpertBias(alone, ["b"], 1e-3, topk=2).refit([last], 12)
-    assert torch.equal(model.b, alone.b)
-    assert abs(model.b.sum()) < 1e-5
-    moved = model.b.clone()
+    assert torch.equal(model.router.bias, alone.b)
+    assert abs(model.router.bias.sum()) < 1e-5
+    moved = model.router.bias.clone()
     bias.step()  # nothing recorded since: nothing moves
-    assert torch.equal(model.b, moved)
+    assert torch.equal(model.router.bias, moved)
+    with pytest.raises(RuntimeError, match="returns router_logits.*recompile the build"):  # a build from before
+        bias.add({"expert_counts": [counts], "router_logits": [logits]})
 
 
 def test_ranks_holding_the_same_tokens_refit_as_one(monkeypatch):
@@ -281,8 +375,13 @@ def test_the_refit_reads_nothing_back_to_the_host():
     """Run on fake tensors (no data): .item(), a data-dependent shape or a branch on a value would raise."""
     with FakeTensorMode():
         model = DriftingRouter(T=64)
-        worst = ExpertBias(model, ["b"], 1e-3, topk=2).refit([model.logits(0)], 3)
-    assert worst.shape == (1,)
+        bias = ExpertBias(model, ["router.bias"], 1e-3, topk=2, refit=3)
+        bias.add(model(0))
+        model.advance()
+        scores = bias.router_logits()
+        bias.step()  # the rate's step, the inputs scored by the moved router, the refit
+        worst = bias.refit(scores, 3)
+    assert worst.shape == (1,) and scores[0].shape == (64, 8)
 
 
 def test_a_pipeline_refuses_the_refit_forward():

@@ -16,14 +16,21 @@ arithmetic; a fixed step a training step takes many steps to cover that gap.
 Training opens the same gap at every step: the routers and the layers below
 them move the scores faster than a fixed step follows, and a larger fixed
 step overshoots, since a token's candidate scores lie close together. So after
-the rate's step the biases are refitted to the router logits the step's last
-micro-batch already computed (the forward's router_logits, detached; refit):
-no extra forward, a few top-k passes over [T, E] per layer on the device.
-Those logits are the routers' before the step; train.py --bias-refit-forward
-scores the micro-batch again under the updated weights first (rescore, one
-forward), which the next step's tokens resemble more.
+the rate's step the biases are refitted (refit) to the router logits of the
+step's last micro-batch under the updated routers: the forward returns each
+such layer's router input h [T, D] (router_inputs, detached), add() keeps a
+copy, and after optimizer.step() the logits are h @ W_router^T again with the
+new weights (one [T, D] x [D, E] matmul a layer; the routers have no bias or
+scale), then a few top-k passes over [T, E] per layer, all on the device.
+That follows the routers' own update; h moves too with the layers below (on
+the CPU GPT of BENCHMARKS.md more than the routers' update moves the logits),
+which train.py --bias-refit-forward follows with one more forward of the
+micro-batch after the step (rescore).
+Memory: the kept inputs are T x D a layer (bf16 on a GPU, what autocast feeds
+the router; the input's dtype elsewhere), from the last micro-batch's forward
+to the end of its step; nothing of them is checkpointed.
 
-Legend: L layers of one shape, T tokens, E experts, K top-k."""
+Legend: L layers of one shape, T tokens, D hidden, E experts, K top-k."""
 import torch
 import torch.distributed as dist
 
@@ -34,13 +41,18 @@ class ExpertBias:
     def __init__(self, model: torch.nn.Module, names: list, rate: float, topk: int = 0, score: str = "softmax",
                  refit: int = 0):
         """names: the router.bias buffer of each MoE layer in the order of the forward's expert_counts, None
-        for a layer without one (hash and expert-choice layers); topk, score: the routers' (top-k over fine
-        experts); refit: iterations of the per-step refit (0: the rate's step only)."""
+        for a layer without one (hash and expert-choice layers); the router.weight beside each is what the
+        refit scores with; topk, score: the routers' (top-k over fine experts); refit: iterations of the
+        per-step refit (0: the rate's step only)."""
         self.rate, self.topk, self.score, self.refit_iters = rate, topk, score, refit
-        self.logits = None  # the router logits of the step's last micro-batch
-        held = dict(model.named_buffers())  # a pipeline stage holds its own layers' biases only
-        self.layers = [n for n in names] if rate > 0 else []
+        self.inputs = None  # the router inputs of the step's last micro-batch
+        held, params = dict(model.named_buffers()), dict(model.named_parameters())  # a pipeline stage holds
+        self.layers = [n for n in names] if rate > 0 else []  # its own layers' only
         self.biases = [held.get(n) for n in self.layers if n is not None]  # None: on another stage
+        self.weights = [params.get(n.removesuffix("bias") + "weight") for n in self.layers if n is not None]
+        for name, bias, weight in zip([n for n in self.layers if n is not None], self.biases, self.weights):
+            if refit and bias is not None and weight is None:
+                raise RuntimeError(f"the refit scores with the router weight beside {name}, which the model lacks")
         self.counts = None
 
     def add(self, out: dict) -> None:
@@ -54,20 +66,32 @@ class ExpertBias:
             return
         counts = self._biased_counts(out)
         self.counts = counts if self.counts is None else self.counts + counts
-        if self.refit_iters and out.get("router_logits"):  # copies: a CUDA graph's replay overwrites its outputs
-            self.logits = [x.clone() for x in out["router_logits"]]
+        if self.refit_iters:
+            self._keep(out)
+
+    def _keep(self, out: dict) -> None:
+        if "router_logits" in out and "router_inputs" not in out:
+            raise RuntimeError("the model returns router_logits, and the bias refit scores router_inputs: "
+                               "recompile the build")
+        if out.get("router_inputs"):  # copies: a CUDA graph's replay overwrites its outputs
+            self.inputs = [x.to(torch.bfloat16 if x.is_cuda else x.dtype, copy=True) for x in out["router_inputs"]]
 
     @torch.no_grad()
     def rescore(self, model: torch.nn.Module, loss_of, inputs, targets) -> None:
-        """Replace the recorded router logits with those of a forward of (inputs, targets) under the model's
-        weights now (eval mode, no gradient): after optimizer.step(), the step's tokens as the updated routers
-        and layers score them, which the next step's tokens resemble more than the step's own forward."""
+        """Replace the recorded router inputs with those of a forward of (inputs, targets) under the model's
+        weights now (eval mode, no gradient): after optimizer.step(), the step's tokens as the updated layers
+        below the routers give them, which the next step's tokens resemble more than the step's own forward."""
         was_training = model.training
         model.eval()
         _, out = loss_of(inputs, targets)
         model.train(was_training)
-        if out.get("router_logits"):
-            self.logits = [x.clone() for x in out["router_logits"]]
+        self._keep(out)
+
+    @torch.no_grad()
+    def router_logits(self) -> list:
+        """The recorded router inputs scored by the routers' weights now: [T, E] fp32 a layer, what a forward
+        of the same inputs computes (up to the rounding of autocast's bf16 on a GPU)."""
+        return [torch.nn.functional.linear(h.float(), _whole(w).float()) for h, w in zip(self.inputs, self.weights)]
 
     def _biased_counts(self, out: dict) -> torch.Tensor:
         """The slots of the layers that have a bias, one flat float64 tensor; self.sizes splits it by layer."""
@@ -137,21 +161,20 @@ class ExpertBias:
                 bias += self.rate * torch.sign(counts.mean() - counts).to(bias)
                 bias -= bias.mean()  # only differences steer; a drifting mean would eat float precision
         self.counts = None
-        if self.logits is not None and all(b is not None for b in self.biases):
-            self.refit(self.logits, self.refit_iters)
-        self.logits = None
+        if self.inputs is not None and all(b is not None for b in self.biases + self.weights):
+            self.refit(self.router_logits(), self.refit_iters)
+        self.inputs = None
 
     @torch.no_grad()
     def refit(self, logits: list, iters: int) -> torch.Tensor:
-        """Move each layer's bias so that top-k over its recorded scores (logits [T, E] a layer, the ones the
-        bias steered) plus the bias is as even as it gets: per iteration each expert's bias moves, by
-        REFIT_MOVE of the way, to where as many tokens pick it as the mean load, the others held (the
-        midpoint of its (T*K/E)-th and next largest margin, a token's margin being how far its score is above
-        the score that would displace it from the top-k, or below the one it would displace). Under data or
-        expert parallelism the moves are averaged and the loads summed over all ranks (one all-reduce an
-        iteration), so every rank keeps the same biases. Each layer keeps its most even iterate, the
-        starting bias included. Nothing is read back to the host. Returns each layer's max/mean load at the
-        kept biases [L]."""
+        """Move each layer's bias so that top-k over its scores (logits [T, E] a layer) plus the bias is as even
+        as it gets: per iteration each expert's bias moves, by REFIT_MOVE of the way, to where as many tokens
+        pick it as the mean load, the others held (the midpoint of its (T*K/E)-th and next largest margin, a
+        token's margin being how far its score is above the score that would displace it from the top-k, or
+        below the one it would displace). Under data or expert parallelism the moves are averaged and the loads
+        summed over all ranks (one all-reduce an iteration), so every rank keeps the same biases. Each layer
+        keeps its most even iterate, the starting bias included. Nothing is read back to the host. Returns each
+        layer's max/mean load at the kept biases [L]."""
         if not self.topk:
             raise RuntimeError("ExpertBias.refit needs the routers' topk")
         worst = [None] * len(self.biases)
@@ -197,6 +220,12 @@ class ExpertBias:
             bias = bias - REFIT_MOVE * move
             bias = bias - bias.mean(-1, keepdim=True)
         return kept, best
+
+
+def _whole(weight: torch.Tensor) -> torch.Tensor:
+    """A router weight whole on this rank: FSDP2 shards it (a DTensor; every rank gathers it, in the same
+    order); elsewhere each rank holds all of it."""
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def _more_even(worst: torch.Tensor, best: torch.Tensor | None) -> tuple:
