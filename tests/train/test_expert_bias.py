@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from moec.runtime import TokenData, load_build, load_tokens
@@ -351,7 +352,7 @@ def test_the_step_counts_every_micro_batch_once_and_refits_to_the_last():
     moved = model.router.bias.clone()
     bias.step()  # nothing recorded since: nothing moves
     assert torch.equal(model.router.bias, moved)
-    with pytest.raises(RuntimeError, match="returns router_logits.*recompile the build"):  # a build from before
+    with pytest.raises(MoecError, match="returns router_logits.*recompile the build"):  # a build from before
         bias.add({"expert_counts": [counts], "router_logits": [logits]})
 
 
@@ -388,7 +389,6 @@ def test_a_pipeline_refuses_the_refit_forward():
     """Its stages hold some of the layers each: no stage can score the micro-batch again alone."""
     from types import SimpleNamespace
 
-    from moec.base.errors import MoecError
     from moec.runtime.training.pipeline import Pipeline
     pipeline = Pipeline.__new__(Pipeline)
     pipeline.schedule = SimpleNamespace(eval=None)

@@ -34,6 +34,8 @@ Legend: L layers of one shape, T tokens, D hidden, E experts, K top-k."""
 import torch
 import torch.distributed as dist
 
+from moec.base.errors import MoecError
+
 REFIT_MOVE = 0.8  # of each iteration's per-expert move: the experts move together, so a full move overshoots
 
 
@@ -71,8 +73,8 @@ class ExpertBias:
 
     def _keep(self, out: dict) -> None:
         if "router_logits" in out and "router_inputs" not in out:
-            raise RuntimeError("the model returns router_logits, and the bias refit scores router_inputs: "
-                               "recompile the build")
+            raise MoecError("this build's model.py returns router_logits, and the bias refit scores router_inputs: "
+                            "recompile the build with this moec (or pass --bias-refit 0)")
         if out.get("router_inputs"):  # copies: a CUDA graph's replay overwrites its outputs
             self.inputs = [x.to(torch.bfloat16 if x.is_cuda else x.dtype, copy=True) for x in out["router_inputs"]]
 
