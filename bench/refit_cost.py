@@ -44,6 +44,15 @@ def median_seconds(fn, repeats, device):
     return statistics.median(times)
 
 
+def backward(model, inputs, targets, autocast) -> dict:
+    """The training loss's backward (LM, aux and z losses, as train.py adds them); the forward's outputs."""
+    with autocast():
+        out = model(inputs)
+    loss = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
+    (loss + out["aux_loss"] + out["z_loss"]).backward()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(ROOT / "examples" / "gpt.py"))
@@ -80,11 +89,7 @@ def main():
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            out = model(inputs)
-        loss = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
-        loss = loss + out["aux_loss"] + out["z_loss"]
-        loss.backward()
+        out = backward(model, inputs, targets, autocast)
         optimizer.step()
         balance.add(out)
 
@@ -128,11 +133,7 @@ def drift(model, balance, device, autocast, args):
             group["lr"] = args.lr * (step + 1) / args.drift
         inputs, targets = (t.to(device) for t in data.batch("train", step, args.batch_size, 0, 1))
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            out = model(inputs)
-        loss = F.cross_entropy(out["logits"].float().flatten(0, 1), targets.flatten())
-        loss = loss + out["aux_loss"] + out["z_loss"]
-        loss.backward()
+        out = backward(model, inputs, targets, autocast)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         balance.add(out)
         before = balance.router_logits()

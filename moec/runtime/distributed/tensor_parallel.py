@@ -86,48 +86,23 @@ def _share(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.chunk(tp, dim)[dist.get_rank(g)].contiguous()
 
 
-class _EnterSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim):
+def _pair(forward, backward, name: str):
+    """An autograd function of (x, dim) that runs forward(x, dim), and backward(grad, dim) for its gradient:
+    each collective below has its adjoint as its backward."""
+    def fwd(ctx, x, dim):
         ctx.dim = dim
-        return _all_gather(x, dim)
+        return forward(x, dim)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.dim), None
 
-
-class _ReduceSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, dim):
-        ctx.dim = dim
-        return _reduce_scatter(y, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim), None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return _share(x, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim), None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return _all_gather(x, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _share(grad, ctx.dim), None
+_EnterSP = _pair(_all_gather, _reduce_scatter, "_EnterSP")
+_ReduceSP = _pair(_reduce_scatter, _all_gather, "_ReduceSP")
+_Scatter = _pair(_share, _all_gather, "_Scatter")
+_Gather = _pair(_all_gather, _share, "_Gather")
 
 
 class _Mean(torch.autograd.Function):
