@@ -19,7 +19,7 @@ _moe_layers_local = f * L / PP
 
 # dispatch + combine, forward and backward; uniform routing sends (EP-1)/EP of the copies away
 a2a_calls = 4 * _moe_layers_local * M
-a2a_volume = a2a_calls * memory.tokens_local * K * G * D * b * (EP - 1) / EP
+a2a_volume = a2a_calls * memory.tokens_local * memory.tp_share * K * G * D * b * (EP - 1) / EP
 
 grad_dense_volume = _passes * (DP_dense - 1) / DP_dense * memory.WEIGHT_BYTES * memory.dense_local
 grad_experts_volume = _passes * (DP - 1) / DP * memory.WEIGHT_BYTES * memory.experts_local
@@ -29,8 +29,9 @@ grad_experts_volume = _passes * (DP - 1) / DP * memory.WEIGHT_BYTES * memory.exp
 tp_regions = define("n_tp", L / PP * (1 + (1 - f) + f * sp.Min(N_s, 1)), "TP-split regions per stage")
 # Each region all-reduces once in forward (the row-parallel output, summed over TP: bf16, b bytes) and once in
 # backward (the gradient of the column-parallel input: the norm's output, fp32 under autocast, 4 bytes), and
-# once more in forward when full recompute runs it again. No sequence parallelism: every all-reduce carries
-# all S*B*D elements of the micro-batch, and a ring sends 2 (TP - 1) / TP of them.
+# once more in forward when full recompute runs it again. Every all-reduce carries all S*B*D elements of the
+# micro-batch, and a ring sends 2 (TP - 1) / TP of them; sequence parallelism's reduce-scatter and all-gather
+# in its place send (TP - 1) / TP each, the same.
 TP_GRAD_BYTES = 4
 tp_calls = (2 + R) * tp_regions * M
 tp_volume = tp_regions * M * ((1 + R) * b + TP_GRAD_BYTES) * 2 * (TP - 1) / TP * S * B * D

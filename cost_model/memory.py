@@ -7,14 +7,18 @@ gradients (Z >= 2) and parameters (Z = 3) over the data-parallel group: EP*DP
 for the dense part, DP for the routed experts.
 
 Tensor parallelism is the training program's: Megatron's column/row split of
-attention (by heads), dense FFNs and shared experts, without sequence
-parallelism. A TP rank holds 1/TP of those weights; the router, the
-embeddings and head, and the routed experts (sharded by EP alone; the ranks
-of a TP group hold the same ones) are whole on every TP rank. Every TP rank
-runs all S*B tokens of its micro-batch, so activations outside the split
-linears (the residual stream, norms, router, routed copies and expert
-pre-activations, logits) are whole too, and only those between a column- and
-a row-parallel linear divide by TP.
+attention (by heads), dense FFNs and shared experts. A TP rank holds 1/TP of
+those weights; the router, the embeddings and head, and the routed experts
+(sharded by EP alone; the ranks of a TP group hold the same ones) are whole
+on every TP rank. Without sequence parallelism every TP rank runs all S*B
+tokens of its micro-batch, so activations outside the split linears (the
+residual stream, norms, router, routed copies and expert pre-activations,
+logits) are whole too, and only those between a column- and a row-parallel
+linear divide by TP. With it (Q = 1) a TP rank holds 1/TP of the tokens
+outside the split linears (the share tp_share): the norms' inputs, the
+router, the routed copies and the experts' pre-activations divide by TP; what
+a column-parallel linear keeps of its input is the gathered whole, and the
+logits are gathered before the head.
 
 Activations assume a fused attention kernel (no S x S scores kept). Per token
 and layer they are: attention, its norm input and output, Q, K, V and the
@@ -28,7 +32,7 @@ Full recompute (R = 1) keeps only each layer's input, plus one layer rebuilt.
 import sympy as sp
 
 from moec.cost_model import params
-from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, R, R_x, S, TP,
+from moec.cost_model.symbols import (B, D, DP, DP_dense, E, EP, F, F_e, G, H, H_kv, K, L, M, N_s, PP, Q, R, R_x, S, TP,
                                      V, Z, b, define, f, n_W)
 
 WEIGHT_BYTES = 4  # fp32 parameters, and gradients of the same dtype
@@ -51,23 +55,29 @@ parameters = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 3) + experts_local /
 gradients = WEIGHT_BYTES * (dense_local / _shard(DP_dense, 2) + experts_local / _shard(DP, 2))
 optimizer = OPTIMIZER_BYTES * (dense_local / _shard(DP_dense, 1) + experts_local / _shard(DP, 1))
 
-# Per token on one TP rank. Without sequence parallelism the norm's input and output (the residual
-# stream, 2 D) are whole on every TP rank; Q, K, V and the attention output are this rank's heads (1/TP).
-act_attention = define("a_attn", b * D * (2 + (2 + 2 * H_kv / H) / TP), "attention activation bytes per token")
-# the norm's input and output whole, the n_W F-wide intermediates between the column- and row-parallel
-# linears split
-act_ffn = define("a_ffn", b * (2 * D + n_W * F / TP), "dense FFN activation bytes per token")
-# the router and the routed experts run whole on every TP rank (every rank routes all its tokens): only the
-# shared experts' intermediates split
-act_moe = define("a_moe", b * (2 * D + 2 * K * G * D + K * G * (n_W - 1) * (1 - R_x) * F_e + N_s * n_W * F_e / TP)
-                 + 4 * E * G, "MoE layer activation bytes per token")
+# the share of a micro-batch's tokens a TP rank holds outside the split linears: all of them, or 1/TP
+# with sequence parallelism
+tp_share = define("s_tp", 1 - Q + Q / TP, "share of the tokens a TP rank holds on the residual stream")
+# Per token on one TP rank. The norm's input (the residual stream, D) is this rank's share of the tokens; its
+# output, as the column-parallel linears keep it, is whole (gathered under sequence parallelism); Q, K, V and
+# the attention output are this rank's heads (1/TP).
+act_attention = define("a_attn", b * D * (tp_share + 1 + (2 + 2 * H_kv / H) / TP),
+                       "attention activation bytes per token")
+# the norm's input a share, its output whole, the n_W F-wide intermediates between the column- and
+# row-parallel linears split
+act_ffn = define("a_ffn", b * (D * tp_share + D + n_W * F / TP), "dense FFN activation bytes per token")
+# the router and the routed experts run on this rank's share of the tokens (all of them without sequence
+# parallelism); the shared experts keep their gathered input and split their intermediates
+act_moe = define("a_moe", (b * (2 * D + 2 * K * G * D + K * G * (n_W - 1) * (1 - R_x) * F_e) + 4 * E * G) * tp_share
+                 + b * (Q * sp.Min(N_s, 1) * D + N_s * n_W * F_e / TP), "MoE layer activation bytes per token")
 act_layer = act_attention + (1 - f) * act_ffn + f * act_moe
 act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))
 
-# every TP rank runs all the micro-batch's tokens (no sequence parallelism)
+# the micro-batch's tokens; every TP rank runs them all (its share of them on the residual stream)
 tokens_local = S * B
 in_flight = sp.Min(PP, M)
-activations = (in_flight * tokens_local * (L / PP) * (R * b * D + (1 - R) * act_layer)
+# full recompute keeps each layer's input: the residual stream, a share under sequence parallelism
+activations = (in_flight * tokens_local * (L / PP) * (R * b * D * tp_share + (1 - R) * act_layer)
                + R * tokens_local * act_rebuilt)
 # autocast's bf16 copies of the weights, made in forward and kept for backward
 weight_copies = parameters * b / WEIGHT_BYTES
@@ -76,7 +86,7 @@ weight_copies = parameters * b / WEIGHT_BYTES
 LOGIT_BYTES = 14
 logits = LOGIT_BYTES * tokens_local * V
 # dispatch send and receive buffers of the layer in flight
-all_to_all_buffers = sp.Piecewise((2 * tokens_local * K * G * D * b, EP > 1), (0, True))
+all_to_all_buffers = sp.Piecewise((2 * tokens_local * tp_share * K * G * D * b, EP > 1), (0, True))
 
 # The high-water mark. train.py drops the gradients before each forward, so when backward starts
 # every activation is alive and almost no gradient is; as backward goes on, gradients appear and

@@ -58,4 +58,5 @@ def model_values(shape: ModelShape, moe: Options) -> dict:
         s.H_kv: shape.kv_heads, s.t: int(shape.tied_embeddings), s.n_W: 3 if shape.gated else 2,
         s.S: shape.seq_len, s.E: moe.experts, s.K: moe.topk, s.G: moe.granularity, s.N_s: moe.shared_experts,
         s.F_e: moe.expert_ffn or shape.ffn // moe.granularity, s.f: sp.Rational(n_moe, shape.layers),
+        s.Q: int(moe.sequence_parallel),
     }

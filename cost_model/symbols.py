@@ -12,7 +12,8 @@ Parallelism: N = EP*DP*TP*PP GPUs. Experts are split over EP and replicated
 over DP (DP is the expert-data-parallel degree) and over TP (the ranks of a
 TP group hold the same experts and run the same tokens); the dense part is
 data-parallel over EP*DP, and TP splits its attention, dense FFNs and shared
-experts (Megatron's column/row split, no sequence parallelism). Z is the ZeRO stage, R is 1 with full activation
+experts (Megatron's column/row split); Q is 1 with sequence parallelism, which
+shards the tokens outside those over the TP ranks. Z is the ZeRO stage, R is 1 with full activation
 recompute, R_x is 1 when the routed experts recompute their pre-activations
 in backward (`moec compile --recompute-experts`).
 """
@@ -23,6 +24,7 @@ E, K, G, N_s, f = sp.symbols("E K G N_s f", nonnegative=True)
 S, B, M, b = sp.symbols("S B M b", positive=True)
 EP, DP, TP, PP = sp.symbols("EP DP TP PP", positive=True, integer=True)
 Z, R, R_x = sp.symbols("Z R R_x", nonnegative=True, integer=True)
+Q = sp.symbols("Q", nonnegative=True, integer=True)
 
 # the data-parallel degree of the dense (non-expert) part
 DP_dense = EP * DP
@@ -36,6 +38,7 @@ MEANING = {
     DP: "expert data parallel (the dense part is data-parallel over EP*DP)", TP: "tensor parallel",
     PP: "pipeline stages", Z: "ZeRO stage", R: "full activation recompute (0/1)",
     R_x: "routed experts recompute their pre-activations (0/1)",
+    Q: "sequence parallelism (0/1)",
 }
 
 # Named intermediate quantities: formulas refer to them by symbol so that they

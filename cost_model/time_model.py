@@ -34,6 +34,9 @@ Tensor parallelism (memory.py's docstring) divides the GEMMs of attention,
 dense FFNs and shared experts over the TP ranks; every TP rank runs the
 router, the routed experts and the head on all its tokens, so those do not
 get faster with TP, and MFU (which counts the model's FLOPs once) drops.
+Sequence parallelism gives each TP rank its share of the tokens for the
+router and the routed experts (shorter expert GEMMs, and 1/TP of the
+dispatch); the head still runs every token.
 """
 import sympy as sp
 
@@ -62,16 +65,19 @@ C_x = define("C_x", 2 * f * L * K * G * params.expert, "routed-expert FLOPs per 
 # head are whole on every TP rank, and so are the routed experts (each TP rank runs all its tokens' copies)
 C_r = define("C_r", 2 * f * L * params.router + 2 * V * D, "FLOPs per token TP does not split, "
              "besides the routed experts': router and head, forward")
+# with sequence parallelism a TP rank routes and runs the routed experts on its share of the tokens only
+C_tok = define("C_tok", (2 * f * L * params.router + C_x) * memory.tp_share + 2 * V * D,
+               "FLOPs per token a TP rank runs of those, forward")
 # the model's tokens per GPU of one pipeline replica (what MFU counts), and the tokens each GPU computes on:
 # a TP group's ranks all run the same tokens
 tokens_per_gpu = M * S * B / (TP * PP)
 tokens_run = M * S * B / PP
-expert_rows = S * B * EP * K / E
+expert_rows = S * B * memory.tp_share * EP * K / E
 eta_x = define("eta_x", eta * expert_rows / (expert_rows + m_half), "expert GEMM efficiency")
 # recomputed expert pre-activations: the first GEMM(s) again, (n_W - 1) of the n_W expert GEMMs
 C_rx = R_x * C_x * (n_W - 1) / n_W
-compute = tokens_run * ((3 + R) * ((C - C_x - C_r) / TP + C_r) / (eta * peak)
-                        + ((3 + R) * C_x + C_rx) / (eta_x * peak))
+compute = tokens_run * ((3 + R) * ((C - C_x - C_r) / TP + C_tok - C_x * memory.tp_share) / (eta * peak)
+                        + ((3 + R) * C_x + C_rx) * memory.tp_share / (eta_x * peak))
 backward = compute * 2 / (3 + R)
 bubble = (M + PP - 1) / M
 

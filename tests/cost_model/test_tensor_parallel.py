@@ -1,6 +1,7 @@
 """TP in the cost model as the training program runs it: attention, dense FFNs and shared experts split
-(Megatron column/row, no sequence parallelism); the router, routed experts, head and every activation outside
-the split linears whole on each TP rank; one all-reduce per split region forward and one backward."""
+(Megatron column/row); without sequence parallelism the router, routed experts, head and every activation
+outside the split linears whole on each TP rank, with it (--sequence-parallel) the tokens outside the split
+linears shared out over the TP ranks; one all-reduce per split region forward and one backward."""
 import pytest
 
 from moec.base.options import Options
@@ -20,7 +21,7 @@ T = SHAPE.seq_len  # tokens of a micro-batch of one sequence
 def evaluate(expr, moe=MOE, ep=4, dp=1, tp=1, pp=1, zero=0, recompute=0, m=4):
     v = model_values(SHAPE, moe)
     v.update({s.B: 1, s.M: m, s.b: 2, s.EP: ep, s.DP: dp, s.TP: tp, s.PP: pp, s.Z: zero, s.R: recompute,
-              s.R_x: 0})
+              s.R_x: 0, time_model.eta: 0.6, time_model.peak: 1e15, time_model.m_half: 256})  # an H100's scale
     return float(s.expand(expr).xreplace(v))
 
 
@@ -123,3 +124,40 @@ def test_planner_problems_no_longer_skip_tp():
 def test_what_tp_splits_is_the_blocks_outside_the_routed_experts():
     import sympy as sp
     assert sp.simplify(params.tp_split - (params.blocks - params.experts)) == 0
+
+
+SP = Options(experts=16, topk=2, sequence_parallel=True)
+
+
+def test_sequence_parallelism_shares_out_the_tokens_outside_the_split_linears():
+    # the MoE layer (no shared experts), the dispatch buffers and volume: this rank's half of the tokens
+    for term in (memory.act_moe, memory.all_to_all_buffers, comm.a2a_volume):
+        assert evaluate(term, SP, tp=2) == pytest.approx(evaluate(term, tp=2) / 2)
+    # the logits are gathered before the head; the TP collectives send as much as the all-reduces they replace
+    for term in (memory.logits, comm.tp_volume):
+        assert evaluate(term, SP, tp=2) == evaluate(term, tp=2) > 0
+    # an attention layer's norm input (D) halves; its output as the projections keep it is whole
+    assert evaluate(memory.act_attention, tp=2) - evaluate(memory.act_attention, SP, tp=2) == \
+        pytest.approx(2 * SHAPE.hidden / 2)
+    # with one TP rank there is nothing to share out
+    for term in (memory.activations, time_model.compute):
+        assert evaluate(term, SP, tp=1) == pytest.approx(evaluate(term, tp=1))
+
+
+def test_sequence_parallelism_divides_the_routed_experts_work_over_tp():
+    tm = time_model
+    experts = tm.tokens_run * 3 * tm.C_x * memory.tp_share / (tm.eta_x * tm.peak)  # a rank's share, shorter GEMMs
+    routers = tm.tokens_run * 3 * 2 * s.f * s.L * params.router * memory.tp_share / (tm.eta * tm.peak)
+    saved = evaluate(tm.compute, tp=2) - evaluate(tm.compute, SP, tp=2)
+    assert saved == pytest.approx(evaluate(experts + routers, tp=2) - evaluate(experts + routers, SP, tp=2))
+    # half the rows, at a lower GEMM efficiency: less than half the experts' time is saved, but some is
+    assert 0 < saved < evaluate(experts, tp=2) / 2
+
+
+def test_the_planner_asked_for_sequence_parallelism_plans_tp_without_pp():
+    shape = ModelShape(layers=8, hidden=4096, ffn=14336, vocab=32000, heads=32, kv_heads=8, gated=True,
+                       tied_embeddings=False, seq_len=8192)
+    moe = Options(experts=8, topk=2, sequence_parallel=True, gpus=16)
+    runs = lambda plan: not any(moe.with_plan(plan).planner_problems())  # noqa: E731  as the compiler passes it
+    ranked, _ = rank_plans(shape, moe, 16, load_hardware("dgx_h100"), allowed=runs)
+    assert ranked and all(p.tp > 1 and p.pp == 1 for p in ranked)
