@@ -2,6 +2,7 @@
 the layer's inputs for backward and runs its forward again there; training computes what it computes
 without recomputation."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
+from moec.runtime.kernels.generated import import_file
 from moec.runtime import load_build
+from moec.runtime.training import pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
@@ -110,3 +113,39 @@ def test_eval_and_no_grad_run_the_layers_plain(builds):
     assert _calls_and_saved(model.train(), grad=False)[0] == 1
     kept = _calls_and_saved(model.eval())[1]  # grad but eval mode: the layers keep their activations
     assert kept > 2 * _calls_and_saved(model.train())[1]
+
+
+def test_pipeline_stages_recompute_their_layers(tmp_path):
+    """stages.py runs model.py's loop over a slice of the layers, so a stage recomputes them as model.py does;
+    RECOMPUTE = False turns it off, with the same gradients."""
+    out = tmp_path / "pp"
+    compile_model(str(ROOT / "examples" / "gpt.py"), str(out),
+                  Options(experts=4, topk=2, overrides=TINY, recompute=True, pp=2, verify=False).validate(),
+                  log=lambda s: None)
+    saved = sys.modules.get("model")
+    try:
+        program = import_file("model", out / "model.py")
+        stages = import_file(f"recompute_stages_{id(out)}", out / "stages.py")
+    finally:
+        sys.modules.pop("model") if saved is None else sys.modules.__setitem__("model", saved)
+    model = load_build(program.Model, out).train()
+    grads, calls = {}, {}
+    for flag in (True, False):
+        program.RECOMPUTE = flag
+        counts = [0, 0]
+        hooks = [model.h[i].register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
+                 for i in range(2)]
+        x = _tokens(0)[:, :-1]
+        for cls in stages.STAGES:
+            x = pipeline.restrict(model, cls.READS, cls.LAYERS, cls)(x)
+        model.zero_grad()
+        x.square().mean().backward()
+        pipeline.clear_records()
+        for h in hooks:
+            h.remove()
+        calls[flag] = counts
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls == {True: [2, 2], False: [1, 1]}
+    assert grads[True].keys() == grads[False].keys() and any(".router." in n for n in grads[True])
+    for n in grads[False]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
