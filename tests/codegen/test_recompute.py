@@ -149,3 +149,15 @@ def test_pipeline_stages_recompute_their_layers(tmp_path):
     assert grads[True].keys() == grads[False].keys() and any(".router." in n for n in grads[True])
     for n in grads[False]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_torch_compile_traces_the_recomputed_layers_without_a_graph_break(builds):
+    """train.py compiles the model on a GPU: the checkpointed layers trace into one graph (fullgraph), with
+    the gradients of the eager plain build."""
+    plain, recompute = (_load(builds[k]).train() for k in ("plain", "recompute"))
+    ids, grads = _tokens(0), []
+    for model, run in ((plain, plain), (recompute, torch.compile(recompute, backend="aot_eager", fullgraph=True))):
+        _loss(run, ids)[0].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
