@@ -11,7 +11,9 @@ calls: generated kernel modules, and, when the torch.fx.symbolic_trace
 front-end kept some of the model's own operators or functions opaque, the
 model file itself (copied into the build as source/). A graph whose layers
 cannot be cut out as calls (a value flowing from a later layer back to an
-earlier one) is written as one flat forward.
+earlier one) is written as one flat forward. With --recompute the loop calls
+each layer through moec.runtime.recompute while the module's RECOMPUTE is
+true (a flat forward cannot recompute, and is refused).
 """
 import operator
 import re
