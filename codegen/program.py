@@ -11,7 +11,9 @@ calls: generated kernel modules, and, when the torch.fx.symbolic_trace
 front-end kept some of the model's own operators or functions opaque, the
 model file itself (copied into the build as source/). A graph whose layers
 cannot be cut out as calls (a value flowing from a later layer back to an
-earlier one) is written as one flat forward.
+earlier one) is written as one flat forward. With --recompute the loop calls
+each layer through moec.runtime.recompute while the module's RECOMPUTE is
+true (a flat forward cannot recompute, and is refused).
 """
 import operator
 import re
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from moec.base.errors import MoecError
 from moec.codegen import blocks as layers
 from moec.codegen.render import forward_source, imports, name_literals
 
@@ -35,6 +38,10 @@ KERNEL_LOADER = '''
 # generated Triton kernels in kernels/ beside this file; importing them registers their ops
 moec.runtime.load_kernels(Path(__file__).parent, KERNELS)
 '''
+
+RECOMPUTE_FLAG = '''# --recompute: each layer keeps only its inputs for backward and runs its forward again there
+# (moec.runtime.recompute); False keeps every activation instead
+RECOMPUTE = True'''
 
 USER_LOADER = '''
 # the graph's opaque calls go to the original model file's operators and functions: load it
@@ -290,9 +297,10 @@ def _run_returns(gm, run: layers.Run, classes: dict) -> list[tuple[str, int, str
     return out
 
 
-def _loop_class(run: layers.Run, classes: dict, slots: list) -> tuple[str, str]:
+def _loop_class(run: layers.Run, classes: dict, slots: list, recompute: bool = False) -> tuple[str, str]:
     """(class name, source) of the ModuleList whose forward runs a container's layers in order; slots:
-    what it returns, from _run_returns."""
+    what it returns, from _run_returns; recompute: call each layer through moec.runtime.recompute when
+    the module's RECOMPUTE says so."""
     args, returns = classes[run.blocks[0]].args, classes[run.returning[0]].returns
     name = f"{_camel(run.container)}Stack"
     feeds = {k: j for j, k in run.carry.items()}
@@ -314,6 +322,8 @@ def _loop_class(run: layers.Run, classes: dict, slots: list) -> tuple[str, str]:
     lines += [f"        {n} = None" for kind, _, n in slots if kind == "sum"]
     lines.append("        for layer in self:")
     call = f"layer({', '.join(args)})"
+    if recompute:
+        call = f"moec.runtime.recompute(layer, {', '.join(args)}) if RECOMPUTE else {call}"
     indent = "            "
     if run.uniform:
         lines.append(f"{indent}{', '.join(per_layer)} = {call}")
@@ -389,11 +399,17 @@ def _regions(gm, dims: dict) -> dict:
     return out
 
 
-def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[str, str] | None = None) -> str:
-    """`user`: (module name, path in the build) of the model file, for graphs that call into it."""
+def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[str, str] | None = None,
+                 recompute: bool = False) -> str:
+    """`user`: (module name, path in the build) of the model file, for graphs that call into it;
+    recompute: the layer loops recompute each layer's activations in backward (--recompute)."""
     params, buffers, tied = _tables(gm)
     dims = _dims(gm)
     found, of, runs, order = _structure(gm)
+    if recompute and not runs:
+        raise MoecError("--recompute recomputes the layers that model.py runs in a loop, and this model's layers "
+                        "could not be cut out as a loop: compile without --recompute, or use "
+                        "--recompute-experts")
     size_names = _size_names(gm, dims)
     classes = _classes(found, runs, dims, size_names, params, buffers)
     returns = {r: _run_returns(gm, r, classes) for r in runs}
@@ -408,7 +424,7 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
     body += [_block_class(e) for e in emitted]
     stacks = {}
     for r in runs:
-        stacks[r.container], src = _loop_class(r, classes, returns[r])
+        stacks[r.container], src = _loop_class(r, classes, returns[r], recompute)
         body.append(src)
     inner = tuple(b.path + "." for b in found)
     top_params = {k: v for k, v in params.items() if not k.startswith(inner)}
@@ -440,6 +456,7 @@ def model_source(gm: torch.fx.GraphModule, title: str, kernels=(), user: tuple[s
         "import torch",
         "import moec.runtime",
         *(["", f"KERNELS = {list(kernels)!r}", KERNEL_LOADER] if kernels else []),
+        *(["", RECOMPUTE_FLAG] if recompute else []),
         "",
         *("\n" + b for b in body),
         "",

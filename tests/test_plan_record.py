@@ -10,6 +10,8 @@ import pytest
 
 from moec.base.errors import MoecError
 from moec.base.options import PLAN_FIELDS, Options
+from moec.cost_model import rank_plans
+from moec.cost_model.known_models import MIXTRAL_8X7B
 from moec.runtime.training.parallel import check_world
 from tests.test_cli import EXAMPLES, run
 
@@ -26,7 +28,7 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
     (["--zero", "2"], "--zero 2: the training program runs ZeRO-1 (optimizer state) or ZeRO-3 (FSDP2), not 2"),
     (["--zero", "3", "--ep", "2"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP2"),
     (["--zero", "4"], "--zero one of 0-3"),
-    (["--recompute"], "--recompute: the training program does not recompute whole layers yet"),
+    (["--gpus", "8", "--recompute"], "give --recompute or --gpus N, not both"),
     (["--pp-schedule", "gpipe"], "--pp-schedule gpipe means something only with pipeline parallelism"),
     (["--gpus", "8", "--zero", "1"], "give --zero or --gpus N, not both"),
     (["--pp", "2", "--zero", "3"], "--zero 3 (FSDP2) shards a data-parallel build, and this plan is EP1 DP* TP1 PP2 "
@@ -48,8 +50,10 @@ def test_plans_the_training_program_cannot_run_are_refused_at_compile_time(tmp_p
 
 @pytest.mark.parametrize("plan", [dict(tp=2, ep=2, zero=1), dict(tp=2, dense=True, zero=1), dict(tp=2, ep=2, pp=2),
                                   dict(tp=2, dense=True, pp=2), dict(pp=2, zero=1), dict(pp=2, ep=2, zero=1),
-                                  dict(pp=2, tp=2, ep=2, zero=1), dict(pp=2, tp=2, dense=True, zero=1)])
-def test_tp_zero1_and_a_pipeline_are_plans_the_training_program_runs(plan):
+                                  dict(pp=2, tp=2, ep=2, zero=1), dict(pp=2, tp=2, dense=True, zero=1),
+                                  dict(recompute=True), dict(recompute=True, ep=2, zero=1),
+                                  dict(recompute=True, pp=2, ep=2), dict(recompute=True, dense=True, zero=3)])
+def test_tp_zero1_a_pipeline_and_recompute_are_plans_the_training_program_runs(plan):
     assert list(Options(experts=4, **plan).runtime_problems()) == []
     assert list(Options(experts=4, **plan).planner_problems()) == []  # and the --gpus search ranks them
 
@@ -124,16 +128,21 @@ def test_a_world_that_fits_the_plan_runs(plan, world):
     check_world(Options(experts=4, **plan), world)
 
 
-def test_the_planner_says_when_no_plan_train_py_runs_fits(tmp_path):
-    """7b with 64 experts on 128 MI250X GCDs fits only with plans train.py does not run yet (whole-layer
-    recomputation, ZeRO-3 with expert parallelism): the compile says so instead of writing a build that runs
-    another plan."""
+def test_the_planner_chooses_whole_layer_recompute_where_only_it_fits(tmp_path):
+    """7b with 64 experts on 128 MI250X GCDs fits only with whole-layer recomputation: the planner chooses
+    such a plan and model.py recomputes its layers."""
     r = run("compile", EXAMPLES / "llama.py", "-o", tmp_path / "out", "--config", "7b", "--experts", "64",
             "--topk", "8", "--gpus", "128", "--hardware", "frontier")
-    assert r.exit_code == 2, r.output
-    line = r.output.strip().splitlines()[-1]
-    assert "no parallel plan of llama.py:7b fits 128 x MI250X GCD" in line and "plans train.py runs" in line
-    assert not (tmp_path / "out").exists()
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["chosen"]["recompute"] is True
+    assert "RECOMPUTE = True" in (tmp_path / "out" / "model.py").read_text()
+
+
+def test_the_planner_says_when_no_plan_train_py_runs_fits():
+    """Mixtral-8x7B on 8 MI250X GCDs fits no plan: the error says it searched only the plans train.py runs."""
+    with pytest.raises(MoecError, match=r"no parallel plan of Mixtral-8x7B fits 8 x MI250X GCD .* among the 70 of "
+                                        r"140 plans train.py runs"):
+        rank_plans(MIXTRAL_8X7B.shape(), MIXTRAL_8X7B.moe, 8, "frontier", allowed=lambda p: not p.recompute)
 
 
 @pytest.mark.parametrize("args,message", [

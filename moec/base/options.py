@@ -199,9 +199,6 @@ class Options:
         if self.zero == 3 and (self.ep > 1 or self.pp > 1 or self.tp > 1):
             yield (f"--zero 3 (FSDP2) shards a data-parallel build, and this plan is {self.parallel_label()}: "
                    f"use --zero 1 to shard the optimizer state")
-        if self.recompute:
-            yield ("--recompute: the training program does not recompute whole layers yet; "
-                   "--recompute-experts recomputes the experts' activations")
 
     def planner_problems(self):
         """runtime_problems, and plans the cost model predicts otherwise than the training program runs them:

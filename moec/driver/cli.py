@@ -150,7 +150,9 @@ def _pyramid(value):
                    "tokens (norms, router, MoE run on them; Megatron's --sequence-parallel).")
 @click.option("--zero", default=0, show_default=True,
               help="ZeRO stage: 1 shards the optimizer state over the data-parallel ranks, 3 is FSDP2.")
-@click.option("--recompute", is_flag=True, help="Recompute every layer's activations in backward.")
+@click.option("--recompute", is_flag=True,
+              help="Whole-layer activation recomputation: each layer keeps only its input for backward and runs "
+                   "its forward again there (activation checkpointing; model.py's RECOMPUTE).")
 @click.option("--plan", "plan_file", default=None, type=click.Path(),
               help="Take the parallel plan from a plan.json (`moec plan -o` or a --gpus build writes one).")
 @click.option("--no-triton", is_flag=True, help="Keep the torch reference routing ops (no generated kernels).")

@@ -294,7 +294,7 @@ def _shape(model: str, o: Options, gm, meta_model):
 def _emit(gm, model: str, o: Options, mod, directory: Path) -> None:
     """model.py and what it loads (kernels/, source/) into directory."""
     (directory / "model.py").write_text(model_source(gm, _title(model, o), _kernel_modules(gm, directory),
-                                                     _user_code(gm, mod, directory)))
+                                                     _user_code(gm, mod, directory), o.recompute))
 
 
 def _load_program(directory: Path) -> torch.nn.Module:

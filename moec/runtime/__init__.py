@@ -12,6 +12,7 @@ from moec.runtime.training.flags import check_flags, compiles  # noqa: F401
 from moec.runtime.training.loop import (StopOnSignal, export_weights, rng_state, run_main,  # noqa: F401
                                         setup_distributed, teardown, unwrap)
 from moec.runtime.training.parallel import check_world, parallelize, wrap  # noqa: F401
+from moec.runtime.training.recompute import recompute  # noqa: F401
 from moec.runtime.training.resume import resume  # noqa: F401
 from moec.runtime.training.rundir import RunDir  # noqa: F401
 from moec.runtime.training.runlog import BuildInfo, RunLog, check_vocab  # noqa: F401

@@ -105,11 +105,13 @@ def runs(plan) -> bool:
 
 
 def test_planner_chooses_tp_when_the_model_is_too_large_otherwise():
-    """32k-token sequences of a mostly dense model: no plan without TP or PP holds one sequence's activations on
-    an 80 GB GPU; TP, which splits the attention and FFN intermediates, does, and beats the pipelines that fit
-    (their cuts move layers off the first stage, which keeps the most micro-batches in flight)."""
+    """32k-token sequences of a mostly dense model: no plan without TP, PP or whole-layer recomputation holds one
+    sequence's activations on an 80 GB GPU; TP, which splits the attention and FFN intermediates, does, and beats
+    the pipelines that fit (their cuts move layers off the first stage, which keeps the most micro-batches in
+    flight) and the plans that recompute (which run every layer's forward twice)."""
     ranked, _ = rank_plans(LONG, LONG_MOE, 16, "dgx_h100", global_batch=16, allowed=runs)
-    assert ranked[0].tp > 1 and all(p.tp > 1 or p.pp > 1 for p in ranked)
+    assert ranked[0].tp > 1 and not ranked[0].recompute and all(p.tp > 1 or p.pp > 1 or p.recompute for p in ranked)
+    assert any(p.recompute and p.tp == p.pp == 1 for p in ranked)  # the planner may choose them
     assert ranked[0].ep >= ranked[0].tp  # the program's constraint, which the planner leaves to allowed
     # at 16k tokens a plan without TP fits, and wins: TP repeats the routed experts and head on every rank
     short = ModelShape(**{**LONG.__dict__, "seq_len": 16384})

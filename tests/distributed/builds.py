@@ -12,6 +12,7 @@ EP_BUILDS = {
     "ep4": dict(ep=4),
     "ep4_hier": dict(ep=4, ep_variant="hierarchical", node_size=2),
     "ep2_ckpt": dict(ep=2, recompute_experts=True),
+    "ep2_recompute": dict(ep=2, recompute=True),
     "ep4_rbd": dict(ep=4, ep_variant="rbd", node_size=2),
     "ep2_overlap": dict(ep=2, ep_chunks=3),
     "ep4_overlap": dict(ep=4, ep_chunks=2),

@@ -1,6 +1,7 @@
 """EP runs under torchrun (gloo, 2 and 4 processes) against one process on the
-same global batch: per-step losses over 10 steps within 1e-5 relative, the
-same collective sequence on every rank, and the dispatch/combine edge cases."""
+same global batch: per-step losses over 10 steps within 1e-5 relative (with
+whole-layer recomputation too), the same collective sequence on every rank,
+and the dispatch/combine edge cases."""
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from tests.distributed.launch import torchrun
 
 STEPS = 10
 RESUME_AT = 5
-RUNS = {2: ["ep2", "ep2_ckpt", "ep2_overlap"],
+RUNS = {2: ["ep2", "ep2_ckpt", "ep2_overlap", "ep2_recompute"],
         4: ["ep4", "ep4_hier", "ep4_rbd", "ep2", "ep4_overlap"]}  # ep2 on 4 processes: EP=2 x DP=2
 
 
@@ -65,6 +66,12 @@ def test_every_rank_issues_the_same_collectives(runs, nproc, build):
 def test_checkpointed_experts_do_not_repeat_the_all_to_all(runs, builds):
     assert "activation='silu', recompute=True)" in (Path(builds["ep2_ckpt"]) / "model.py").read_text()  # recompute=True
     assert runs[2]["ep2_ckpt:collectives"] == runs[2]["ep2:collectives"]
+
+
+def test_whole_layer_recompute_runs_the_all_to_alls_again_in_backward(runs, builds):
+    assert "moec.runtime.recompute(layer, " in (Path(builds["ep2_recompute"]) / "model.py").read_text()
+    extra = runs[2]["ep2_recompute:collectives"] - runs[2]["ep2:collectives"]
+    assert extra > 0 and extra % (STEPS * 2 * 2) == 0, extra  # each step: 2 MoE layers' dispatch and combine again
 
 
 @pytest.mark.parametrize("nproc", sorted(RUNS))
