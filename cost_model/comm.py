@@ -17,8 +17,9 @@ grad_calls = sp.Piecewise((3 * M, Z >= 3), (M + 1, Z >= 2), (1, True))
 _passes = sp.Piecewise((3 * M, Z >= 3), (M + 1, Z >= 2), (2, True))
 _moe_layers_local = f * L / PP
 
-# dispatch + combine, forward and backward; uniform routing sends (EP-1)/EP of the copies away
-a2a_calls = 4 * _moe_layers_local * M
+# dispatch + combine, forward and backward (and forward again under full recompute, which reruns the whole
+# layer); uniform routing sends (EP-1)/EP of the copies away
+a2a_calls = (4 + 2 * R) * _moe_layers_local * M
 a2a_volume = a2a_calls * memory.tokens_local * memory.tp_share * K * G * D * b * (EP - 1) / EP
 
 grad_dense_volume = _passes * (DP_dense - 1) / DP_dense * memory.WEIGHT_BYTES * memory.dense_local

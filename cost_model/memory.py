@@ -27,7 +27,8 @@ intermediates; an MoE layer, fp32 router logits, the K*G routed copies in and
 out, n_W - 1 F_e-wide pre-activations per routed expert slot (moec::experts
 keeps h1, and h3 when gated, unless R_x) and n_W per shared expert. 1F1B
 pipelining keeps min(PP, M) micro-batches in flight on the first stage.
-Full recompute (R = 1) keeps only each layer's input, plus one layer rebuilt.
+Full recompute (R = 1) keeps only each layer's input (and an MoE layer's router
+input), plus one layer rebuilt.
 """
 import sympy as sp
 
@@ -76,8 +77,13 @@ act_rebuilt = act_attention + sp.Piecewise((act_moe, f > 0), (act_ffn, True))
 # the micro-batch's tokens; every TP rank runs them all (its share of them on the residual stream)
 tokens_local = S * B
 in_flight = sp.Min(PP, M)
-# full recompute keeps each layer's input: the residual stream, a share under sequence parallelism
-activations = (in_flight * tokens_local * (L / PP) * (R * b * D * tp_share + (1 - R) * act_layer)
+# Full recompute keeps each layer's input, the residual stream (fp32 under autocast: RESIDUAL_BYTES), and of
+# an MoE layer the router input the forward returns for the bias refit (the norm's fp32 output, which without
+# recompute is the tensor the router saves anyway); a share of the tokens each under sequence parallelism.
+RESIDUAL_BYTES = 4
+kept_input = RESIDUAL_BYTES * D * tp_share
+kept_router_input = RESIDUAL_BYTES * D * tp_share
+activations = (in_flight * tokens_local * (L / PP) * (R * (kept_input + f * kept_router_input) + (1 - R) * act_layer)
                + R * tokens_local * act_rebuilt)
 # autocast's bf16 copies of the weights, made in forward and kept for backward
 weight_copies = parameters * b / WEIGHT_BYTES

@@ -145,7 +145,8 @@ def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
     expert_params = {False: 0.0, True: ev(s.E * s.G * params.expert)}
     acts = {False: ev(memory.tokens_local * (memory.act_attention + memory.act_ffn)),
             True: ev(memory.tokens_local * (memory.act_attention + memory.act_moe))}
-    layer_input = ev(memory.tokens_local * s.b * s.D)
+    kept = {False: ev(memory.tokens_local * memory.kept_input),  # what a layer keeps under recompute
+            True: ev(memory.tokens_local * (memory.kept_input + memory.kept_router_input))}
     embedding, logits, tied = ev(s.V * s.D), ev(memory.logits), int(v[s.t])
     all_to_all = ev(memory.all_to_all_buffers)
     held, gradients = per_stage(memory.parameters + memory.optimizer), per_stage(memory.gradients)
@@ -163,8 +164,7 @@ def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):
                  sum(count[f] * split_params[f] for f in count), count[True] * expert_params[True])
         in_flight = min(ranks - stage % ranks, micro_batches)
         if recompute:  # each layer's input kept, one layer rebuilt at a time
-            activations = in_flight * (moe_layers + dense_layers) * layer_input \
-                + max(acts[f] for f in count if count[f])
+            activations = in_flight * sum(count[f] * kept[f] for f in count) + max(acts[f] for f in count if count[f])
         else:
             activations = in_flight * sum(count[f] * acts[f] for f in count)
         transient = copies(*sizes) + activations + (logits if stage == stages - 1 else 0.0) \
