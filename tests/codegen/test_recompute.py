@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moec.base.errors import MoecError
 from moec.base.options import Options
 from moec.driver.compiler import compile_model
 from moec.runtime.kernels.generated import import_file
@@ -161,3 +162,15 @@ def test_torch_compile_traces_the_recomputed_layers_without_a_graph_break(builds
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_model_whose_layers_are_not_a_loop_is_refused_in_one_line():
+    """One norm shared by both blocks: model.py is written as one flat forward, which cannot recompute."""
+    from moec.codegen.program import model_source
+    from moec.driver.capture import capture
+    from tests.models import D, Gated, Residual
+
+    gm = capture(Residual(Gated), (torch.randn(2, 4, D),))
+    assert "def forward" in model_source(gm, "flat")  # without --recompute it is written
+    with pytest.raises(MoecError, match="could not be cut out as a loop: compile without --recompute"):
+        model_source(gm, "flat", recompute=True)
