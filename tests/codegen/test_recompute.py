@@ -1,7 +1,6 @@
 """--recompute: model.py's layer loop calls each layer through moec.runtime.recompute, which keeps only
 the layer's inputs for backward and runs its forward again there; training computes what it computes
 without recomputation."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,16 +14,10 @@ from moec.driver.compiler import compile_model
 from moec.runtime.kernels.generated import import_file
 from moec.runtime import load_build
 from moec.runtime.training import pipeline
+from tests.hf_checkpoints import load_program
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
-
-
-def _load(build: Path) -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location(f"recompute_{build.name}", build / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return load_build(module.Model, build)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def test_the_loop_recomputes_only_in_a_recompute_build(builds):
 
 def test_training_steps_match_the_build_without_recompute(builds):
     torch.manual_seed(0)
-    models = {k: _load(b).train() for k, b in builds.items()}
+    models = {k: load_program(b).train() for k, b in builds.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-2) for k, m in models.items()}
     for step in range(3):
         ids, seen = _tokens(step), {}
@@ -101,7 +94,7 @@ def _calls_and_saved(model, grad=True):
 
 
 def test_backward_runs_each_layer_again_and_keeps_fewer_activations(builds):
-    plain, recompute = (_load(builds[k]).train() for k in ("plain", "recompute"))
+    plain, recompute = (load_program(builds[k]).train() for k in ("plain", "recompute"))
     calls0, saved0 = _calls_and_saved(plain)
     calls1, saved1 = _calls_and_saved(recompute)
     assert (calls0, calls1) == (1, 2)  # the layer's forward ran again in backward
@@ -109,7 +102,7 @@ def test_backward_runs_each_layer_again_and_keeps_fewer_activations(builds):
 
 
 def test_eval_and_no_grad_run_the_layers_plain(builds):
-    model = _load(builds["recompute"])
+    model = load_program(builds["recompute"])
     assert _calls_and_saved(model.eval())[0] == 1
     assert _calls_and_saved(model.train(), grad=False)[0] == 1
     kept = _calls_and_saved(model.eval())[1]  # grad but eval mode: the layers keep their activations
@@ -155,7 +148,7 @@ def test_pipeline_stages_recompute_their_layers(tmp_path):
 def test_torch_compile_traces_the_recomputed_layers_without_a_graph_break(builds):
     """train.py compiles the model on a GPU: the checkpointed layers trace into one graph (fullgraph), with
     the gradients of the eager plain build."""
-    plain, recompute = (_load(builds[k]).train() for k in ("plain", "recompute"))
+    plain, recompute = (load_program(builds[k]).train() for k in ("plain", "recompute"))
     ids, grads = _tokens(0), []
     for model, run in ((plain, plain), (recompute, torch.compile(recompute, backend="aot_eager", fullgraph=True))):
         _loss(run, ids)[0].backward()
