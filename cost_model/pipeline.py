@@ -67,21 +67,9 @@ def layer_flops(shape: ModelShape, moe: Options) -> tuple[list[float], float]:
     kinds = {False: attention + 2 * params.ffn_dense,
              True: attention + 2 * ((s.K * s.G + s.N_s) * params.expert + params.router)}
     flags = [False] * shape.layers if dense else moe_layer_flags(shape, moe)
-    kinds = {f: _evaluate(e, values) for f, e in kinds.items()}
+    kinds = {f: s.evaluate(e, values) for f, e in kinds.items()}
     costs = [kinds[f] for f in flags]
-    return costs, _evaluate(2 * s.V * s.D, values)
-
-
-@functools.cache
-def _lambdified(expr: sp.Expr):
-    syms = sorted(expr.free_symbols, key=str)
-    return syms, sp.lambdify(syms, expr, modules="math")
-
-
-def _evaluate(expr: sp.Expr, values: dict) -> float:
-    """expr at values, lambdified once: the planner cuts every pipelined candidate."""
-    syms, fn = _lambdified(expr)
-    return float(fn(*(float(values[x]) for x in syms)))
+    return costs, s.evaluate(2 * s.V * s.D, values)
 
 
 def cut(shape: ModelShape, moe: Options, stages: int, values: dict | None = None, capacity: float = 0.0):
@@ -109,13 +97,10 @@ def bubble(ranks: int, micro_batches: int, schedule: str) -> float:
 _p_d, _p_t, _p_x = sp.symbols("p_d p_t p_x")
 
 
-@functools.cache
 def _per_stage(expr: sp.Expr):
-    """expr as (the plan's other symbols, a function of p_d, p_t, p_x and them): lambdified once, as the planner
-    cuts every pipelined candidate."""
-    expr = s.expand(sp.sympify(expr).xreplace({memory.P_d: _p_d, memory.P_t: _p_t, memory.P_x: _p_x}))
-    syms = sorted(expr.free_symbols - {_p_d, _p_t, _p_x}, key=str)
-    return syms, sp.lambdify((_p_d, _p_t, _p_x, *syms), expr, modules="math")
+    """expr as (the plan's other symbols, a function of p_d, p_t, p_x and them)."""
+    return s.lambdified(sp.sympify(expr).xreplace({memory.P_d: _p_d, memory.P_t: _p_t, memory.P_x: _p_x}),
+                        (_p_d, _p_t, _p_x))
 
 
 def stage_memory(shape: ModelShape, moe: Options, values: dict, stages: int):

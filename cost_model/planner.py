@@ -7,12 +7,9 @@ divides the layers and has at least PP micro-batches; EP divides the routed
 experts; EP*DP*micro_batch divides the global batch; ZeRO-3 is not combined
 with pipelining (its per-micro-batch parameter gathers defeat it).
 """
-import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
-
-import sympy as sp
 
 from moec.base.errors import MoecError
 from moec.cost_model import comm, memory, time_model
@@ -25,24 +22,15 @@ from moec.cost_model.shape import ModelShape, model_values
 DTYPE_BYTES = 2  # bf16
 
 
-@functools.cache
-def _compiled() -> dict:
-    """Every reported quantity, expanded and lambdified once (on first use: it takes a second)."""
-    exprs = {**{f"mem:{k}": v for k, v in memory.TERMS.items()},
-             **{f"time:{k}": v for k, v in time_model.TERMS.items()},
-             **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
-             "peak": memory.peak, "step": time_model.step, "mfu": time_model.mfu}
-    out = {}
-    for k, e in exprs.items():
-        e = s.expand(e)
-        syms = sorted(e.free_symbols, key=str)
-        out[k] = (syms, sp.lambdify(syms, e, modules="math"))
-    return out
+# every reported quantity, by key
+REPORTED = {**{f"mem:{k}": v for k, v in memory.TERMS.items()},
+            **{f"time:{k}": v for k, v in time_model.TERMS.items()},
+            **{f"comm:{k}": v for k, v in comm.VOLUMES.items()},
+            "peak": memory.peak, "step": time_model.step, "mfu": time_model.mfu}
 
 
 def _eval(key: str, values: dict) -> float:
-    syms, fn = _compiled()[key]
-    return float(fn(*(float(values[x]) for x in syms)))
+    return s.evaluate(REPORTED[key], values)
 
 
 @dataclass
@@ -144,9 +132,9 @@ def predict(plan: Plan, shape: ModelShape, moe: Options, hw: Hardware, costs: di
     plan.collectives = {n: {"algorithm": c.algorithm, "alpha_s": c.alpha, "bandwidth_Bps": c.bandwidth,
                             "bottleneck": c.bottleneck} for n, c in costs.items()}
     v = values_for(plan, shape, moe, hw)
-    plan.memory_bytes = {k[4:]: _eval(k, v) for k in _compiled() if k.startswith("mem:")}
-    plan.time_s = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("time:")}
-    plan.comm_bytes = {k[5:]: _eval(k, v) for k in _compiled() if k.startswith("comm:")}
+    plan.memory_bytes = {k[4:]: _eval(k, v) for k in REPORTED if k.startswith("mem:")}
+    plan.time_s = {k[5:]: _eval(k, v) for k in REPORTED if k.startswith("time:")}
+    plan.comm_bytes = {k[5:]: _eval(k, v) for k in REPORTED if k.startswith("comm:")}
     plan.step_time_s, plan.mfu, plan.peak_memory_bytes = _eval("step", v), _eval("mfu", v), _eval("peak", v)
     return plan
 

@@ -17,6 +17,8 @@ shards the tokens outside those over the TP ranks. Z is the ZeRO stage, R is 1 w
 recompute, R_x is 1 when the routed experts recompute their pre-activations
 in backward (`moec compile --recompute-experts`).
 """
+import functools
+
 import sympy as sp
 
 L, D, F, F_e, H, H_kv, V, t, n_W = sp.symbols("L D F F_e H H_kv V t n_W", positive=True)
@@ -56,3 +58,18 @@ def expand(expr: sp.Expr) -> sp.Expr:
     while named := expr.free_symbols & DEFINED.keys():
         expr = expr.xreplace({n: DEFINED[n][0] for n in named})
     return expr
+
+
+@functools.cache
+def lambdified(expr: sp.Expr, leading: tuple = ()) -> tuple:
+    """(expr's other symbols, in order; a function of leading then them): expanded and lambdified once, as the
+    planner evaluates the same formulas for every candidate plan and stage."""
+    expr = expand(sp.sympify(expr))
+    syms = sorted(expr.free_symbols - set(leading), key=str)
+    return syms, sp.lambdify((*leading, *syms), expr, modules="math")
+
+
+def evaluate(expr: sp.Expr, values: dict) -> float:
+    """expr at values (every symbol it has after expand)."""
+    syms, fn = lambdified(expr)
+    return float(fn(*(float(values[x]) for x in syms)))

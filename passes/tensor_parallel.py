@@ -45,7 +45,7 @@ class TensorParallel(Pass):
 
     def __init__(self, tp: int, sequence_parallel: bool = False):
         self.tp, self.sequence_parallel = tp, sequence_parallel
-        
+
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         self.enters, self.reduces, self.inside, self.token_wise = [], [], set(), set()  # for sequence parallelism
         self._check_dropout(gm)

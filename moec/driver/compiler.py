@@ -184,7 +184,7 @@ def _compile_into(model: str, o: Options, mod, tmp: Path, stop_after, log, dense
     if stop_after is not None:
         _write_config(tmp, model, o, {**report, "stopped_after": stop_after, "weights_written": False}, hf_config)
         return report
-    nbytes = sum(p.numel() * p.element_size() for p in gm.parameters())  # the whole MoE model's
+    nbytes = _bytes(gm)  # the whole MoE model's
     stored = stored_bytes(gm, dtypes)  # what the build holds: the dense weights, routers, no experts
     # a build that references the checkpoint writes the routers alone, whatever the dense weights' size
     real = stored <= o.max_weights_gb * 2**30 or streamed is not None and o.reference_weights

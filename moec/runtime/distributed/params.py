@@ -62,13 +62,17 @@ class GradSync:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.expert = [p for n, p in params if is_expert(n)]
         self.dense = [p for n, p in params if not is_expert(n)]
-        self.tp_split_names = [n for n, _ in params if n in set(tp_split)]
-        self.tp_split = [p for n, p in params if n in set(tp_split)]  # slices of linears split over "tp"
-        self.tp_partial_names = [n for n, _ in params if n in set(tp_partial)]
-        self.tp_partial = [p for n, p in params if n in set(tp_partial)]
+        self.tp_names = set(tp_split), set(tp_partial)
+        self.tp_split = [p for n, p in params if n in self.tp_names[0]]  # slices of linears split over "tp"
+        self.tp_partial = [p for n, p in params if n in self.tp_names[1]]
         self.shared, self.named = shared or {}, dict(params)
         uncounted = {id(self.named[n]) for n, (_, _, counted) in self.shared.items() if not counted and n in self.named}
         self.norm_dense = [p for p in self.dense if id(p) not in uncounted]
+
+    def over(self, model: torch.nn.Module, shared: dict) -> "GradSync":
+        """The same synchronisation for model (a pipeline rank's stages, part of the model this one was made
+        for), whose tied weights are shared across its stages as `shared` says."""
+        return GradSync(model, shared, *self.tp_names)
 
     def __call__(self) -> None:
         world = dist.get_world_size() if dist.is_initialized() else 1

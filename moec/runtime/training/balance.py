@@ -49,10 +49,11 @@ class ExpertBias:
         self.rate, self.topk, self.score, self.refit_iters = rate, topk, score, refit
         self.inputs = None  # the router inputs of the step's last micro-batch
         held, params = dict(model.named_buffers()), dict(model.named_parameters())  # a pipeline stage holds
-        self.layers = [n for n in names] if rate > 0 else []  # its own layers' only
-        self.biases = [held.get(n) for n in self.layers if n is not None]  # None: on another stage
-        self.weights = [params.get(n.removesuffix("bias") + "weight") for n in self.layers if n is not None]
-        for name, bias, weight in zip([n for n in self.layers if n is not None], self.biases, self.weights):
+        self.layers = list(names) if rate > 0 else []  # its own layers' only
+        biased = [n for n in self.layers if n is not None]
+        self.biases = [held.get(n) for n in biased]  # None: on another stage
+        self.weights = [params.get(n.removesuffix("bias") + "weight") for n in biased]
+        for name, bias, weight in zip(biased, self.biases, self.weights):
             if refit and bias is not None and weight is None:
                 raise RuntimeError(f"the refit scores with the router weight beside {name}, which the model lacks")
         self.counts = None

@@ -113,24 +113,20 @@ def parallelize(model: torch.nn.Module, env: Env, options, fsdp: bool = False, z
     from moec.runtime.distributed.setup import setup
 
     ep, pp, tp = options.ep, options.pp, options.tp
-    if fsdp and pp > 1:
-        raise MoecError(f"--fsdp shards a data-parallel build, and this build is pipeline parallel (PP={pp}): each "
-                        f"stage holds only its layers already; use --zero to shard the optimizer state")
-    if fsdp and tp > 1 and env.world > 1:
-        raise MoecError(f"--fsdp shards a data-parallel build, and this build is tensor parallel (TP={tp}): its "
-                        f"linears are split over the ranks already; use --zero to shard the optimizer state")
-    if fsdp and ep > 1:
-        raise MoecError(f"--fsdp shards a data-parallel build, and this build is expert parallel (EP={ep}): its "
-                        f"experts are sharded over the ranks already; use --zero to shard the optimizer state too")
+    for kind, degree, on, why, too in (
+            ("pipeline", f"PP={pp}", pp > 1, "each stage holds only its layers already", ""),
+            ("tensor", f"TP={tp}", tp > 1 and env.world > 1, "its linears are split over the ranks already", ""),
+            ("expert", f"EP={ep}", ep > 1, "its experts are sharded over the ranks already", " too")):
+        if fsdp and on:
+            raise MoecError(f"--fsdp shards a data-parallel build, and this build is {kind} parallel ({degree}): "
+                            f"{why}; use --zero to shard the optimizer state{too}")
     if env.world > 1 and pp > 1:
-        from moec.runtime.distributed.params import GradSync
         from moec.runtime.training.pipeline import Pipeline
 
         model, mesh, grad_sync = setup(model, options, tp_plan)
         pipeline = Pipeline(model, _stages(model), options.pp_schedule, micro_batches, groups.get("pp"),
                             env.device, loss_fn)
-        grad_sync = GradSync(pipeline.model, _shared(pipeline.model, model), grad_sync.tp_split_names,
-                             grad_sync.tp_partial_names)
+        grad_sync = grad_sync.over(pipeline.model, _shared(pipeline.model, model))
         return Parallel(pipeline.model, env, mesh, grad_sync, zero, pipeline=pipeline)
     if env.world > 1 and (ep > 1 or tp > 1):
         model, mesh, grad_sync = setup(model, options, tp_plan)

@@ -49,9 +49,11 @@ class BuildInfo:
         vocab = out["logits"].shape[-1]
         active = config["result"]["active_params"]
         tp_plan = config["result"].get("tp_plan", {})
-        split = split_params(model_cls, tp_plan) if options.tp > 1 else 0
+        split = 0  # the parameters whose FLOPs divide by TP
         if options.tp > 1 and options.sequence_parallel:  # the routers and experts run on 1/TP of the tokens too
             split = active - whole_token_params(model_cls, tp_plan)
+        elif options.tp > 1:
+            split = split_params(model_cls, tp_plan)
         return cls(options, active, vocab, step_flops(active, batch * seq_len, attention, options.tp, split),
                    fingerprint(model_cls), config["result"].get("router_biases", []), tp_plan)
 
