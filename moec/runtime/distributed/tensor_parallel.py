@@ -61,22 +61,22 @@ def _tokens(n: int, tp: int) -> None:
                         f"divide them: use a --seq-len that TP divides, or a build without --sequence-parallel")
 
 
-def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
-    g = groups.get("tp")
-    part = x.movedim(dim, 0).contiguous()  # [n, ...], the ranks' shares stacked on dim 0
-    out = part.new_empty((dist.get_world_size(g) * part.shape[0], *part.shape[1:]))
-    dist.all_gather_into_tensor(out, part, group=g)
+def _on_tokens(x: torch.Tensor, dim: int, collective, rows: int) -> torch.Tensor:
+    """collective(out, x) over "tp" with x's tokens (dim `dim`) moved first, out holding `rows` of them."""
+    part = x.movedim(dim, 0).contiguous()
+    out = part.new_empty((rows, *part.shape[1:]))
+    collective(out, part, group=groups.get("tp"))
     return out.movedim(0, dim).contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return _on_tokens(x, dim, dist.all_gather_into_tensor, groups.size("tp") * x.shape[dim])
 
 
 def _reduce_scatter(y: torch.Tensor, dim: int) -> torch.Tensor:
-    g = groups.get("tp")
-    tp = dist.get_world_size(g)
+    tp = groups.size("tp")
     _tokens(y.shape[dim], tp)
-    whole = y.movedim(dim, 0).contiguous()
-    out = whole.new_empty((whole.shape[0] // tp, *whole.shape[1:]))
-    dist.reduce_scatter_tensor(out, whole, group=g)
-    return out.movedim(0, dim).contiguous()
+    return _on_tokens(y, dim, dist.reduce_scatter_tensor, y.shape[dim] // tp)
 
 
 def _share(x: torch.Tensor, dim: int) -> torch.Tensor:
